@@ -1,0 +1,77 @@
+"""Audio readers: 32 kHz mono float32 waveforms from ``.npy`` files or anything FFmpeg decodes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MediaError
+
+log = logging.getLogger(__name__)
+
+AUDIO_RATE = 32000
+
+
+def read_wave_npy(clip_id: str, path: Path) -> np.ndarray:
+    """A waveform saved with ``np.save`` at 32 kHz (the AVE/LLP/AVQA ``wave/<id>.npy`` layout).
+
+    Accepts 1-D arrays or ``(segments, 32000)`` rows (flattened), float or int16 (scaled to
+    [-1, 1]). Pickled objects are refused. Returns ``(samples,)`` float32.
+    """
+    try:
+        wave = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise MediaError(clip_id, path, "file not found") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise MediaError(clip_id, path, f"not a readable .npy array ({e})", "re-create the waveform file") from None
+    if wave.dtype == np.int16:
+        wave = wave.astype(np.float32) / 32768.0
+    if not np.issubdtype(wave.dtype, np.floating) or wave.ndim not in (1, 2) or wave.size == 0:
+        raise MediaError(clip_id, path, f"expected a 1-D or 2-D float waveform, found {wave.dtype} {wave.shape}",
+                         "save 32 kHz mono samples with np.save")
+    wave = np.ascontiguousarray(wave.reshape(-1), dtype=np.float32)
+    if not np.isfinite(wave).all():
+        raise MediaError(clip_id, path, "waveform holds NaN or inf", "re-create the waveform file")
+    return wave
+
+
+def decode_audio(clip_id: str, path: Path, rate: int = AUDIO_RATE) -> np.ndarray:
+    """Decode the first audio stream of ``path`` with PyAV, resampled to ``rate`` Hz mono float32.
+
+    Decodes packet by packet so that a corrupt packet (often the truncated last one) costs only
+    its own samples; they are logged, not fatal. Raises MediaError when the file cannot be opened
+    or has no audio stream.
+    """
+    import av
+
+    try:
+        container = av.open(str(path))
+    except FileNotFoundError:
+        raise MediaError(clip_id, path, "file not found") from None
+    except av.FFmpegError as e:
+        raise MediaError(clip_id, path, f"cannot open ({e})") from None
+    chunks: list[np.ndarray] = []
+    bad = 0
+    with container:
+        if not container.streams.audio:
+            raise MediaError(clip_id, path, "no audio stream", "give a file with a sound track, or a wave/*.npy")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                bad += 1
+                continue
+            for frame in frames:
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+    if bad:
+        log.warning("clip %s: %s: skipped %d undecodable audio packet(s)", clip_id, path, bad)
+    if not chunks:
+        raise MediaError(clip_id, path, "the audio stream decoded to no samples")
+    return np.concatenate(chunks).astype(np.float32, copy=False)

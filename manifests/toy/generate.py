@@ -1,0 +1,160 @@
+"""Write the toy dataset to disk in AVE's exact on-disk format.
+
+Layout under ``root`` (the same as a real AVE download, so the same code paths read it)::
+
+    Annotations.txt            Category&VideoID&Quality&StartTime&EndTime (with header)
+    categories.txt             the 4 toy classes; index 4 is background
+    {train,val,test}Set.txt    split rows, no header
+    {train,val,test}_order.h5  dataset `order`: rows of Annotations.txt
+    videos/<id>.mp4            MPEG-4 video (8 fps, 112x112) + AAC stereo audio at 44.1 kHz
+    frames/<id>/%08d.jpg       (optional) every video frame, as extracted-frame folders
+    wave/<id>.npy              (optional) 10 s mono float32 at 32 kHz
+    toy.json                   generator parameters; written last, it marks the folder complete
+
+Generation is deterministic: the same parameters give the same annotation files, the same
+pixels and samples, and (with the same PyAV build) the same video bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .synth import TOY_CLASSES, ClipScript, make_script, render_audio, render_frames
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "toy.json"
+SPLIT_FRACTIONS = {"train": 4, "val": 1, "test": 1}  # 4:1:1 -> 32/8/8 clips for 48
+
+
+@dataclass(frozen=True)
+class ToyParams:
+    """Parameters of a toy dataset; equal parameters give an identical dataset."""
+
+    num_clips: int = 48
+    seed: int = 0
+    seconds: int = 10
+    fps: int = 8
+    size: int = 112
+    audio_rate: int = 44100
+    frames: bool = False
+
+    def check(self) -> "ToyParams":
+        if self.num_clips < 6 or self.num_clips % 6:
+            raise ValueError(f"num_clips={self.num_clips}: use a multiple of 6 (>= 6) so that the 4:1:1 "
+                             "train/val/test split and the 4 classes stay balanced")
+        if self.size % 16 or self.size < 32:
+            raise ValueError(f"size={self.size}: use a multiple of 16, at least 32")
+        return self
+
+
+def generate_toy(root: str | Path, params: ToyParams = ToyParams(), overwrite: bool = False) -> Path:
+    """Generate the toy dataset into ``root`` unless a complete one with the same parameters is there.
+
+    Returns ``root``. A folder holding something else (another dataset, other parameters) is
+    refused unless ``overwrite``.
+    """
+    params.check()
+    root = Path(root)
+    done = root / DONE_FILE
+    if done.is_file() and not overwrite:
+        found = json.loads(done.read_text())
+        if found == asdict(params):
+            return root
+        raise FileExistsError(f"{root} holds a toy dataset with other parameters ({found}). "
+                              "Fix: choose another folder or pass overwrite")
+    if root.exists() and any(root.iterdir()):
+        if not overwrite and not (root / "Annotations.txt").is_file():
+            raise FileExistsError(f"{root} is not empty and holds no toy dataset. Fix: choose an empty folder")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("generating the toy dataset (%d clips) in %s", params.num_clips, root)
+
+    rng = np.random.default_rng(params.seed)
+    scripts = [make_script(rng, i % len(TOY_CLASSES), params.seconds, params.seed * 100_003 + i)
+               for i in range(params.num_clips)]
+    ids = [f"toy{params.seed:03d}_{i:04d}" for i in range(params.num_clips)]
+    _write_annotations(root, ids, scripts, params)
+    for vid, script in zip(ids, scripts):
+        frames = render_frames(script, params.size, params.fps)
+        audio = render_audio(script, params.audio_rate)
+        write_video(root / "videos" / f"{vid}.mp4", frames, params.fps, audio, params.audio_rate)
+        if params.frames:
+            _write_frame_folder(root / "frames" / vid, frames)
+            (root / "wave").mkdir(exist_ok=True)
+            np.save(root / "wave" / f"{vid}.npy", render_audio(script, 32000), allow_pickle=False)
+    done.write_text(json.dumps(asdict(params)))
+    return root
+
+
+def _write_annotations(root: Path, ids: list[str], scripts: list[ClipScript], params: ToyParams) -> None:
+    rows = [f"{TOY_CLASSES[s.event]}&{vid}&good&{s.start}&{s.end}" for vid, s in zip(ids, scripts)]
+    (root / "Annotations.txt").write_text("Category&VideoID&Quality&StartTime&EndTime\n" + "\n".join(rows) + "\n")
+    (root / "categories.txt").write_text("\n".join(TOY_CLASSES) + "\n")
+    # Splits: consecutive blocks of 6 clips go 4 train, 1 val, 1 test (classes cycle through blocks).
+    order: dict[str, list[int]] = {s: [] for s in SPLIT_FRACTIONS}
+    for i in range(len(ids)):
+        k = i % 6
+        order["train" if k < 4 else "val" if k == 4 else "test"].append(i)
+    for split, rows_of_split in order.items():
+        (root / f"{split}Set.txt").write_text("".join(rows[i] + "\n" for i in rows_of_split))
+        with h5py.File(root / f"{split}_order.h5", "w") as f:
+            f.create_dataset("order", data=np.asarray(rows_of_split, dtype=np.int64))
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None, audio_rate: int) -> None:
+    """Encode ``frames`` (N, H, W, 3) uint8 and optional mono ``audio`` into an MP4 file.
+
+    Video: MPEG-4 part 2 (always present in FFmpeg builds), single-threaded for determinism.
+    Audio: AAC, stereo (the right channel slightly quieter), so readers must downmix.
+    """
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as out:
+        vs = out.add_stream("mpeg4", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        vs.bit_rate = 150_000
+        vs.codec_context.thread_count = 1
+        vs.codec_context.time_base = Fraction(1, fps)
+        astream = None
+        if audio is not None:
+            astream = out.add_stream("aac", rate=audio_rate, layout="stereo")
+            astream.bit_rate = 96_000
+        for k, img in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(img, format="rgb24")
+            vf.pts = k
+            vf.time_base = Fraction(1, fps)
+            for packet in vs.encode(vf):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+        if astream is not None:
+            stereo = np.stack([audio, 0.9 * audio]).astype(np.float32)
+            step = 1024
+            for start in range(0, stereo.shape[1], step):
+                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo[:, start:start + step]),
+                                                format="fltp", layout="stereo")
+                af.sample_rate = audio_rate
+                af.pts = start
+                af.time_base = Fraction(1, audio_rate)
+                for packet in astream.encode(af):
+                    out.mux(packet)
+            for packet in astream.encode():
+                out.mux(packet)
+
+
+def _write_frame_folder(folder: Path, frames: np.ndarray) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, img in enumerate(frames, start=1):
+        Image.fromarray(img).save(folder / f"{k:08d}.jpg", quality=95)
