@@ -99,4 +99,4 @@ def _resolve(clip: Clip, root: Path, rel: str) -> Path:
     try:
         return resolve_under(root, rel)
     except ManifestError as e:
-        raise MediaError(clip.clip_id, rel, str(e).split(". Fix")[0], "keep media inside --data-root") from None
+        raise MediaError(clip.clip_id, rel, str(e).split(". Fix")[0], "rebuild the manifest") from None

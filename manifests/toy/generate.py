@@ -111,7 +111,7 @@ def _write_annotations(root: Path, ids: list[str], scripts: list[ClipScript], pa
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None, audio_rate: int) -> None:
-    """Encode ``frames`` (N, H, W, 3) uint8 and optional mono ``audio`` into an MP4 file.
+    """Encode ``frames`` (N, H, W, 3) uint8 and optional mono ``audio`` into a video file.
 
     Video: MPEG-4 part 2 (always present in FFmpeg builds), single-threaded for determinism.
     Audio: AAC, stereo (the right channel slightly quieter), so readers must downmix.
@@ -119,7 +119,7 @@ def write_video(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | No
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w", format="mp4") as out:
+    with av.open(str(path), "w") as out:  # container from the suffix (.mp4, .mkv, .avi)
         vs = out.add_stream("mpeg4", rate=fps)
         vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         vs.bit_rate = 150_000

@@ -1,0 +1,26 @@
+"""Shared fixtures. Tests run offline on CPU: no hub downloads, small generated data."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """A 12-clip toy dataset with videos and the extracted frames + waves layout."""
+    from mettle.manifests.toy import ToyParams, generate_toy
+
+    return generate_toy(tmp_path_factory.mktemp("toy") / "toy", ToyParams(num_clips=12, frames=True))
+
+
+@pytest.fixture(scope="session")
+def toy_manifest(toy_root):
+    from mettle.manifests import build_manifest
+
+    return build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True)

@@ -1,0 +1,117 @@
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mettle.extract.media import (
+    MediaError, cut_segments, decode_audio, decode_video_frames, frame_indices, read_clip, read_wave_npy,
+    segment_starts,
+)
+from mettle.manifests import Clip
+from mettle.manifests.toy.generate import write_video
+from mettle.manifests.toy.synth import TOY_CLASSES
+
+
+def test_frame_rules():
+    np.testing.assert_array_equal(frame_indices(80, 10, "linspace"), np.linspace(1, 80, 10, dtype=int) - 1)
+    np.testing.assert_array_equal(frame_indices(12, 10, "first"), np.arange(10))
+    np.testing.assert_array_equal(frame_indices(3, 5, "linspace"), [0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match="needs 10"):
+        frame_indices(9, 10, "first")
+
+
+def test_segment_windows():
+    np.testing.assert_array_equal(segment_starts(10, 10), np.arange(10))
+    np.testing.assert_allclose(segment_starts(60, 10), np.linspace(0, 59, 10))
+    wave = np.arange(10 * 4, dtype=np.float32)
+    out, padded = cut_segments(wave[:-3], 4, segment_starts(10, 10))
+    assert out.shape == (10, 4) and padded == 3
+    np.testing.assert_array_equal(out[9], [36, 0, 0, 0])
+
+
+def test_both_layouts_give_the_same_clip(toy_manifest, toy_root, tmp_path):
+    """Frames + .npy (extracted layout) and the raw video agree up to codec loss."""
+    clip = toy_manifest.clips[3]
+    extracted = read_clip(clip, toy_root, toy_manifest.frame_rule)
+    assert extracted.sources["visual"].is_dir() and extracted.sources["audio"].suffix == ".npy"
+    only_video = tmp_path / "v"
+    (only_video / "videos").mkdir(parents=True)
+    (only_video / "videos" / f"{clip.clip_id}.mp4").symlink_to(toy_root / "videos" / f"{clip.clip_id}.mp4")
+    decoded = read_clip(clip, only_video, toy_manifest.frame_rule)
+    assert decoded.frames.shape == extracted.frames.shape == (10, 112, 112, 3)
+    assert decoded.frames.dtype == np.uint8 and decoded.audio.dtype == np.float32
+    assert np.abs(decoded.frames.astype(float) - extracted.frames).mean() < 12
+    # the sound is the same second by second: loud where the script plays a sound, quiet elsewhere
+    rms_npy, rms_vid = (np.sqrt((a.audio ** 2).mean(1)) for a in (extracted, decoded))
+    assert np.corrcoef(rms_npy, rms_vid)[0, 1] > 0.95
+
+
+def test_toy_content_matches_labels(toy_manifest, toy_root):
+    """Event seconds show the event's colour and carry sound; that is what makes the toy learnable."""
+    colours = {0: 0, 1: 1, 2: 2}  # dominant channel of the red, green, blue shapes
+    for clip in toy_manifest.clips[:8]:
+        media = read_clip(clip, toy_root, toy_manifest.frame_rule)
+        rms = np.sqrt((media.audio ** 2).mean(1))
+        for t, lab in enumerate(clip.labels["segment_labels"]):
+            if lab == len(TOY_CLASSES):
+                continue
+            assert rms[t] > 0.05, (clip.clip_id, t)
+            if lab in colours:
+                frame = media.frames[t].reshape(-1, 3).astype(int)
+                strong = frame[frame[:, colours[lab]] > 180]
+                assert len(strong) > 50, (clip.clip_id, t)
+
+
+def test_toy_is_deterministic(tmp_path, toy_root):
+    from mettle.manifests.toy import ToyParams, generate_toy
+
+    again = generate_toy(tmp_path / "again", ToyParams(num_clips=12, frames=True))
+    for rel in ["Annotations.txt", "trainSet.txt", "testSet.txt", "videos/toy000_0005.mp4",
+                "wave/toy000_0005.npy", "frames/toy000_0005/00000040.jpg"]:
+        digest = [hashlib.sha256((root / rel).read_bytes()).hexdigest() for root in (toy_root, again)]
+        assert digest[0] == digest[1], rel
+    other = generate_toy(tmp_path / "other", ToyParams(num_clips=12, seed=1))
+    assert (other / "Annotations.txt").read_text() != (toy_root / "Annotations.txt").read_text()
+    with pytest.raises(FileExistsError, match="other parameters"):
+        generate_toy(tmp_path / "other", ToyParams(num_clips=12, seed=2))
+
+
+def test_truncated_video_still_decodes(tmp_path):
+    frames = np.full((40, 64, 64, 3), 128, np.uint8)
+    audio = 0.3 * np.sin(np.linspace(0, 2000 * np.pi, 44100 * 5)).astype(np.float32)
+    path = tmp_path / "clip.mkv"
+    write_video(path, frames, 8, audio, 44100)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.8)])
+    wave = decode_audio("c", path)
+    assert 2 * 32000 < len(wave) < 5 * 32000 + 2048
+    picked = decode_video_frames("c", path, 5, "linspace")
+    assert picked.shape == (5, 64, 64, 3)
+
+
+def test_missing_and_bad_media_raise_typed_errors(tmp_path):
+    clip = Clip("c1", ("train",), 10, 10.0, {"frames": "frames/c1", "audio": "wave/c1.npy", "video": "videos/c1"})
+    with pytest.raises(MediaError, match="clip c1: .*no frames folder or video found"):
+        read_clip(clip, tmp_path)
+    (tmp_path / "wave").mkdir()
+    np.save(tmp_path / "wave" / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(MediaError, match="not a readable .npy array"):
+        read_wave_npy("c1", tmp_path / "wave" / "obj.npy")
+    good = np.zeros(320000, np.float32)
+    np.save(tmp_path / "wave" / "t.npy", good)
+    (tmp_path / "wave" / "t.npy").write_bytes((tmp_path / "wave" / "t.npy").read_bytes()[:1000])
+    with pytest.raises(MediaError, match="not a readable .npy array"):
+        read_wave_npy("c1", tmp_path / "wave" / "t.npy")
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "c1.mp4").write_bytes(b"not a video at all")
+    with pytest.raises(MediaError, match="c1: .*c1.mp4: cannot open"):
+        read_clip(clip, tmp_path)
+
+
+def test_video_without_audio_stream(tmp_path):
+    path = tmp_path / "videos" / "c2.mp4"
+    write_video(path, np.zeros((16, 32, 32, 3), np.uint8), 8, None, 44100)
+    clip = Clip("c2", ("train",), 2, 2.0, {"video": "videos/c2"})
+    with pytest.raises(MediaError, match="no audio stream"):
+        read_clip(clip, tmp_path)
