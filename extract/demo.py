@@ -50,7 +50,7 @@ def run_demo(out: Path, num_clips: int = 48, seed: int = 0, progress: bool = Tru
               help="working folder (toy data, manifest, later the cache and runs)")
 @click.option("--clips", "num_clips", type=int, default=48, show_default=True, help="toy clips (multiple of 6)")
 @click.option("--seed", type=int, default=0, show_default=True, help="toy dataset seed")
-@clean_errors(MediaError, ValueError)
+@clean_errors(MediaError)
 def main(out: Path, num_clips: int, seed: int) -> None:
     """Run mettle on the embedded toy dataset and print the results."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..errors import ManifestError
 from .synth import TOY_CLASSES, ClipScript, make_script, render_audio, render_frames
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,10 @@ class ToyParams:
 
     def check(self) -> "ToyParams":
         if self.num_clips < 6 or self.num_clips % 6:
-            raise ValueError(f"num_clips={self.num_clips}: use a multiple of 6 (>= 6) so that the 4:1:1 "
+            raise ManifestError(f"num_clips={self.num_clips}: use a multiple of 6 (>= 6) so that the 4:1:1 "
                              "train/val/test split and the 4 classes stay balanced")
         if self.size % 16 or self.size < 32:
-            raise ValueError(f"size={self.size}: use a multiple of 16, at least 32")
+            raise ManifestError(f"size={self.size}: use a multiple of 16, at least 32")
         return self
 
 

@@ -1,0 +1,44 @@
+"""The command-line tools, called in-process through click's runner."""
+
+import pytest
+from click.testing import CliRunner
+
+from mettle.extract.demo import main as demo_main
+from mettle.manifests import load_manifest
+from mettle.manifests.cli import main as manifest_main
+
+
+def test_manifest_summary_and_out(tmp_path):
+    out = tmp_path / "ave.json"
+    r = CliRunner().invoke(manifest_main, ["--dataset", "ave", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "4143 clips" in r.output and "train 3339, val 402, test 402" in r.output
+    assert "Church bell" in r.output
+    assert len(load_manifest(out)) == 4143
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "ave2"], "unknown dataset 'ave2'"),
+    (["--dataset", "llp", "--set", "eval_audio=old"], "eval_audio 'old' is unknown"),
+    (["--dataset", "toy", "--set", "num_clips=many"], "expected int"),
+    (["--dataset", "avsbench-s4"], "needs data_root"),
+    (["--dataset", "avsbench-s4", "--set", "data_root=/nonexistent"], "s4_meta_data.csv: file not found"),
+])
+def test_user_errors_are_one_line_exit_2(args, message):
+    r = CliRunner().invoke(manifest_main, args)
+    assert r.exit_code == 2
+    assert message in r.output and "Traceback" not in r.output
+    assert r.output.strip().count("\n") == 0
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    r = CliRunner().invoke(demo_main, ["--out", str(tmp_path / "demo"), "--clips", "6"])
+    assert r.exit_code == 0, r.output
+    assert "dataset toy: 6 clips" in r.output and "decoded 6 clips" in r.output
+    assert (tmp_path / "demo" / "manifest.json").is_file()
+    # a rerun reuses the generated data
+    mtime = (tmp_path / "demo" / "data" / "toy" / "toy.json").stat().st_mtime_ns
+    r = CliRunner().invoke(demo_main, ["--out", str(tmp_path / "demo"), "--clips", "6"])
+    assert r.exit_code == 0 and (tmp_path / "demo" / "data" / "toy" / "toy.json").stat().st_mtime_ns == mtime
+    r = CliRunner().invoke(demo_main, ["--out", str(tmp_path / "demo"), "--clips", "7"])
+    assert r.exit_code == 2 and "multiple of 6" in r.output
