@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MediaError
+from .errors import MediaError, open_container
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,7 @@ def decode_audio(clip_id: str, path: Path, rate: int = AUDIO_RATE) -> np.ndarray
     """
     import av
 
-    try:
-        container = av.open(str(path))
-    except FileNotFoundError:
-        raise MediaError(clip_id, path, "file not found") from None
-    except av.FFmpegError as e:
-        raise MediaError(clip_id, path, f"cannot open ({e})") from None
+    container = open_container(clip_id, path)
     chunks: list[np.ndarray] = []
     bad = 0
     with container:

@@ -17,3 +17,15 @@ class MediaError(RuntimeError):
     def __init__(self, clip_id: str, path: str | Path, reason: str, fix: str = "check or re-download the file"):
         self.clip_id, self.path, self.reason = clip_id, Path(path), reason
         super().__init__(f"clip {clip_id}: {path}: {reason}. Fix: {fix}")
+
+
+def open_container(clip_id: str, path: Path):
+    """Open a media file with PyAV; a missing or unreadable file raises MediaError naming the clip."""
+    import av
+
+    try:
+        return av.open(str(path))
+    except FileNotFoundError:
+        raise MediaError(clip_id, path, "file not found") from None
+    except av.FFmpegError as e:
+        raise MediaError(clip_id, path, f"cannot open ({e})") from None

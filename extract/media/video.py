@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MediaError
+from .errors import MediaError, open_container
 from .select import frame_indices
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -55,12 +55,7 @@ def decode_video_frames(clip_id: str, path: Path, num_segments: int, rule: str) 
     """
     import av
 
-    try:
-        container = av.open(str(path))
-    except FileNotFoundError:
-        raise MediaError(clip_id, path, "file not found") from None
-    except av.FFmpegError as e:
-        raise MediaError(clip_id, path, f"cannot open ({e})") from None
+    container = open_container(clip_id, path)
     with container:
         if not container.streams.video:
             raise MediaError(clip_id, path, "no video stream")

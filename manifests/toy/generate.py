@@ -130,27 +130,28 @@ def write_video(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | No
         if audio is not None:
             astream = out.add_stream("aac", rate=audio_rate, layout="stereo")
             astream.bit_rate = 96_000
+        video_frames = []
         for k, img in enumerate(frames):
             vf = av.VideoFrame.from_ndarray(img, format="rgb24")
-            vf.pts = k
-            vf.time_base = Fraction(1, fps)
-            for packet in vs.encode(vf):
-                out.mux(packet)
-        for packet in vs.encode():
-            out.mux(packet)
+            vf.pts, vf.time_base = k, Fraction(1, fps)
+            video_frames.append(vf)
+        _encode_all(out, vs, video_frames)
         if astream is not None:
             stereo = np.stack([audio, 0.9 * audio]).astype(np.float32)
-            step = 1024
-            for start in range(0, stereo.shape[1], step):
-                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo[:, start:start + step]),
+            audio_frames = []
+            for start in range(0, stereo.shape[1], 1024):
+                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo[:, start:start + 1024]),
                                                 format="fltp", layout="stereo")
-                af.sample_rate = audio_rate
-                af.pts = start
-                af.time_base = Fraction(1, audio_rate)
-                for packet in astream.encode(af):
-                    out.mux(packet)
-            for packet in astream.encode():
-                out.mux(packet)
+                af.sample_rate, af.pts, af.time_base = audio_rate, start, Fraction(1, audio_rate)
+                audio_frames.append(af)
+            _encode_all(out, astream, audio_frames)
+
+
+def _encode_all(out, stream, frames) -> None:
+    """Encode ``frames`` on ``stream``, flush the encoder, and mux every packet into ``out``."""
+    for frame in [*frames, None]:
+        for packet in stream.encode(frame):
+            out.mux(packet)
 
 
 def _write_frame_folder(folder: Path, frames: np.ndarray) -> None:
