@@ -1,0 +1,47 @@
+"""HTS-AT audio backbone: our implementation of the official AudioSet model, with block taps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..base import Backbone, BlockInfo, RANDOM_INIT
+from .model import HTSAT, HTSATConfig, load_official_checkpoint
+
+SEGMENT_SAMPLES = 32000
+TILE = 10  # each 1-s segment is repeated to 10 s, as the reference loaders do
+
+
+class HTSATBackbone(Backbone):
+    """Frozen HTS-AT. Input batch: (B, 320000) waveforms (1-s segments tiled to 10 s) at 32 kHz."""
+
+    modality = "audio"
+
+    def __init__(self, name: str, cfg: HTSATConfig = HTSATConfig()) -> None:
+        super().__init__()
+        self.name = name
+        self.model = HTSAT(cfg)
+        self.blocks = []
+        k = 0
+        for s, depth in enumerate(cfg.depths):
+            for b in range(depth):
+                grid = self.model.block_grids[k]
+                self.blocks.append(BlockInfo(f"stage{s}.block{b}", grid[0] * grid[1], self.model.block_dims[k], grid))
+                k += 1
+        self.stage_ends = [int(i) for i in np.cumsum(cfg.depths) - 1]
+        self.weights_id = RANDOM_INIT
+        self.freeze()
+
+    def preprocess(self, media: np.ndarray) -> torch.Tensor:
+        """(T, 32000) float32 segments -> (T, 320000): each second repeated ten times."""
+        wave = torch.as_tensor(np.asarray(media, dtype=np.float32))
+        if wave.ndim != 2 or wave.shape[1] != SEGMENT_SAMPLES:
+            raise ValueError(f"expected (segments, {SEGMENT_SAMPLES}) audio at 32 kHz, got {tuple(wave.shape)}")
+        return wave.repeat(1, TILE)
+
+    def _run(self, x: torch.Tensor, take: list[int], stop: int) -> list[torch.Tensor]:
+        out, _ = self.model.run_blocks(x, set(take), stop)
+        return out
+
+
+__all__ = ["HTSAT", "HTSATBackbone", "HTSATConfig", "load_official_checkpoint"]

@@ -1,0 +1,72 @@
+"""Swin-V2 visual backbone through timm, with per-block token taps.
+
+timm's ``forward_intermediates`` taps stages only; we run timm's own modules block by block
+(``patch_embed`` -> per stage ``downsample`` then ``blocks`` -> ``norm``), which is exactly
+``forward_features`` with the block outputs kept (a test checks the equality).
+Input: frames resized to 192 x 192 (bicubic, no antialias, as the reference loaders' tensor resize)
+and ImageNet-normalised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import Backbone, BlockInfo
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SwinV2Backbone(Backbone):
+    """Frozen timm Swin-V2. Input batch: (B, 3, S, S) normalised images (S = 192 for the large model)."""
+
+    modality = "visual"
+
+    def __init__(self, name: str, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.image_size = int(model.patch_embed.img_size[0])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.blocks, self.stage_ends = [], []
+        with torch.no_grad():
+            probe = self.model.patch_embed(torch.zeros(1, 3, self.image_size, self.image_size))
+            for s, stage in enumerate(self.model.layers):
+                probe = stage.downsample(probe)
+                h, w, c = probe.shape[1:]
+                for b in range(len(stage.blocks)):
+                    self.blocks.append(BlockInfo(f"stage{s}.block{b}", h * w, c, (h, w)))
+                self.stage_ends.append(len(self.blocks) - 1)
+        self.freeze()
+
+    def preprocess(self, media: np.ndarray) -> torch.Tensor:
+        """(T, H, W, 3) uint8 RGB frames -> (T, 3, S, S) float32, bicubic-resized and normalised."""
+        frames = np.asarray(media)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"expected (segments, H, W, 3) uint8 frames, got {frames.dtype} {frames.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
+                              antialias=False)
+        return (x - self.mean) / self.std
+
+    def _run(self, x: torch.Tensor, take: list[int], stop: int) -> list[torch.Tensor]:
+        x = self.model.patch_embed(x)
+        wanted, out, k = set(take), [], 0
+        for stage in self.model.layers:
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                x = block(x)
+                if k in wanted:
+                    out.append(x.flatten(1, 2))  # NHWC -> (B, H*W, C), row-major
+                if k == stop:
+                    return out
+                k += 1
+        return out
+
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """timm's final LayerNorm applied to the last block's tokens (= ``forward_features``)."""
+        return self.model.norm(tokens)

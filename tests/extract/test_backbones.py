@@ -1,0 +1,199 @@
+import numpy as np
+import pytest
+import torch
+
+from mettle.extract.backbones import (
+    BackboneError, HTSATBackbone, HTSATConfig, create_backbone, list_backbones, load_official_checkpoint,
+)
+from mettle.extract.backbones.base import state_sha256
+from mettle.extract.backbones.htsat.frontend import expected_frontend_tensors, fold_to_image
+from mettle.extract.backbones.htsat.model import HTSAT
+
+
+@pytest.fixture(scope="module")
+def swin_tiny():
+    return create_backbone("test_swinv2_tiny")
+
+
+@pytest.fixture(scope="module")
+def htsat_tiny():
+    return create_backbone("test_htsat_tiny")
+
+
+def _frames(n, size=112, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _audio(n, seed=0):
+    return (0.1 * np.random.default_rng(seed).standard_normal((n, 32000))).astype(np.float32)
+
+
+def test_registry_and_errors(tmp_path):
+    assert {"swinv2_large_window12_192.ms_in22k", "htsat.audioset", "test_swinv2_tiny",
+            "test_htsat_tiny"} <= set(list_backbones())
+    assert list_backbones("audio") == ["htsat.audioset", "test_htsat_tiny"]
+    with pytest.raises(BackboneError, match="unknown backbone 'swin'. Fix: use one of"):
+        create_backbone("swin")
+    with pytest.raises(BackboneError, match="does not exist"):
+        create_backbone("htsat.audioset", weights=tmp_path / "missing.ckpt")
+    with pytest.raises(BackboneError, match="pass --audio-weights HTSAT_AudioSet_Saved_1.ckpt"):
+        create_backbone("htsat.audioset")
+
+
+def test_swin_tiny_taps(swin_tiny):
+    assert [b.grid for b in swin_tiny.blocks] == [(48, 48), (24, 24), (12, 12), (12, 12), (6, 6)]
+    x = swin_tiny.preprocess(_frames(2))
+    assert x.shape == (2, 3, 192, 192)
+    taps = swin_tiny.forward_tokens(x)
+    assert [tuple(t.shape) for t in taps] == [(2, b.tokens, b.dim) for b in swin_tiny.blocks]
+    assert not any(t.requires_grad for t in taps)
+    # the last tap after the final norm is timm's forward_features
+    ref = swin_tiny.model.forward_features(x).flatten(1, 2)
+    torch.testing.assert_close(swin_tiny.final_norm(taps[-1]), ref, rtol=0, atol=0)
+    maps = swin_tiny.forward_stages(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 48, 48), (2, 32, 24, 24), (2, 64, 12, 12), (2, 128, 6, 6)]
+    inter = swin_tiny.model.forward_intermediates(x, intermediates_only=True)
+    for ours, timm_map in zip(maps, inter):
+        torch.testing.assert_close(ours, timm_map)
+
+
+def test_index_semantics(htsat_tiny):
+    x = htsat_tiny.preprocess(_audio(1))
+    all_taps = htsat_tiny.forward_tokens(x)
+    assert len(all_taps) == 6
+    for indices, expect in [(2, [4, 5]), ([0, -1], [0, 5]), ([3], [3]), (None, list(range(6)))]:
+        got = htsat_tiny.forward_tokens(x, indices)
+        assert len(got) == len(expect)
+        for g, k in zip(got, expect):
+            torch.testing.assert_close(g, all_taps[k])
+
+
+@pytest.mark.parametrize("name, make", [("test_swinv2_tiny", _frames), ("test_htsat_tiny", _audio)])
+def test_batched_equals_one_by_one(name, make):
+    b = create_backbone(name)
+    x = b.preprocess(make(3))
+    batched = b.forward_tokens(x, [0, -1])
+    for i in range(3):
+        single = b.forward_tokens(x[i:i + 1], [0, -1])
+        for s, t in zip(single, batched):
+            torch.testing.assert_close(s[0], t[i], rtol=1e-4, atol=1e-4)
+
+
+def test_random_init_is_reproducible():
+    a, b = create_backbone("test_htsat_tiny"), create_backbone("test_htsat_tiny")
+    assert state_sha256(a) == state_sha256(b) and a.weights_id == "random-init"
+
+
+def test_htsat_full_size_shapes():
+    b = create_backbone("htsat.audioset", random_init=True)
+    assert [(blk.tokens, blk.dim) for blk in b.blocks] == \
+        [(4096, 96)] * 2 + [(1024, 192)] * 2 + [(256, 384)] * 6 + [(64, 768)] * 2
+    assert sum(p.numel() for p in b.parameters()) == 30_241_687  # + 1.05 M STFT kernels = the official 31.3 M
+    assert len(b.model.state_dict()) + 3 == 200  # the official checkpoint's key count
+    x = b.preprocess(_audio(1))
+    assert x.shape == (1, 320000)
+    taps = b.forward_tokens(x, [0, -1])
+    assert [tuple(t.shape) for t in taps] == [(1, 4096, 96), (1, 64, 768)]
+
+
+def test_logmel_matches_librosa():
+    """Our torch.stft front end against librosa's independent mel spectrogram of the same definition."""
+    import librosa
+
+    wave = _audio(1)[0].repeat(3)
+    ours = HTSAT(HTSATConfig(embed_dim=8, depths=(1, 1, 1, 1), heads=(1, 1, 1, 1))).logmel(torch.from_numpy(wave)[None])[0]
+    mel = librosa.feature.melspectrogram(y=wave, sr=32000, n_fft=1024, hop_length=320, center=True, pad_mode="reflect",
+                                         power=2.0, n_mels=64, fmin=50, fmax=14000)
+    ref = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None).T
+    assert ours.shape == (1 + len(wave) // 320, 64)
+    np.testing.assert_allclose(ours.numpy(), ref, atol=2e-3)
+    # the checkpoint's conv kernels compute the same power spectrum
+    k = expected_frontend_tensors()
+    padded = torch.nn.functional.pad(torch.from_numpy(wave)[None, None], (512, 512), mode="reflect")
+    re = torch.nn.functional.conv1d(padded, k["spectrogram_extractor.stft.conv_real.weight"], stride=320)
+    im = torch.nn.functional.conv1d(padded, k["spectrogram_extractor.stft.conv_imag.weight"], stride=320)
+    power = (re ** 2 + im ** 2)[0].T
+    conv_db = 10 * torch.log10(torch.clamp(power @ k["logmel_extractor.melW"], min=1e-10))
+    np.testing.assert_allclose(conv_db.numpy(), ref, atol=2e-3)
+
+
+def test_fold_to_image_layout():
+    x = torch.arange(1024 * 64, dtype=torch.float32).reshape(1, 1024, 64)
+    img = fold_to_image(x)[0, 0]
+    assert img.shape == (256, 256)
+    for chunk, f, t in [(0, 0, 0), (1, 5, 7), (3, 63, 255), (2, 10, 100)]:
+        assert img[chunk * 64 + f, t] == x[0, chunk * 256 + t, f]
+    short = fold_to_image(torch.zeros(1, 1001, 64) + 3.0)
+    assert short.shape == (1, 1, 256, 256) and torch.allclose(short, torch.full_like(short, 3.0))
+
+
+class Payload:
+    """Anything that is not plain tensors and containers is refused by weights_only loading."""
+
+
+def _official_layout(model: HTSAT) -> dict:
+    state = {f"sed_model.{k}": v.clone() for k, v in model.state_dict().items()}
+    state.update({f"sed_model.{k}": v for k, v in expected_frontend_tensors().items()})
+    return {"state_dict": state, "epoch": 3, "global_step": 1000}
+
+
+def test_checkpoint_round_trip_in_official_layout(tmp_path):
+    cfg = HTSATConfig(embed_dim=16, depths=(2, 1, 2, 1), heads=(1, 2, 2, 4))
+    torch.manual_seed(123)
+    src = HTSATBackbone("src", cfg)
+    for p in src.parameters():  # make every tensor matter, BatchNorm statistics included
+        p.data.normal_(0, 0.05)
+    src.model.bn0.running_mean.normal_(-20, 5)
+    src.model.bn0.running_var.uniform_(50, 100)
+    path = tmp_path / "HTSAT_AudioSet_Saved_1.ckpt"
+    torch.save(_official_layout(src.model), path)
+
+    dst = HTSATBackbone("dst", cfg)
+    report = load_official_checkpoint(dst.model, path)
+    assert report["frontend"] == "checked"
+    x = dst.preprocess(_audio(2))
+    for a, b in zip(src.forward_tokens(x), dst.forward_tokens(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(src.model(x), dst.model(x), rtol=0, atol=0)
+    # through the registry, with the weights hash recorded
+    tiny = create_backbone("test_htsat_tiny", weights=path)
+    assert tiny.weights_id == state_sha256(src)
+
+
+def test_checkpoint_errors_name_the_keys(tmp_path):
+    cfg = HTSATConfig(embed_dim=16, depths=(2, 1, 2, 1), heads=(1, 2, 2, 4))
+    model = HTSAT(cfg)
+    good = _official_layout(model)
+
+    bad = {"state_dict": dict(good["state_dict"])}
+    del bad["state_dict"]["sed_model.layers.1.blocks.0.mlp.fc2.weight"]
+    torch.save(bad, tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match=r"missing: layers.1.blocks.0.mlp.fc2.weight"):
+        load_official_checkpoint(HTSAT(cfg), tmp_path / "missing.ckpt")
+
+    bad = {"state_dict": dict(good["state_dict"])}
+    bad["state_dict"]["sed_model.logmel_extractor.melW"] = torch.rand(513, 64)
+    torch.save(bad, tmp_path / "frontend.ckpt")
+    with pytest.raises(ValueError, match="logmel_extractor.melW differs from the HTS-AT front end"):
+        load_official_checkpoint(HTSAT(cfg), tmp_path / "frontend.ckpt")
+
+    with pytest.raises(ValueError, match="does not match the HTS-AT architecture"):
+        load_official_checkpoint(HTSAT(), tmp_path / "missing.ckpt")
+
+    torch.save({"state_dict": {"x": Payload()}}, tmp_path / "pickle.ckpt")
+    with pytest.raises(ValueError, match="cannot read as a torch checkpoint"):
+        load_official_checkpoint(HTSAT(cfg), tmp_path / "pickle.ckpt")
+
+
+@pytest.mark.slow
+def test_swinv2_large_shapes_and_offline_error(tmp_path):
+    b = create_backbone("swinv2_large_window12_192.ms_in22k", random_init=True)
+    assert len(b.blocks) == 24
+    assert [(blk.grid, blk.dim) for blk in b.blocks[:: 6]] == [((48, 48), 192), ((12, 12), 768), ((12, 12), 768),
+                                                               ((12, 12), 768)]
+    assert [b.blocks[i].grid for i in b.stage_ends] == [(48, 48), (24, 24), (12, 12), (6, 6)]
+    taps = b.forward_tokens(b.preprocess(_frames(1, 64)), [0, 3, -1])
+    assert [tuple(t.shape) for t in taps] == [(1, 2304, 192), (1, 576, 384), (1, 36, 1536)]
+    # offline and no file: a clear error with the fix, not a hub traceback
+    with pytest.raises(BackboneError, match="pass --visual-weights FILE"):
+        create_backbone("swinv2_large_window12_192.ms_in22k")
