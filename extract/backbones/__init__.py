@@ -5,7 +5,9 @@ Registered names carry identity:
 * ``swinv2_large_window12_192.ms_in22k``: timm Swin-V2-L, 24 blocks (2-2-18-2), grids 48/24/12/6 at 192 px.
 * ``htsat.audioset``: our HTS-AT, 12 blocks (2-2-6-2), grids 64/32/16/8; the official AudioSet
   checkpoint loads into it.
-* ``test_swinv2_tiny``, ``test_htsat_tiny``: random-init miniatures with the same grids and interfaces,
+* ``swinv2_large_window12_192.ms_in22k+fbank``: the modality-shared setting, audio segments as
+  192 x 192 Kaldi fbank images through the same Swin-V2-L (audio modality, visual taps).
+* ``test_swinv2_tiny``, ``test_htsat_tiny``, ``test_swinv2_tiny+fbank``: random-init miniatures with the same grids and interfaces,
   seconds on CPU, for tests and the demo.
 """
 
@@ -16,12 +18,13 @@ from pathlib import Path
 from ._registry import BackboneSpec, create_backbone, get_backbone_spec, list_backbones, register_backbone
 from .base import RANDOM_INIT, Backbone, BackboneError, BlockInfo
 from .htsat import HTSATBackbone, HTSATConfig, load_official_checkpoint
-from .swinv2 import SwinV2Backbone
+from .swinv2 import SwinV2Backbone, SwinV2SpectrogramBackbone
 
 SWINV2_LARGE = "swinv2_large_window12_192.ms_in22k"
 
 
-def _timm_swinv2(name: str, arch: str, weights: Path | None, random_init: bool, **overrides) -> SwinV2Backbone:
+def _timm_swinv2(name: str, arch: str, weights: Path | None, random_init: bool, cls=SwinV2Backbone,
+                 **overrides) -> SwinV2Backbone:
     import timm
 
     if random_init:
@@ -36,7 +39,7 @@ def _timm_swinv2(name: str, arch: str, weights: Path | None, random_init: bool, 
                 f"could not load {where} for {name} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}). "
                 "Fix: pass --visual-weights FILE (a timm .safetensors/.pth of this model), go online, "
                 "or pass --random-init") from None
-    backbone = SwinV2Backbone(name, model)
+    backbone = cls(name, model)
     if not random_init:
         backbone.weights_id = "loaded"
     return backbone
@@ -51,6 +54,18 @@ def _swinv2_large(weights: Path | None, random_init: bool) -> SwinV2Backbone:
 def _swinv2_tiny(weights: Path | None, random_init: bool) -> SwinV2Backbone:
     return _timm_swinv2("test_swinv2_tiny", "swinv2_large_window12_192", None, True,
                         embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2))
+
+
+@register_backbone(SWINV2_LARGE + "+fbank", "audio",
+                   "modality-shared: 192-bin Kaldi fbank images of the audio through the same Swin-V2-L")
+def _swinv2_large_fbank(weights: Path | None, random_init: bool) -> SwinV2Backbone:
+    return _timm_swinv2(SWINV2_LARGE + "+fbank", SWINV2_LARGE, weights, random_init, cls=SwinV2SpectrogramBackbone)
+
+
+@register_backbone("test_swinv2_tiny+fbank", "audio", "modality-shared miniature: fbank images through test_swinv2_tiny")
+def _swinv2_tiny_fbank(weights: Path | None, random_init: bool) -> SwinV2Backbone:
+    return _timm_swinv2("test_swinv2_tiny+fbank", "swinv2_large_window12_192", None, True,
+                        cls=SwinV2SpectrogramBackbone, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2))
 
 
 def _htsat(name: str, cfg: HTSATConfig, weights: Path | None, random_init: bool) -> HTSATBackbone:
@@ -83,6 +98,6 @@ def _htsat_tiny(weights: Path | None, random_init: bool) -> HTSATBackbone:
 
 __all__ = [
     "RANDOM_INIT", "SWINV2_LARGE", "Backbone", "BackboneError", "BackboneSpec", "BlockInfo", "HTSATBackbone",
-    "HTSATConfig", "SwinV2Backbone", "create_backbone", "get_backbone_spec", "list_backbones",
+    "HTSATConfig", "SwinV2Backbone", "SwinV2SpectrogramBackbone", "create_backbone", "get_backbone_spec", "list_backbones",
     "load_official_checkpoint", "register_backbone",
 ]

@@ -70,3 +70,23 @@ class SwinV2Backbone(Backbone):
     def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         """timm's final LayerNorm applied to the last block's tokens (= ``forward_features``)."""
         return self.model.norm(tokens)
+
+
+class SwinV2SpectrogramBackbone(SwinV2Backbone):
+    """The modality-shared setting: audio segments as Kaldi fbank images through the visual Swin-V2.
+
+    Input batch: (B, 3, 192, 192) fbank images (see ``fbank.py``); taps as the visual backbone's.
+    """
+
+    modality = "audio"
+
+    def preprocess(self, media: np.ndarray) -> torch.Tensor:
+        """(T, 32000) float32 1-s segments at 32 kHz -> (T, 3, 192, 192) normalised fbank images."""
+        from .fbank import TARGET_FRAMES, spectrogram_images
+
+        audio = np.asarray(media, dtype=np.float32)
+        if audio.ndim != 2 or audio.shape[1] != 32000:
+            raise ValueError(f"expected (segments, 32000) audio at 32 kHz, got {audio.shape}")
+        if self.image_size != TARGET_FRAMES:
+            raise ValueError(f"{self.name}: the fbank image is {TARGET_FRAMES} px, the model expects {self.image_size}")
+        return spectrogram_images(audio)

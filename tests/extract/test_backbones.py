@@ -197,3 +197,24 @@ def test_swinv2_large_shapes_and_offline_error(tmp_path):
     # offline and no file: a clear error with the fix, not a hub traceback
     with pytest.raises(BackboneError, match="pass --visual-weights FILE"):
         create_backbone("swinv2_large_window12_192.ms_in22k")
+
+
+def test_swinv2_local_weights_file(tmp_path):
+    """The real loading path (timm pretrained with a local file) on a small Swin-V2 written in timm's layout."""
+    import timm
+    from safetensors.torch import save_file
+
+    from mettle.extract.backbones import _timm_swinv2
+
+    arch = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2))
+    torch.manual_seed(7)
+    src = timm.create_model("swinv2_large_window12_192", pretrained=False, num_classes=10, **arch).eval()
+    path = tmp_path / "swin.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    b = _timm_swinv2("local", "swinv2_large_window12_192", path, False, **arch)
+    x = b.preprocess(_frames(1))
+    torch.testing.assert_close(b.final_norm(b.forward_tokens(x, 1)[0]), src.forward_features(x).flatten(1, 2))
+    assert b.weights_id == "loaded"  # create_backbone replaces the marker with the content hash
+    path.write_bytes(b"garbage")
+    with pytest.raises(BackboneError, match="could not load the weights file .* pass --visual-weights FILE"):
+        _timm_swinv2("local", "swinv2_large_window12_192", path, False, **arch)
