@@ -31,7 +31,8 @@ def _audio(n, seed=0):
 def test_registry_and_errors(tmp_path):
     assert {"swinv2_large_window12_192.ms_in22k", "htsat.audioset", "test_swinv2_tiny",
             "test_htsat_tiny"} <= set(list_backbones())
-    assert list_backbones("audio") == ["htsat.audioset", "test_htsat_tiny"]
+    assert list_backbones("audio") == ["htsat.audioset", "swinv2_large_window12_192.ms_in22k+fbank",
+                                       "test_htsat_tiny", "test_swinv2_tiny+fbank"]
     with pytest.raises(BackboneError, match="unknown backbone 'swin'. Fix: use one of"):
         create_backbone("swin")
     with pytest.raises(BackboneError, match="does not exist"):
