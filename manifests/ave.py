@@ -22,7 +22,7 @@ import numpy as np
 
 from ._registry import register_dataset
 from .annotations import packaged, read_text, sha256_file
-from .errors import AnnotationError
+from .errors import AnnotationError, ManifestError
 from .paths import check_media_id
 from .schema import SPLITS, Clip, Manifest
 
@@ -122,11 +122,15 @@ def _parse_rows(path: Path, text: str, class_index: dict[str, int], num_segments
             raise AnnotationError(path, n, f"category {cat!r} is not in categories.txt",
                                   "add it to categories.txt or correct the row")
         try:
-            vid = check_media_id(vid, source=f"{path}:{n}")
+            vid = check_media_id(vid)
+        except ManifestError as err:
+            problem, _, fix = str(err).partition(". Fix: ")
+            raise AnnotationError(path, n, problem.removeprefix("annotation: "), fix) from None
+        try:
             s, e = int(start), int(end)
-        except ValueError as err:
-            raise AnnotationError(path, n, str(err).split(". Fix")[0], "StartTime/EndTime must be whole seconds"
-                                  ) from None
+        except ValueError:
+            raise AnnotationError(path, n, f"StartTime/EndTime {start!r}/{end!r} are not integers",
+                                  "StartTime/EndTime must be whole seconds") from None
         if not 0 <= s <= e <= num_segments:
             raise AnnotationError(path, n, f"event [{s}, {e}) is outside 0..{num_segments} s",
                                   f"use 0 <= StartTime <= EndTime <= {num_segments}")

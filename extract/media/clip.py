@@ -58,7 +58,6 @@ def read_clip(clip: Clip, data_root: str | Path, frame_rule: str = "linspace") -
     """
     root = Path(data_root)
     video = find_video(clip, root)
-    tried = []
 
     frames_rel = clip.media.get("frames")
     frames_dir = _resolve(clip, root, frames_rel) if frames_rel else None
