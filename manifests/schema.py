@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -131,6 +131,21 @@ class Manifest:
         if self.questions:
             return {s: sum(q.split == s for q in self.questions) for s in SPLITS}
         return {s: sum(s in c.splits for c in self.clips) for s in SPLITS}
+
+    def subset(self, rows: "list[int] | range") -> "Manifest":
+        """A manifest of the clips at ``rows`` (in that order), keeping only their questions.
+
+        Used by ``--limit``: the subset is a manifest in its own right (its own sha256), so a
+        cache built from it never passes for one built from the full dataset.
+        """
+        rows = list(rows)
+        new_index = {old: new for new, old in enumerate(rows)}
+        if len(new_index) != len(rows) or any(not 0 <= r < len(self.clips) for r in rows):
+            raise ManifestError(f"subset rows must be distinct and within 0..{len(self.clips) - 1}")
+        questions = tuple(replace(q, clip_index=new_index[q.clip_index])
+                          for q in self.questions if q.clip_index in new_index)
+        options = {**self.options, "subset": f"{len(rows)} of {len(self.clips)} clips"}
+        return replace(self, clips=tuple(self.clips[r] for r in rows), questions=questions, options=options)
 
     # ----------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:

@@ -47,6 +47,24 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True) -> "Backbone":  # frozen: BatchNorm statistics never move
         return super().train(False)
 
+    def preprocess_spec(self) -> dict:
+        """How :meth:`preprocess` turns media into model input, recorded in every cache."""
+        raise NotImplementedError
+
+    def record(self):
+        """This backbone as a cache remembers it (:class:`mettle.cache.BackboneRecord`)."""
+        from mettle.cache import BackboneRecord, BlockLayout
+
+        stage_of = {}
+        start = 0
+        for s, end in enumerate(self.stage_ends):
+            for i in range(start, end + 1):
+                stage_of[i] = s
+            start = end + 1
+        blocks = tuple(BlockLayout(i, b.name, b.tokens, b.dim, tuple(b.grid), stage_of[i])
+                       for i, b in enumerate(self.blocks))
+        return BackboneRecord(self.name, self.modality, self.weights_id, self.preprocess_spec(), blocks)
+
     def preprocess(self, media: np.ndarray) -> torch.Tensor:
         """Turn one clip's decoded media (ClipMedia.frames or .audio) into a model batch of T segments."""
         raise NotImplementedError

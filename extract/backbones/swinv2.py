@@ -42,6 +42,11 @@ class SwinV2Backbone(Backbone):
                 self.stage_ends.append(len(self.blocks) - 1)
         self.freeze()
 
+    def preprocess_spec(self) -> dict:
+        return {"input": "one RGB frame per segment, uint8", "resize": [self.image_size, self.image_size],
+                "interpolation": "bicubic, align_corners=False, no antialias", "scale": "1/255",
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
     def preprocess(self, media: np.ndarray) -> torch.Tensor:
         """(T, H, W, 3) uint8 RGB frames -> (T, 3, S, S) float32, bicubic-resized and normalised."""
         frames = np.asarray(media)
@@ -79,6 +84,14 @@ class SwinV2SpectrogramBackbone(SwinV2Backbone):
     """
 
     modality = "audio"
+
+    def preprocess_spec(self) -> dict:
+        from . import fbank
+
+        return {"input": "1-s mono segments at 32 kHz, resampled to 16 kHz", "features": "Kaldi fbank",
+                "frame": fbank.FRAME, "shift": fbank.SHIFT, "nfft": fbank.NFFT, "mel_bins": fbank.MEL_BINS,
+                "low_hz": fbank.LOW_HZ, "preemphasis": fbank.PREEMPH, "frames": fbank.TARGET_FRAMES,
+                "norm": [fbank.NORM_MEAN, fbank.NORM_STD], "channels": 3}
 
     def preprocess(self, media: np.ndarray) -> torch.Tensor:
         """(T, 32000) float32 1-s segments at 32 kHz -> (T, 3, 192, 192) normalised fbank images."""

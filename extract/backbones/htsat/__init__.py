@@ -32,6 +32,13 @@ class HTSATBackbone(Backbone):
         self.weights_id = RANDOM_INIT
         self.freeze()
 
+    def preprocess_spec(self) -> dict:
+        from . import frontend as fe
+
+        return {"input": "1-s mono segments at 32 kHz", "tile": TILE, "sample_rate": fe.SAMPLE_RATE,
+                "n_fft": fe.N_FFT, "hop": fe.HOP, "mel_bins": fe.MEL_BINS, "fmin": fe.FMIN, "fmax": fe.FMAX,
+                "frames": fe.TARGET_FRAMES, "image": "4 time chunks of 256 stacked along frequency, 256 x 256"}
+
     def preprocess(self, media: np.ndarray) -> torch.Tensor:
         """(T, 32000) float32 segments -> (T, 320000): each second repeated ten times."""
         wave = torch.as_tensor(np.asarray(media, dtype=np.float32))

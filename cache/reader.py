@@ -1,0 +1,150 @@
+"""Reading a cache: ``open_cache`` checks it, ``Cache`` reads arrays and builds datasets.
+
+Reads are lazy: opening a cache reads its JSON files only; token arrays are read per request,
+one chunk (one clip of one block) or one contiguous run of clips at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from mettle.manifests import Manifest, ManifestError
+
+from .dtypes import decode, get_dtype
+from .errors import CacheError
+from .format import DONE_FILE, MANIFEST_FILE, OK, CacheMeta
+from .store import SCALE, get_store
+from .writer import CacheWriter, disk_usage
+
+log = logging.getLogger(__name__)
+
+
+class Cache:
+    """An opened cache: its metadata, its manifest, per-clip status, and array reads.
+
+    Attributes:
+        root: the cache folder.
+        meta: :class:`CacheMeta` (backbones, arrays, budget, dtype, ...).
+        manifest: the manifest the rows follow.
+        clip_status: per row, ``"ok"`` or the error that kept the clip out.
+        complete: True when the done marker is there.
+        done: the done marker's content (totals, failures, profile); empty when incomplete.
+    """
+
+    def __init__(self, root: Path, meta: CacheMeta, manifest: Manifest, clip_status: list[str], done: dict) -> None:
+        self.root, self.meta, self.manifest = Path(root), meta, manifest
+        self.clip_status, self.done = clip_status, done
+        self.complete = bool(done)
+        self.store = get_store(self.root, meta)
+        self._dtype = get_dtype(meta.dtype)
+
+    # ------------------------------------------------------------------ rows
+    def rows(self, splits: str | Iterable[str] | None = None, include_failed: bool = False) -> list[int]:
+        """Manifest rows of ``splits`` (all for None) whose clips were extracted (unless ``include_failed``)."""
+        if splits is None or isinstance(splits, str):
+            splits = [splits]
+        wanted = sorted({r for s in splits for r in self.manifest.indices(s)})
+        return [r for r in wanted if include_failed or self.clip_status[r] == OK]
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return {self.manifest.clips[i].clip_id: s for i, s in enumerate(self.clip_status) if s != OK}
+
+    # ------------------------------------------------------------------ arrays
+    def keys(self, modality: str | None = None) -> list[str]:
+        return self.meta.keys(modality)
+
+    def require(self, keys: Iterable[str], why: str) -> None:
+        """Refuse a cache that lacks arrays a task needs, naming the preset that has them."""
+        missing = [k for k in keys if k not in set(self.meta.keys())]
+        if missing:
+            raise CacheError(f"the cache {self.root} (preset {self.meta.preset}) lacks {', '.join(missing[:4])}"
+                             f"{' ...' if len(missing) > 4 else ''}, needed for {why}. "
+                             "Fix: extract a cache with the preset that task needs (mettle-extract --preset ...)")
+
+    def read(self, key: str, rows: Sequence[int] | slice, out: str = "float32") -> np.ndarray:
+        """Tokens ``(len(rows), segments, tokens, dim)`` of array ``key``, decoded to numpy dtype ``out``."""
+        self.meta.array(key)  # names the valid keys when this one is unknown
+        codes = self.store.read(key, rows)
+        scale = self.store.read(key + SCALE, rows) if self._dtype.scaled else None
+        return decode(codes, scale, out)
+
+    def dataset(self, splits: str | Iterable[str] | None = "train", keys: Sequence[str] | None = None,
+                dtype: str = "float32", include_failed: bool = False):
+        """A lazy torch Dataset over the clips of ``splits``: item = ``{"row", "tokens": {key: (T, N, D)}}``."""
+        from .dataset import TokenDataset
+
+        rows = self.rows(splits, include_failed)
+        left = len(self.rows(splits, include_failed=True)) - len(rows)
+        if left:
+            log.warning("%d clips of %s failed extraction and are left out (see mettle-extract --info)", left, splits)
+        return TokenDataset(self, rows, list(keys) if keys is not None else self.keys(), dtype)
+
+    def nbytes_on_disk(self) -> int:
+        return disk_usage(self.root)
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.root)!r}, {self.meta.slug}, {len(self.manifest)} clips)"
+
+
+def open_cache(path: str | Path, expect: Mapping[str, Any] | None = None, allow_incomplete: bool = False) -> Cache:
+    """Open and check a cache.
+
+    Checks the format version, that the manifest copy is the one the cache was built from, that
+    extraction finished (unless ``allow_incomplete``), and the ``expect`` fields a caller insists on:
+    ``dataset``, ``manifest_sha256``, ``storage``, ``dtype``, ``tokens``, ``preset``, or
+    ``backbone.<modality>`` / ``weights.<modality>`` (name / weights sha256 of a backbone).
+    Every refusal says what differs and the fix.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CacheError(f"cache folder {root} does not exist. Fix: run mettle-extract --cache {root} first, "
+                         "or pass the folder it wrote")
+    meta = CacheMeta.load(root)
+    try:
+        text = (root / MANIFEST_FILE).read_text()
+        manifest = Manifest.from_json(text)
+    except FileNotFoundError:
+        raise CacheError(f"{root} has no {MANIFEST_FILE}. Fix: re-extract with --overwrite") from None
+    except ManifestError as e:
+        raise CacheError(f"{root / MANIFEST_FILE} is damaged ({e}). Fix: re-extract with --overwrite") from None
+    if manifest.sha256() != meta.manifest_sha256 or len(manifest) != meta.num_clips:
+        raise CacheError(f"{root / MANIFEST_FILE} is not the manifest this cache was built from (sha256 differs). "
+                         "Fix: restore the folder as mettle-extract wrote it, or re-extract with --overwrite")
+    for field, want in (expect or {}).items():
+        have = _field(meta, field)
+        if have != want:
+            raise CacheError(f"cache {root} was built with {field} = {have}, but {want} is required. "
+                             f"Fix: pass a cache built with {field} = {want} (mettle-extract --info shows what a "
+                             "cache holds), or re-extract")
+    done = {}
+    if (root / DONE_FILE).is_file():
+        done = json.loads((root / DONE_FILE).read_text())
+        status = list(done["clip_status"])
+    elif allow_incomplete:
+        writer = CacheWriter(root, meta)
+        status = []
+        for k in range(meta.num_shards):
+            st = writer.shard_status(k)
+            status += list(st.clips.values()) if st else ["not extracted yet"] * len(meta.shard_rows(k))
+    else:
+        raise CacheError(f"cache {root} is not finished (no {DONE_FILE}). Fix: rerun the mettle-extract command "
+                         "that started it; it resumes where it stopped")
+    if len(status) != meta.num_clips:
+        raise CacheError(f"{root}: clip status covers {len(status)} of {meta.num_clips} clips. Fix: re-extract")
+    return Cache(root, meta, manifest, status, done)
+
+
+def _field(meta: CacheMeta, field: str) -> Any:
+    kind, _, modality = field.partition(".")
+    if kind in ("backbone", "weights") and modality:
+        b = meta.backbones.get(modality)
+        return None if b is None else (b.name if kind == "backbone" else b.weights_id)
+    if field in ("dataset", "manifest_sha256", "storage", "dtype", "tokens", "preset", "num_segments"):
+        return getattr(meta, field)
+    raise CacheError(f"unknown cache field {field!r} to check")

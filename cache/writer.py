@@ -1,0 +1,208 @@
+"""Writing a cache: create (or resume) the folder, fill shards, write the done marker last.
+
+The extractor (``mettle.extract``) computes tokens; everything about how they are laid out on
+disk lives here, so the writer and the reader cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mettle.manifests import Manifest
+
+from .dtypes import decode, encode, get_dtype
+from .errors import CacheError
+from .format import (DONE_FILE, H5_FILE, H5_SHARD_DIR, MANIFEST_FILE, META_FILE, OK, STATUS_DIR, ZARR_DIR,
+                     CacheMeta, shard_name, write_json_atomic)
+from .store import SCALE, get_store
+
+log = logging.getLogger(__name__)
+
+
+class ShardBuffer:
+    """One shard's rows of every array, in memory, filled clip by clip and written at once.
+
+    ``put`` encodes float tokens into the storage dtype as they arrive, so the buffer costs the
+    stored size, not float32. Rows of failed clips stay zero.
+    """
+
+    def __init__(self, meta: CacheMeta, shard: int) -> None:
+        self.meta, self.shard = meta, shard
+        self.rows = meta.shard_rows(shard)
+        self.dtype = get_dtype(meta.dtype)
+        n, t = len(self.rows), meta.num_segments
+        self.codes = {a.key: np.zeros((n, t, a.tokens, a.dim), self.dtype.numpy) for a in meta.arrays}
+        self.scales = {a.key: np.zeros((n, t, a.tokens), np.float32) for a in meta.arrays} if self.dtype.scaled else {}
+
+    def put(self, key: str, local_row: int, segments: slice, tokens: np.ndarray) -> None:
+        """Store float tokens ``(segments, N, D)`` of one clip; raises CacheError (e.g. float16 overflow)."""
+        codes, scale = encode(tokens, self.dtype)
+        self.codes[key][local_row, segments] = codes
+        if scale is not None:
+            self.scales[key][local_row, segments] = scale
+
+    def clear(self, local_row: int) -> None:
+        for arr in (*self.codes.values(), *self.scales.values()):
+            arr[local_row] = 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = dict(self.codes)
+        out.update({k + SCALE: v for k, v in self.scales.items()})
+        return out
+
+    def tokens(self, key: str, local_row: int) -> np.ndarray:
+        return decode(self.codes[key][local_row], self.scales[key][local_row] if self.scales else None)
+
+
+@dataclass
+class ShardStatus:
+    """What happened to one shard: per-clip status (``ok`` or the error) and where the time went."""
+
+    shard: int
+    clips: dict[str, str]  # clip_id -> "ok" | error message, in row order
+    seconds: float = 0.0
+    decode_s: float = 0.0
+    forward_s: float = 0.0
+    write_s: float = 0.0
+    bytes: int = 0
+    device: str = ""
+    peak_memory: int = 0
+    worker: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CacheWriter:
+    """An open cache folder being filled. Create with :func:`create_cache`."""
+
+    def __init__(self, root: Path, meta: CacheMeta) -> None:
+        self.root, self.meta = Path(root), meta
+        self.store = get_store(self.root, meta)
+
+    def status_path(self, shard: int) -> Path:
+        return self.root / STATUS_DIR / f"{shard_name(shard)}.json"
+
+    def shard_status(self, shard: int) -> ShardStatus | None:
+        try:
+            d = json.loads(self.status_path(shard).read_text())
+        except FileNotFoundError:
+            return None
+        return ShardStatus(**d)
+
+    def pending_shards(self, retry_failed: bool = False) -> list[int]:
+        """Shards without a status file (and, with ``retry_failed``, shards holding failed clips)."""
+        todo = []
+        for k in range(self.meta.num_shards):
+            st = self.shard_status(k)
+            if st is None or (retry_failed and any(v != OK for v in st.clips.values())):
+                todo.append(k)
+        return todo
+
+    @property
+    def done(self) -> bool:
+        return (self.root / DONE_FILE).is_file()
+
+    def write_shard(self, buffer: ShardBuffer, status: ShardStatus) -> ShardStatus:
+        """Write all arrays of one shard, then its status file (so a status means the data is there)."""
+        if (self.root / DONE_FILE).exists():
+            (self.root / DONE_FILE).unlink()  # the cache changes: it is not done until finish() again
+        t0 = time.perf_counter()
+        status.bytes = self.store.write_shard(buffer.shard, buffer.arrays())
+        status.write_s = time.perf_counter() - t0
+        write_json_atomic(self.status_path(buffer.shard), status.__dict__)
+        return status
+
+    def read_done(self) -> dict[str, Any]:
+        return json.loads((self.root / DONE_FILE).read_text())
+
+    def finish(self, profile: dict[str, Any]) -> dict[str, Any]:
+        """Check every shard is written, then write ``done.json`` (last) with totals and failures."""
+        missing = [k for k in range(self.meta.num_shards) if self.shard_status(k) is None]
+        if missing:
+            raise CacheError(f"{len(missing)} shards of {self.root} are not written yet (first: {missing[0]}). "
+                             "Fix: rerun the same mettle-extract command to finish them")
+        clip_status, failures = [], {}
+        for k in range(self.meta.num_shards):
+            st = self.shard_status(k)
+            for clip_id, s in st.clips.items():
+                clip_status.append(s)
+                if s != OK:
+                    failures[clip_id] = s
+        done = {"clips_ok": len(clip_status) - len(failures), "clips_failed": len(failures), "failures": failures,
+                "clip_status": clip_status, "bytes_on_disk": disk_usage(self.root), "profile": profile,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json_atomic(self.root / DONE_FILE, done)
+        return done
+
+
+def disk_usage(root: Path) -> int:
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+
+
+def create_cache(root: str | Path, meta: CacheMeta, manifest: Manifest, overwrite: bool = False) -> CacheWriter:
+    """Create the cache folder, or reopen it to resume when it was started with the same identity.
+
+    A folder holding a cache with another identity (manifest, backbones, weights, budget, dtype,
+    storage, shard size) is refused unless ``overwrite``; a non-empty folder that is not a cache
+    is always refused (``--overwrite`` never deletes what mettle did not write).
+    """
+    root = Path(root)
+    if manifest.sha256() != meta.manifest_sha256:
+        raise CacheError("internal: the cache description and the manifest disagree")
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"--cache {root} is a file. Fix: pass a folder path")
+    if root.is_dir() and any(root.iterdir()) and not (root / META_FILE).is_file() and _only_ours(root):
+        log.info("%s holds an interrupted cache creation; starting it again", root)
+        shutil.rmtree(root)
+    if root.is_dir() and any(root.iterdir()):
+        if not (root / META_FILE).is_file():
+            raise CacheError(f"--cache {root} is a non-empty folder that is not a mettle cache. "
+                             "Fix: pass an empty or new folder")
+        if overwrite:
+            log.info("--overwrite: removing the cache in %s", root)
+            shutil.rmtree(root)
+        else:
+            old = CacheMeta.load(root)
+            diff = _identity_diff(old.identity(), meta.identity())
+            if diff:
+                raise CacheError(f"--cache {root} holds a different cache ({diff}). Fix: pass another --cache "
+                                 "folder, or --overwrite to replace it")
+            log.info("resuming the cache in %s", root)
+            return CacheWriter(root, old)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / STATUS_DIR).mkdir(exist_ok=True)
+    (root / MANIFEST_FILE).write_text(manifest.to_json())
+    writer = CacheWriter(root, meta)
+    writer.store.create()
+    write_json_atomic(root / META_FILE, meta.to_dict())  # last: a folder with cache.json is a usable cache
+    return writer
+
+
+def _only_ours(root: Path) -> bool:
+    """True when every entry is a name the cache writer creates (an interrupted creation)."""
+    ours = {MANIFEST_FILE, STATUS_DIR, ZARR_DIR, H5_FILE, H5_SHARD_DIR}
+    return all(p.name in ours or p.name.startswith(".") and p.name.endswith(".tmp") for p in root.iterdir())
+
+
+def _identity_diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new), key=lambda k: (isinstance(old.get(k, new.get(k)), (dict, list)), k))
+    for key in keys:  # plain options first: "tokens: cache has full" says more than "arrays differ"
+        if old.get(key) != new.get(key):
+            a, b = old.get(key), new.get(key)
+            if key == "backbones":
+                for m in sorted(set(a) | set(b)):
+                    x, y = a.get(m, {}), b.get(m, {})
+                    for f in ("name", "weights_id"):
+                        if x.get(f) != y.get(f):
+                            return f"{m} backbone {f}: cache has {x.get(f)}, this run has {y.get(f)}"
+            if isinstance(a, (str, int, float)) or isinstance(b, (str, int, float)):
+                return f"{key}: cache has {a}, this run has {b}"
+            return f"{key} differs"
+    return ""

@@ -1,0 +1,94 @@
+"""Extraction options: typed defaults, backbone sets, and loading the backbones they name."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mettle.cache import DEFAULT_DTYPE, DEFAULT_TOKENS
+
+from .backbones import SWINV2_LARGE, Backbone, BackboneError, create_backbone, get_backbone_spec
+
+# Named backbone sets (modality -> registered backbone). "specific" is the paper's main setting.
+BACKBONE_SETS: dict[str, dict[str, str]] = {
+    "specific": {"visual": SWINV2_LARGE, "audio": "htsat.audioset"},
+    "shared": {"visual": SWINV2_LARGE, "audio": SWINV2_LARGE + "+fbank"},
+    "tiny": {"visual": "test_swinv2_tiny", "audio": "test_htsat_tiny"},
+    "tiny-shared": {"visual": "test_swinv2_tiny", "audio": "test_swinv2_tiny+fbank"},
+}
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``mettle-extract`` takes. Identity options (backbones, weights, preset, tokens,
+    dtype, format, shard size) shape the cache; runtime options (device, workers, batch size ...)
+    only change how fast it is written."""
+
+    dataset: str
+    cache: str
+    data_root: str | None = None
+    manifest_options: dict[str, Any] = field(default_factory=dict)
+    backbones: str = "specific"
+    visual_weights: str | None = None
+    audio_weights: str | None = None
+    random_init: bool = False
+    preset: str | None = None  # None: the dataset's default (segmentation for AVSBench)
+    tokens: str = DEFAULT_TOKENS
+    dtype: str = DEFAULT_DTYPE
+    format: str = "zarr"
+    shard_clips: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    decode_threads: int = 2
+    workers: int = 0
+    scheduler: str | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    retry_failed: bool = False
+    on_error: str = "fail"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_backbones(spec: str) -> dict[str, str]:
+    """``specific`` | ``shared`` | ``tiny`` | ``tiny-shared`` | ``visual=NAME,audio=NAME`` (either may be left out)."""
+    if spec in BACKBONE_SETS:
+        return dict(BACKBONE_SETS[spec])
+    out: dict[str, str] = {}
+    for part in spec.split(","):
+        modality, sep, name = part.partition("=")
+        modality, name = modality.strip(), name.strip()
+        if not sep or modality not in ("visual", "audio") or not name or modality in out:
+            raise BackboneError(f"--backbones {spec!r} is not understood. Fix: use one of {', '.join(BACKBONE_SETS)}, "
+                                "or visual=NAME,audio=NAME (see mettle-extract --list-backbones)")
+        bspec = get_backbone_spec(name)
+        if bspec.modality != modality:
+            raise BackboneError(f"--backbones: {name} is a {bspec.modality} backbone, not {modality}. "
+                                f"Fix: write {bspec.modality}={name}")
+        out[modality] = name
+    return out
+
+
+def weights_for(cfg: ExtractConfig, modality: str, name: str) -> str | None:
+    """The weights file of one backbone: its modality's flag; a ``+fbank`` audio backbone shares the
+    visual Swin's weights, so it falls back to ``--visual-weights``."""
+    if modality == "visual":
+        return cfg.visual_weights
+    if cfg.audio_weights is None and name.endswith("+fbank"):
+        return cfg.visual_weights
+    return cfg.audio_weights
+
+
+def load_backbones(cfg: ExtractConfig) -> dict[str, Backbone]:
+    """Build the frozen backbones of ``cfg`` (modality -> backbone), weights loaded and fingerprinted."""
+    out = {}
+    for modality, name in parse_backbones(cfg.backbones).items():
+        weights = weights_for(cfg, modality, name)
+        if weights is not None and not Path(weights).is_file():
+            flag = "--visual-weights" if modality == "visual" or cfg.audio_weights is None else "--audio-weights"
+            raise BackboneError(f"{flag} {weights}: no such file. Fix: pass the path of the weights file")
+        out[modality] = create_backbone(name, weights=weights, random_init=cfg.random_init)
+    return out

@@ -1,0 +1,163 @@
+"""``extract(cfg)``: manifest -> backbones -> cache, resumable, local or on dask workers.
+
+Local runs overlap the three stages: a thread pool decodes the next shard's clips while the
+current one runs through the backbones, and a writer thread writes the previous shard.
+Distributed runs (``workers`` / ``scheduler``) hand whole shards to dask workers (see
+``distributed.py``); either way the cache is the same, row for row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mettle.cache import OK, CacheWriter, ShardStatus, create_cache, default_preset, plan_cache
+from mettle.manifests import Manifest, build_manifest, get_dataset
+
+from .config import ExtractConfig, load_backbones
+from .shard import process_shard, submit_decodes
+from .tokens import TokenForward, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractSummary:
+    cache: Path
+    clips: int
+    clips_ok: int
+    failures: dict[str, str]
+    shards_done_now: int
+    shards_skipped: int
+    bytes_written: int
+    bytes_on_disk: int
+    seconds: float
+    profile: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        out = [f"cache {self.cache}: {self.clips_ok} of {self.clips} clips ok, {len(self.failures)} failed; "
+               f"{self.shards_done_now} shards written now, {self.shards_skipped} already done",
+               f"wrote {self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f} s "
+               f"({self.profile.get('clips_per_second', 0):.2f} clips/s on {self.profile.get('device', '?')}); "
+               f"cache size on disk {self.bytes_on_disk / 1e6:.1f} MB"]
+        out += [f"failed {cid}: {why}" for cid, why in self.failures.items()]
+        return out
+
+
+def load_manifest_for(cfg: ExtractConfig) -> Manifest:
+    """The dataset's manifest (``--data-root`` goes to builders that take it), cut to ``--limit``."""
+    options = dict(cfg.manifest_options)
+    if cfg.data_root is not None and "data_root" in get_dataset(cfg.dataset).options():
+        options.setdefault("data_root", cfg.data_root)
+    manifest = build_manifest(cfg.dataset, **options)
+    if cfg.limit is not None:
+        if cfg.limit < 1:
+            raise ValueError(f"--limit {cfg.limit} must be >= 1")
+        manifest = manifest.subset(range(min(cfg.limit, len(manifest))))
+    return manifest
+
+
+def data_root_of(cfg: ExtractConfig) -> Path:
+    if cfg.data_root is not None:
+        return Path(cfg.data_root)
+    opts = dict(get_dataset(cfg.dataset).options(), **cfg.manifest_options)
+    if isinstance(opts.get("data_root"), str):
+        return Path(opts["data_root"])
+    raise ValueError(f"dataset {cfg.dataset} needs --data-root (the folder holding its videos or frames/audio)")
+
+
+def prepare(cfg: ExtractConfig, backbones=None) -> tuple[CacheWriter, Manifest, dict]:
+    """Build the manifest, load the backbones, plan and create (or reopen) the cache."""
+    if cfg.on_error not in ("fail", "skip"):
+        raise ValueError(f"--on-error {cfg.on_error!r} is unknown. Fix: use fail or skip")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be >= 1")
+    manifest = load_manifest_for(cfg)
+    root = data_root_of(cfg)
+    if not root.is_dir():
+        raise ValueError(f"--data-root {root} is not a folder. Fix: pass the folder holding the {cfg.dataset} "
+                         "media (layouts in the README, 'Datasets')")
+    backbones = backbones if backbones is not None else load_backbones(cfg)
+    meta = plan_cache(manifest, {m: b.record() for m, b in backbones.items()}, storage=cfg.format,
+                      preset=cfg.preset or default_preset(cfg.dataset), tokens=cfg.tokens, dtype=cfg.dtype,
+                      shard_clips=cfg.shard_clips, extract=cfg.to_dict())
+    writer = create_cache(cfg.cache, meta, manifest, overwrite=cfg.overwrite)
+    return writer, manifest, backbones
+
+
+def make_forwards(writer: CacheWriter, backbones: dict, device: str, precision: str) -> dict[str, TokenForward]:
+    dev = resolve_device(device)
+    return {m: TokenForward(b, [a for a in writer.meta.arrays if a.modality == m], dev, precision)
+            for m, b in backbones.items()}
+
+
+def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> ExtractSummary:
+    """Run (or resume) an extraction; returns the summary. Raises ExtractError on a bad clip with
+    ``on_error="fail"`` (finished shards are kept: rerunning resumes)."""
+    t0 = time.perf_counter()
+    writer, manifest, backbones = prepare(cfg, backbones)
+    todo = writer.pending_shards(cfg.retry_failed)
+    skipped = writer.meta.num_shards - len(todo)
+    if skipped:
+        log.info("%d of %d shards already done; extracting %d", skipped, writer.meta.num_shards, len(todo))
+    if cfg.workers or cfg.scheduler:
+        from .distributed import run_distributed
+
+        del backbones  # workers load their own
+        statuses = run_distributed(cfg, writer, todo, progress)
+    else:
+        statuses = run_local(cfg, writer, manifest, backbones, todo, progress)
+    seconds = time.perf_counter() - t0
+    written = sum(s.bytes for s in statuses)
+    n_clips = sum(len(s.clips) for s in statuses)
+    devices = sorted({s.device for s in statuses}) or [str(resolve_device(cfg.device))]
+    profile = {"seconds": seconds, "clips": n_clips, "clips_per_second": n_clips / seconds if seconds else 0.0,
+               "device": ",".join(devices), "peak_memory": max((s.peak_memory for s in statuses), default=0),
+               "decode_s": sum(s.decode_s for s in statuses), "forward_s": sum(s.forward_s for s in statuses),
+               "write_s": sum(s.write_s for s in statuses), "workers": len({s.worker for s in statuses}),
+               "mb_per_second": written / 1e6 / seconds if seconds else 0.0}
+    done = writer.finish(profile) if todo or not writer.done else writer.read_done()
+    return ExtractSummary(writer.root, writer.meta.num_clips, done["clips_ok"], done["failures"], len(todo), skipped,
+                          written, done["bytes_on_disk"], seconds, profile)
+
+
+def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, backbones: dict, todo: list[int],
+              progress: bool) -> list[ShardStatus]:
+    """Single process: decode ahead (threads), forward here, write behind (one thread)."""
+    forwards = make_forwards(writer, backbones, cfg.device, cfg.precision)
+    root = data_root_of(cfg)
+    n_clips = sum(len(writer.meta.shard_rows(k)) for k in todo)
+    statuses: list[ShardStatus] = []
+    bar = tqdm(total=n_clips, desc="extract", unit="clip", disable=not progress or not todo, smoothing=0.1)
+    with ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode") as decode_pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
+        queued = submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(todo[0])) if todo else []
+        write = None
+        for i, shard in enumerate(todo):
+            decodes = queued
+            if i + 1 < len(todo):  # decode the next shard while this one runs through the backbones
+                queued = submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(todo[i + 1]))
+            try:
+                buffer, status = process_shard(writer.meta, manifest, shard, decodes, forwards, cfg.batch_size,
+                                               cfg.on_error, on_clip=bar.update)
+            except BaseException:
+                for f in queued:
+                    f.cancel()
+                if write is not None:
+                    write.result()  # finished shards stay finished
+                raise
+            if write is not None:
+                statuses.append(write.result())
+            write = write_pool.submit(writer.write_shard, buffer, status)
+            failed = sum(v != OK for v in status.clips.values())
+            bar.set_postfix(shard=f"{shard + 1}/{writer.meta.num_shards}", failed=failed)
+        if write is not None:
+            statuses.append(write.result())
+    bar.close()
+    return statuses

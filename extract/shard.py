@@ -1,0 +1,139 @@
+"""One shard, the unit of extraction: decode its clips, run the backbones in batches, fill a buffer.
+
+Clips are decoded by a thread pool ahead of the forward pass (PyAV releases the GIL), segments of
+consecutive clips are batched together (``batch_size`` segments per forward), and the tokens are
+encoded into a :class:`ShardBuffer` as they come. The shard is then written whole by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from mettle.cache import OK, CacheError, CacheMeta, ShardBuffer, ShardStatus
+from mettle.manifests import Manifest
+
+from .media import MediaError, read_clip
+from .tokens import TokenForward
+
+log = logging.getLogger(__name__)
+
+
+class ExtractError(RuntimeError):
+    """Extraction stopped on a bad clip (``--on-error fail``); the message names the clip and the fix."""
+
+
+def submit_decodes(pool: Executor, manifest: Manifest, data_root: Path, rows: range) -> list[Future]:
+    return [pool.submit(read_clip, manifest.clips[r], data_root, manifest.frame_rule) for r in rows]
+
+
+@dataclass
+class _Pending:
+    """Preprocessed segments of one modality waiting for a full batch."""
+
+    parts: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (local row, (T, ...))
+
+    @property
+    def segments(self) -> int:
+        return sum(len(x) for _, x in self.parts)
+
+
+def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[Future],
+                  forwards: Mapping[str, TokenForward], batch_size: int, on_error: str = "fail",
+                  on_clip: Callable[[], None] | None = None) -> tuple[ShardBuffer, ShardStatus]:
+    """Fill one shard's buffer. Returns it with the shard's status (per clip ``ok`` or the error).
+
+    With ``on_error="fail"`` the first bad clip raises :class:`ExtractError`; with ``"skip"`` its
+    rows stay zero and its status holds the reason.
+    """
+    t_start = time.perf_counter()
+    rows = meta.shard_rows(shard)
+    buffer = ShardBuffer(meta, shard)
+    clip_ids = [manifest.clips[r].clip_id for r in rows]
+    status = {cid: OK for cid in clip_ids}
+    pending = {m: _Pending() for m in forwards}
+    timing = {"decode": 0.0, "forward": 0.0}
+
+    def fail(local: int, reason: str) -> None:
+        if on_error == "fail":
+            raise ExtractError(f"clip {clip_ids[local]} (row {rows[local]}): {reason}. To record bad clips and go on, "
+                               "pass --on-error skip")
+        if status[clip_ids[local]] == OK:
+            log.warning("clip %s failed: %s", clip_ids[local], reason)
+            status[clip_ids[local]] = reason
+
+    def flush(modality: str) -> None:
+        p = pending[modality]
+        if not p.parts:
+            return
+        t0 = time.perf_counter()
+        x = torch.cat([t for _, t in p.parts])
+        outs: dict[str, list[torch.Tensor]] = {}
+        for s in range(0, len(x), batch_size):
+            for key, t in forwards[modality](x[s:s + batch_size]).items():
+                outs.setdefault(key, []).append(t)
+        timing["forward"] += time.perf_counter() - t0
+        joined = {key: torch.cat(chunks) if len(chunks) > 1 else chunks[0] for key, chunks in outs.items()}
+        offset = 0
+        for local, part in p.parts:
+            n = len(part)
+            for key, out in joined.items():
+                tokens = out[offset:offset + n]
+                try:
+                    buffer.put(key, local, slice(0, n), tokens.numpy())
+                except CacheError as e:
+                    fail(local, f"{key}: {e}")
+                    break
+            offset += n
+        p.parts.clear()
+
+    for local, fut in enumerate(decodes):
+        t0 = time.perf_counter()
+        try:
+            media = fut.result()
+        except MediaError as e:
+            media = None
+            fail(local, str(e))
+        timing["decode"] += time.perf_counter() - t0
+        if media is not None:
+            for modality, fw in forwards.items():
+                try:
+                    x = fw.backbone.preprocess(media.frames if modality == "visual" else media.audio)
+                except ValueError as e:
+                    fail(local, f"{modality} preprocessing: {e}")
+                    continue
+                if len(x) != meta.num_segments:
+                    fail(local, f"{len(x)} {modality} segments decoded, the cache holds {meta.num_segments}")
+                    continue
+                pending[modality].parts.append((local, x))
+                if pending[modality].segments >= batch_size:
+                    flush(modality)
+        if on_clip is not None:
+            on_clip()
+    for modality in forwards:
+        flush(modality)
+    for local, cid in enumerate(clip_ids):
+        if status[cid] != OK:
+            buffer.clear(local)
+    device = next(iter(forwards.values())).device if forwards else torch.device("cpu")
+    st = ShardStatus(shard, status, seconds=time.perf_counter() - t_start, decode_s=timing["decode"],
+                     forward_s=timing["forward"], device=str(device), peak_memory=peak_memory(device),
+                     worker=f"{socket.gethostname()}:{os.getpid()}",
+                     extra={"autocast": {m: fw.autocast for m, fw in forwards.items()}})
+    return buffer, st
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA max allocated on a GPU, else the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,83 @@
+"""Frozen backbone -> the cached blocks' tokens, pooled to their stored grids.
+
+Shared by the extractor and the live token source (end-to-end mode): both call
+:class:`TokenForward`, so live tokens and cached tokens are the same computation.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Sequence
+
+import torch
+
+from mettle.cache import ArraySpec, pool_tokens
+
+from .backbones import Backbone
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_TOLERANCE = 1e-2  # relative L2 error per block allowed for float16 autocast against float32
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for CUDA, but torch sees no CUDA device. Fix: use --device cpu")
+    return dev
+
+
+class TokenForward:
+    """Run one frozen backbone on a batch of segments and return the selected blocks' tokens.
+
+    Args:
+        backbone: a frozen :class:`Backbone`.
+        arrays: the cache arrays of this backbone's modality (block index + stored grid each).
+        device: where the backbone runs.
+        precision: ``float32``, ``float16`` (autocast), or ``auto`` (float16 autocast on CUDA when
+            the first batch's tokens stay within ``AUTOCAST_TOLERANCE`` of float32, else float32).
+
+    ``__call__(x)`` takes a preprocessed batch ``(B, ...)`` and returns ``{key: (B, n, d) float32}``
+    on the CPU, in ``arrays`` order.
+    """
+
+    def __init__(self, backbone: Backbone, arrays: Sequence[ArraySpec], device: torch.device,
+                 precision: str = "auto") -> None:
+        if precision not in ("auto", "float32", "float16"):
+            raise ValueError(f"--precision {precision!r} is unknown. Fix: use auto, float32 or float16")
+        self.backbone = backbone.to(device)
+        self.arrays = list(arrays)
+        self.device = device
+        self.indices = [a.block_index for a in self.arrays]
+        self.autocast = precision == "float16" or (precision == "auto" and device.type == "cuda")
+        self._check_autocast = precision == "auto" and self.autocast
+        self.autocast_error: float | None = None
+
+    def _forward(self, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
+        ctx = torch.autocast(self.device.type, dtype=torch.float16) if autocast else nullcontext()
+        with torch.inference_mode(), ctx:
+            outs = self.backbone.forward_tokens(x, self.indices)
+        return [pool_tokens(t.float(), a.source_grid, a.grid) for t, a in zip(outs, self.arrays)]
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        outs = self._forward(x, self.autocast)
+        if self._check_autocast:
+            self._check_autocast = False
+            exact = self._forward(x, False)
+            err = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(outs, exact))
+            self.autocast_error = err
+            if err > AUTOCAST_TOLERANCE:
+                log.warning("%s: float16 autocast is off by %.2g (relative) from float32; using float32",
+                            self.backbone.name, err)
+                self.autocast, outs = False, exact
+            else:
+                log.info("%s: float16 autocast within %.2g of float32", self.backbone.name, err)
+        return {a.key: t.cpu() for a, t in zip(self.arrays, outs)}
