@@ -192,7 +192,8 @@ def _only_ours(root: Path) -> bool:
 
 
 def _identity_diff(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new), key=lambda k: (isinstance(old.get(k, new.get(k)), (dict, list)), k))
+    keys = sorted(set(old) | set(new),
+                  key=lambda k: (isinstance(old.get(k, new.get(k)), (dict, list)), k != "backbones", k))
     for key in keys:  # plain options first: "tokens: cache has full" says more than "arrays differ"
         if old.get(key) != new.get(key):
             a, b = old.get(key), new.get(key)

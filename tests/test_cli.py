@@ -36,9 +36,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     assert "dataset toy: 6 clips" in r.output and "decoded 6 clips" in r.output
     assert (tmp_path / "demo" / "manifest.json").is_file()
-    # a rerun reuses the generated data
+    assert "6 of 6 clips ok, 0 failed; 1 shards written now" in r.output and "visual/stage3.block0" in r.output
+    # a rerun reuses the generated data and the finished cache
     mtime = (tmp_path / "demo" / "data" / "toy" / "toy.json").stat().st_mtime_ns
     r = CliRunner().invoke(demo_main, ["--out", str(tmp_path / "demo"), "--clips", "6"])
     assert r.exit_code == 0 and (tmp_path / "demo" / "data" / "toy" / "toy.json").stat().st_mtime_ns == mtime
+    assert "0 shards written now, 1 already done" in r.output
     r = CliRunner().invoke(demo_main, ["--out", str(tmp_path / "demo"), "--clips", "7"])
     assert r.exit_code == 2 and "multiple of 6" in r.output

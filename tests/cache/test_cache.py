@@ -1,0 +1,211 @@
+"""The cache format: budgets, dtypes, both storages, the reader's checks and laziness."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mettle.cache import (BackboneRecord, BlockLayout, CacheError, Float16Overflow, ShardBuffer, ShardStatus,
+                          budget_grid, create_cache, describe, open_cache, plan_cache, pool_tokens, select_blocks)
+from mettle.cache.dtypes import decode, encode, get_dtype
+from mettle.cache.format import FORMAT_VERSION, CacheMeta
+
+
+def _layout(grids_dims_depths):
+    blocks, i = [], 0
+    for stage, (grid, dim, depth) in enumerate(grids_dims_depths):
+        for b in range(depth):
+            blocks.append(BlockLayout(i, f"stage{stage}.block{b}", grid * grid, dim, (grid, grid), stage))
+            i += 1
+    return tuple(blocks)
+
+
+VISUAL = BackboneRecord("fake_swin", "visual", "random-init", {"resize": [192, 192]},
+                        _layout([(8, 4, 1), (4, 8, 1), (2, 16, 2)]))
+AUDIO = BackboneRecord("fake_htsat", "audio", "abc123", {"tile": 10}, _layout([(4, 6, 2), (2, 12, 1)]))
+
+
+@pytest.fixture(scope="module")
+def manifest(toy_manifest):
+    return toy_manifest.subset(range(5))
+
+
+def _fill(manifest, root, storage="zarr", dtype="float32", tokens="full", shard_clips=2, seed=0):
+    """Write a cache of random tokens; return (meta, {key: float32 array written})."""
+    meta = plan_cache(manifest, {"visual": VISUAL, "audio": AUDIO}, storage=storage, dtype=dtype, tokens=tokens,
+                      shard_clips=shard_clips)
+    writer = create_cache(root, meta, manifest)
+    rng = np.random.default_rng(seed)
+    truth = {a.key: (rng.standard_normal(meta.shape(a)) * 3).astype(np.float32) for a in meta.arrays}
+    for k in writer.pending_shards():
+        buf = ShardBuffer(meta, k)
+        for local, row in enumerate(meta.shard_rows(k)):
+            for key, arr in truth.items():
+                buf.put(key, local, slice(None), arr[row])
+        clips = {manifest.clips[r].clip_id: "ok" for r in meta.shard_rows(k)}
+        writer.write_shard(buf, ShardStatus(k, clips))
+    writer.finish({"seconds": 1.0})
+    return meta, truth
+
+
+def test_budget_grids_and_presets():
+    assert budget_grid("full", (48, 48), (6, 6)) == (48, 48)
+    assert budget_grid("last-grid", (48, 48), (6, 6)) == (6, 6)
+    assert budget_grid("last-grid", (6, 6), (6, 6)) == (6, 6)
+    assert budget_grid("grid4", (64, 64), (8, 8)) == (4, 4) and budget_grid("grid4", (2, 2), (2, 2)) == (2, 2)
+    with pytest.raises(CacheError, match="gridN"):
+        budget_grid("grid0", (8, 8), (2, 2))
+    seg_v = [s.block.name for s in select_blocks("segmentation", VISUAL.blocks, "visual", "last-grid")]
+    assert seg_v == ["stage0.block0", "stage1.block0", "stage2.block0", "stage2.block1"]  # stage ends + last stage
+    seg_a = select_blocks("segmentation", AUDIO.blocks, "audio", "last-grid")
+    assert [s.block.name for s in seg_a] == ["stage1.block0"] and seg_a[0].grid == (2, 2)
+    cls = select_blocks("classification", VISUAL.blocks, "visual", "last-grid")
+    assert len(cls) == len(VISUAL.blocks) and {s.grid for s in cls} == {(2, 2)}
+
+
+def test_pool_tokens_is_the_window_mean():
+    x = torch.randn(3, 8 * 8, 5)
+    pooled = pool_tokens(x, (8, 8), (2, 2))
+    grid = x.reshape(3, 8, 8, 5)
+    manual = torch.stack([grid[:, i * 4:(i + 1) * 4, j * 4:(j + 1) * 4].mean((1, 2))
+                          for i in range(2) for j in range(2)], 1)
+    assert torch.allclose(pooled, manual, atol=1e-6)
+    assert pool_tokens(x, (8, 8), (8, 8)) is x
+
+
+def test_dtype_codecs():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((4, 7, 33)) * 10).astype(np.float32)
+    codes, scale = encode(x, get_dtype("float32"))
+    assert scale is None and np.array_equal(decode(codes, scale), x)
+    codes, _ = encode(x, get_dtype("float16"))
+    assert codes.dtype == np.float16 and np.abs(decode(codes, None) - x).max() <= np.abs(x).max() * 2 ** -10
+    codes, scale = encode(x, get_dtype("int8"))
+    assert codes.dtype == np.int8 and scale.shape == (4, 7)
+    err = np.abs(decode(codes, scale) - x)
+    assert (err <= scale[..., None] / 2 + 1e-6).all()
+    assert np.linalg.norm(decode(codes, scale) - x) / np.linalg.norm(x) < 0.02
+    with pytest.raises(Float16Overflow, match="--dtype float32"):
+        encode(np.array([[1e5]], np.float32), get_dtype("float16"))
+    with pytest.raises(CacheError, match="NaN"):
+        encode(np.array([[np.nan]], np.float32), get_dtype("float32"))
+
+
+@pytest.mark.parametrize("storage", ["zarr", "hdf5"])
+def test_round_trip_float32_exact(manifest, tmp_path, storage):
+    meta, truth = _fill(manifest, tmp_path / "c", storage=storage)
+    cache = open_cache(tmp_path / "c")
+    assert cache.complete and cache.meta == meta and cache.manifest == manifest
+    for key, arr in truth.items():
+        assert np.array_equal(cache.read(key, slice(None)), arr)
+        assert np.array_equal(cache.read(key, [4, 0, 2]), arr[[4, 0, 2]])  # any order, across shards
+        assert np.array_equal(cache.read(key, [1, 2, 3]), arr[1:4])
+
+
+@pytest.mark.parametrize("dtype,bound", [("float16", 2e-3), ("int8", 2e-2)])
+def test_round_trip_bounded_and_storages_agree(manifest, tmp_path, dtype, bound):
+    _, truth = _fill(manifest, tmp_path / "z", storage="zarr", dtype=dtype, tokens="last-grid")
+    _, truth_h = _fill(manifest, tmp_path / "h", storage="hdf5", dtype=dtype, tokens="last-grid")
+    z, h = open_cache(tmp_path / "z"), open_cache(tmp_path / "h")
+    assert z.meta.tokens == "last-grid" and all(a.grid == (2, 2) for a in z.meta.arrays if a.modality == "visual")
+    for key, arr in truth.items():
+        got = z.read(key, slice(None))
+        assert np.linalg.norm(got - arr) / np.linalg.norm(arr) < bound
+        assert np.array_equal(got, h.read(key, slice(None)))  # same bytes through either storage
+
+
+def test_metadata_describes_the_cache(manifest, tmp_path):
+    meta, _ = _fill(manifest, tmp_path / "c", dtype="int8")
+    d = json.loads((tmp_path / "c" / "cache.json").read_text())
+    assert d["format"] == "mettle-cache" and d["format_version"] == FORMAT_VERSION
+    assert d["manifest_sha256"] == manifest.sha256() and d["vocabularies"]["event"]
+    assert d["backbones"]["audio"]["weights_id"] == "abc123" and d["backbones"]["visual"]["preprocess"]
+    assert {a["key"] for a in d["arrays"]} == set(meta.keys())
+    assert CacheMeta.from_dict(d) == meta
+    assert meta.bytes_per_clip() == 10 * sum(a.tokens * a.dim + 4 * a.tokens for a in meta.arrays)
+    lines = "\n".join(describe(tmp_path / "c"))
+    assert "ok 5, failed 0" in lines and "visual/stage2.block1" in lines and "int8" in lines
+
+
+def test_reading_some_blocks_of_some_clips_touches_nothing_else(manifest, tmp_path):
+    _, truth = _fill(manifest, tmp_path / "c", shard_clips=2)
+    root = tmp_path / "c" / "tokens.zarr"
+    keep = root / "visual" / "stage0.block0" / "c" / "0"  # shard 0 (clips 0-1) of one array
+    corrupted = 0
+    for f in root.rglob("*"):
+        if f.is_file() and f.name != "zarr.json" and keep not in f.parents:
+            f.write_bytes(b"garbage" * 10)
+            corrupted += 1
+    assert corrupted >= 10
+    cache = open_cache(tmp_path / "c")
+    ds = cache.dataset(None, keys=["visual/stage0.block0"])
+    assert np.array_equal(ds[1]["tokens"]["visual/stage0.block0"].numpy(), truth["visual/stage0.block0"][1])
+    with pytest.raises(Exception):  # control: the corrupted parts really are unreadable
+        cache.read("visual/stage0.block0", [4])
+
+
+def test_dataset_batches_and_workers(manifest, tmp_path):
+    _, truth = _fill(manifest, tmp_path / "c")
+    cache = open_cache(tmp_path / "c")
+    keys = ["visual/stage1.block0", "audio/stage1.block0"]
+    ds = cache.dataset(None, keys=keys)
+    assert len(ds) == 5
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True, num_workers=2,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = []
+    for batch in loader:
+        for i, row in enumerate(batch["row"].tolist()):
+            seen.append(row)
+            for k in keys:
+                assert np.array_equal(batch["tokens"][k][i].numpy(), truth[k][row])
+    assert sorted(seen) == list(range(5))
+
+
+def test_open_cache_refusals(manifest, tmp_path):
+    _fill(manifest, tmp_path / "c")
+    with pytest.raises(CacheError, match="backbone.visual = fake_swin, but other is required"):
+        open_cache(tmp_path / "c", expect={"backbone.visual": "other"})
+    with pytest.raises(CacheError, match="no cache.json"):
+        open_cache(tmp_path)
+    with pytest.raises(CacheError, match="does not exist"):
+        open_cache(tmp_path / "nope")
+    bad = tmp_path / "v"
+    shutil.copytree(tmp_path / "c", bad)
+    d = json.loads((bad / "cache.json").read_text())
+    d["format_version"] = FORMAT_VERSION + 1
+    (bad / "cache.json").write_text(json.dumps(d))
+    with pytest.raises(CacheError, match="format version .*--overwrite"):
+        open_cache(bad)
+    other = tmp_path / "m"
+    shutil.copytree(tmp_path / "c", other)
+    (other / "manifest.json").write_text(manifest.subset([1, 0, 2, 3, 4]).to_json())
+    with pytest.raises(CacheError, match="not the manifest this cache was built from"):
+        open_cache(other)
+    (other / "done.json").unlink()
+    (other / "manifest.json").write_text(manifest.to_json())
+    with pytest.raises(CacheError, match="not finished"):
+        open_cache(other)
+    assert not open_cache(other, allow_incomplete=True).complete
+
+
+def test_create_cache_resume_refuse_overwrite(manifest, tmp_path):
+    meta, _ = _fill(manifest, tmp_path / "c")
+    again = create_cache(tmp_path / "c", meta, manifest)
+    assert again.pending_shards() == [] and again.done
+    other = plan_cache(manifest, {"visual": VISUAL, "audio": AUDIO}, dtype="float16", tokens="full", shard_clips=2)
+    with pytest.raises(CacheError, match="dtype: cache has float32, this run has float16.*--overwrite"):
+        create_cache(tmp_path / "c", other, manifest)
+    fresh = create_cache(tmp_path / "c", other, manifest, overwrite=True)
+    assert fresh.pending_shards() == [0, 1, 2] and not fresh.done
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not a mettle cache"):
+        create_cache(junk, meta, manifest, overwrite=True)
+    assert (junk / "notes.txt").exists()
+    half = tmp_path / "half"  # killed between the manifest copy and cache.json
+    half.mkdir()
+    (half / "manifest.json").write_text("{")
+    assert create_cache(half, meta, manifest).pending_shards() == [0, 1, 2]

@@ -1,0 +1,173 @@
+"""mettle-extract end to end on the toy dataset with the tiny backbones: content, resumability,
+dask workers, both storages, bad clips and the command line."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mettle.cache import CacheError, open_cache
+from mettle.extract.cli import main as extract_cli
+from mettle.extract.config import ExtractConfig, load_backbones
+from mettle.extract.media import read_clip
+from mettle.extract.run import extract
+from mettle.extract.shard import ExtractError
+from mettle.extract.tokens import TokenForward
+
+
+def _cfg(toy_root, cache, **kw):
+    base = dict(dataset="toy", cache=str(cache), data_root=str(toy_root), manifest_options={"num_clips": 12, "frames": True},
+                backbones="tiny", shard_clips=2, batch_size=8, device="cpu")
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def _arrays(path):
+    cache = open_cache(path)
+    return {k: cache.read(k, slice(None)) for k in cache.keys()}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def clean(toy_root, tmp_path_factory):
+    """One uninterrupted single-process float32 extraction, the reference for the others."""
+    path = tmp_path_factory.mktemp("clean") / "cache"
+    summary = extract(_cfg(toy_root, path, dtype="float32"), progress=False)
+    assert summary.clips_ok == 12 and not summary.failures
+    return path
+
+
+def test_cached_tokens_are_the_backbone_tokens(clean, toy_root):
+    cache = open_cache(clean)
+    assert cache.meta.dataset == "toy" and cache.meta.num_segments == 10 and cache.meta.shard_clips == 2
+    assert {m: b.name for m, b in cache.meta.backbones.items()} == {"visual": "test_swinv2_tiny",
+                                                                    "audio": "test_htsat_tiny"}
+    backbones = load_backbones(_cfg(toy_root, clean))
+    row = 5
+    media = read_clip(cache.manifest.clips[row], toy_root, cache.manifest.frame_rule)
+    for modality, b in backbones.items():
+        fw = TokenForward(b, [a for a in cache.meta.arrays if a.modality == modality], torch.device("cpu"))
+        live = fw(b.preprocess(media.frames if modality == "visual" else media.audio))
+        for key, tokens in live.items():
+            np.testing.assert_allclose(cache.read(key, [row])[0], tokens.numpy(), rtol=1e-5, atol=1e-5)
+    last = cache.meta.array("visual/stage3.block0")
+    assert last.grid == last.source_grid == (6, 6)
+    assert cache.meta.array("audio/stage0.block0").grid == (8, 8)
+    assert cache.done["profile"]["clips_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_killed_extraction_resumes_to_the_same_cache(clean, toy_root, tmp_path):
+    path = tmp_path / "cache"
+    args = ["--dataset", "toy", "--data-root", str(toy_root), "--cache", str(path), "--set", "num_clips=12",
+            "--set", "frames=true", "--backbones", "tiny", "--shard-clips", "2", "--batch-size", "8", "--device", "cpu", "--dtype",
+            "float32", "-q"]
+    proc = subprocess.Popen([sys.executable, "-c", "from mettle.extract.cli import main; main()", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, status = time.time() + 120, path / "status"
+    while time.time() < deadline and proc.poll() is None:
+        if status.is_dir() and any(status.glob("*.json")):
+            break  # the first shard is written: kill the run in the middle of the next ones
+        time.sleep(0.005)
+    assert proc.poll() is None, "the extraction ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((path / "status").glob("*.json")))
+    assert 1 <= done_before < 6 and not (path / "done.json").exists()
+    summary = extract(_cfg(toy_root, path, dtype="float32"), progress=False)
+    assert summary.shards_skipped == done_before and summary.shards_done_now == 6 - done_before
+    _same(_arrays(path), _arrays(clean))
+
+
+@pytest.mark.slow
+def test_two_dask_workers_equal_one_process(clean, toy_root, tmp_path):
+    summary = extract(_cfg(toy_root, tmp_path / "cache", dtype="float32", workers=2), progress=False)
+    assert summary.clips_ok == 12 and summary.profile["workers"] == 2
+    _same(_arrays(tmp_path / "cache"), _arrays(clean))
+
+
+def test_hdf5_storage_holds_the_same_tokens(clean, toy_root, tmp_path):
+    extract(_cfg(toy_root, tmp_path / "h5", dtype="float32", format="hdf5"), progress=False)
+    assert (tmp_path / "h5" / "tokens.h5").is_file() and len(list((tmp_path / "h5" / "shards").glob("*.h5"))) == 6
+    _same(_arrays(tmp_path / "h5"), _arrays(clean))
+
+
+@pytest.fixture
+def broken_toy(toy_root, tmp_path):
+    """The toy dataset with one clip's media gone (row 3)."""
+    from mettle.manifests import build_manifest
+
+    root = tmp_path / "toy"
+    shutil.copytree(toy_root, root)
+    clip = build_manifest("toy", data_root=str(root), num_clips=12, frames=True).clips[3]
+    shutil.rmtree(root / clip.media["frames"])
+    for f in root.glob(clip.media["video"] + ".*"):
+        f.unlink()
+    return root, clip.clip_id
+
+
+def test_bad_clip_fail_or_skip(broken_toy, tmp_path):
+    root, bad = broken_toy
+    with pytest.raises(ExtractError, match=f"clip {bad} .*--on-error skip"):
+        extract(_cfg(root, tmp_path / "fail"), progress=False)
+    assert open_cache(tmp_path / "fail", allow_incomplete=True).clip_status[0] == "ok"  # shard 0 was kept
+    summary = extract(_cfg(root, tmp_path / "skip", on_error="skip"), progress=False)
+    assert list(summary.failures) == [bad] and "no frames folder or video" in summary.failures[bad]
+    cache = open_cache(tmp_path / "skip")
+    assert 3 not in cache.rows(None) and len(cache.rows(None)) == 11
+    assert not cache.read("audio/stage0.block0", [3]).any()  # a failed clip's rows stay zero
+    assert 3 not in cache.dataset(None).rows
+
+
+def test_resume_refuses_another_backbone(clean, toy_root, tmp_path):
+    path = tmp_path / "c"
+    shutil.copytree(clean, path)
+    with pytest.raises(CacheError, match="audio backbone name: cache has test_htsat_tiny.*--overwrite"):
+        extract(_cfg(toy_root, path, dtype="float32", backbones="tiny-shared"), progress=False)
+
+
+def test_cli_info_limit_and_errors(clean, toy_root, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(extract_cli, ["--info", str(clean)])
+    assert r.exit_code == 0 and "ok 12, failed 0" in r.output and "visual/stage0.block0" in r.output
+    args = ["--dataset", "toy", "--data-root", str(toy_root), "--cache", str(tmp_path / "c"), "--set",
+            "num_clips=12", "--set", "frames=true", "--backbones", "tiny", "--limit", "3", "--tokens", "grid2", "--dtype", "int8", "-q"]
+    r = runner.invoke(extract_cli, args)
+    assert r.exit_code == 0, r.output
+    cache = open_cache(tmp_path / "c")
+    assert len(cache.manifest) == 3 and cache.meta.tokens == "grid2" and cache.meta.dtype == "int8"
+    assert cache.meta.array("visual/stage0.block0").grid == (2, 2)
+    for bad, message in [(["--backbones", "huge"], "--backbones 'huge' is not understood"),
+                         (["--tokens", "most"], "unknown token budget 'most'"),
+                         (["--set", "colour=red"], "has no option 'colour'"),
+                         (["--visual-weights", str(tmp_path / "none.pth")], "no such file")]:
+        r = runner.invoke(extract_cli, args[:4] + args[6:12] + ["--cache", str(tmp_path / "x")] + bad)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (bad, r.output)
+    r = runner.invoke(extract_cli, ["--cache", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--dataset is required" in r.output
+
+
+@pytest.mark.slow
+def test_full_size_random_init_backbones_on_cpu(toy_root, tmp_path):
+    """The real architectures (random weights): 24 + 12 blocks, last-grid 6x6 and 8x8, about 18.6 MB per clip."""
+    cfg = _cfg(toy_root, tmp_path / "c", backbones="specific", random_init=True, limit=1, shard_clips=None)
+    summary = extract(cfg, progress=False)
+    cache = open_cache(tmp_path / "c")
+    assert summary.clips_ok == 1 and len(cache.keys("visual")) == 24 and len(cache.keys("audio")) == 12
+    assert {cache.meta.array(k).grid for k in cache.keys("visual")} == {(6, 6)}
+    assert {cache.meta.array(k).grid for k in cache.keys("audio")} == {(8, 8)}
+    assert cache.meta.backbones["visual"].weights_id == "random-init"
+    assert 18.0e6 < cache.meta.bytes_per_clip() < 19.0e6
+    x = cache.read("visual/stage2.block17", [0])
+    assert x.shape == (1, 10, 36, 768) and np.isfinite(x).all() and x.std() > 0
