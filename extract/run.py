@@ -42,12 +42,14 @@ class ExtractSummary:
 
     def lines(self) -> list[str]:
         out = [f"cache {self.cache}: {self.clips_ok} of {self.clips} clips ok, {len(self.failures)} failed; "
-               f"{self.shards_done_now} shards written now, {self.shards_skipped} already done",
-               f"wrote {self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f} s "
-               f"({self.profile.get('clips_per_second', 0):.2f} clips/s on {self.profile.get('device', '?')}); "
-               f"cache size on disk {self.bytes_on_disk / 1e6:.1f} MB"]
-        out += [f"failed {cid}: {why}" for cid, why in self.failures.items()]
-        return out
+               f"{self.shards_done_now} shards written now, {self.shards_skipped} already done"]
+        if self.shards_done_now:
+            out.append(f"wrote {self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f} s "
+                       f"({self.profile.get('clips_per_second', 0):.2f} clips/s on {self.profile.get('device', '?')}); "
+                       f"cache size on disk {self.bytes_on_disk / 1e6:.1f} MB")
+        else:
+            out.append(f"nothing left to extract (--overwrite starts again); size on disk {self.bytes_on_disk / 1e6:.1f} MB")
+        return out + [f"failed {cid}: {why}" for cid, why in self.failures.items()]
 
 
 def load_manifest_for(cfg: ExtractConfig) -> Manifest:
