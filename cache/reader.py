@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -18,13 +18,14 @@ from mettle.manifests import Manifest, ManifestError
 from .dtypes import decode, get_dtype
 from .errors import CacheError
 from .format import DONE_FILE, MANIFEST_FILE, OK, CacheMeta
+from .source import TokenSource
 from .store import SCALE, get_store
 from .writer import CacheWriter, disk_usage
 
 log = logging.getLogger(__name__)
 
 
-class Cache:
+class Cache(TokenSource):
     """An opened cache: its metadata, its manifest, per-clip status, and array reads.
 
     Attributes:
@@ -43,30 +44,11 @@ class Cache:
         self.store = get_store(self.root, meta)
         self._dtype = get_dtype(meta.dtype)
 
-    # ------------------------------------------------------------------ rows
-    def rows(self, splits: str | Iterable[str] | None = None, include_failed: bool = False) -> list[int]:
-        """Manifest rows of ``splits`` (all for None) whose clips were extracted (unless ``include_failed``)."""
-        if splits is None or isinstance(splits, str):
-            splits = [splits]
-        wanted = sorted({r for s in splits for r in self.manifest.indices(s)})
-        return [r for r in wanted if include_failed or self.clip_status[r] == OK]
-
     @property
     def failed(self) -> dict[str, str]:
         return {self.manifest.clips[i].clip_id: s for i, s in enumerate(self.clip_status) if s != OK}
 
     # ------------------------------------------------------------------ arrays
-    def keys(self, modality: str | None = None) -> list[str]:
-        return self.meta.keys(modality)
-
-    def require(self, keys: Iterable[str], why: str) -> None:
-        """Refuse a cache that lacks arrays a task needs, naming the preset that has them."""
-        missing = [k for k in keys if k not in set(self.meta.keys())]
-        if missing:
-            raise CacheError(f"the cache {self.root} (preset {self.meta.preset}) lacks {', '.join(missing[:4])}"
-                             f"{' ...' if len(missing) > 4 else ''}, needed for {why}. "
-                             "Fix: extract a cache with the preset that task needs (mettle-extract --preset ...)")
-
     def read(self, key: str, rows: Sequence[int] | slice, out: str = "float32") -> np.ndarray:
         """Tokens ``(len(rows), segments, tokens, dim)`` of array ``key``, decoded to numpy dtype ``out``."""
         self.meta.array(key)  # names the valid keys when this one is unknown
@@ -84,6 +66,27 @@ class Cache:
         if left:
             log.warning("%d clips of %s failed extraction and are left out (see mettle-extract --info)", left, splits)
         return TokenDataset(self, rows, list(keys) if keys is not None else self.keys(), dtype)
+
+    def iterate(self, batches: Sequence[Sequence[int]], keys: Sequence[str], workers: int = 0,
+                seed: int = 0) -> Iterator[dict[str, Any]]:
+        """Batches through a DataLoader: one read per array per batch, ``workers`` reader processes."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        from .dataset import TokenDataset
+
+        if not batches:
+            return iter(())
+        rows = sorted({r for b in batches for r in b})
+        position = {r: i for i, r in enumerate(rows)}
+        ds = TokenDataset(self, rows, keys)
+        loader = DataLoader(ds, batch_sampler=[[position[r] for r in b] for b in batches], num_workers=workers,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(seed))  # never touches the global RNG
+        return iter(loader)
+
+    def describe(self) -> str:
+        return str(self.root)
 
     def nbytes_on_disk(self) -> int:
         return disk_usage(self.root)

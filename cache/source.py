@@ -1,0 +1,55 @@
+"""The token-source interface stage two consumes: a cache is one, the live backbones another.
+
+``mettle.train`` sees only this interface. :class:`mettle.cache.Cache` implements it by reading
+arrays; ``mettle.extract.live.LiveSource`` implements it by decoding clips and running the frozen
+backbones on the fly (end-to-end Mettle). Both describe their tokens with the same
+:class:`CacheMeta` (a live source plans one in memory), so keys, grids and dims agree.
+
+Contract of :meth:`TokenSource.iterate`: for each batch of manifest rows (in the given order) yield
+``{"row": LongTensor (B,), "tokens": {key: FloatTensor (B, T, N, D)}}`` on the CPU. Tokens never
+require grad: nothing back-propagates into a source.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Iterable, Iterator, Sequence
+
+from mettle.manifests import Manifest
+
+from .errors import CacheError
+from .format import OK, CacheMeta
+
+
+class TokenSource(ABC):
+    meta: CacheMeta
+    manifest: Manifest
+    clip_status: list[str]
+
+    def rows(self, splits: str | Iterable[str] | None = None, include_failed: bool = False) -> list[int]:
+        """Manifest rows of ``splits`` (all for None) that have tokens (unless ``include_failed``)."""
+        if splits is None or isinstance(splits, str):
+            splits = [splits]
+        wanted = sorted({r for s in splits for r in self.manifest.indices(s)})
+        return [r for r in wanted if include_failed or self.clip_status[r] == OK]
+
+    def keys(self, modality: str | None = None) -> list[str]:
+        return self.meta.keys(modality)
+
+    def require(self, keys: Iterable[str], why: str) -> None:
+        """Refuse a source that lacks arrays a task needs, naming the preset that has them."""
+        have = set(self.meta.keys())
+        missing = [k for k in keys if k not in have]
+        if missing:
+            raise CacheError(f"the token source {self.describe()} (preset {self.meta.preset}) lacks "
+                             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}, needed for {why}. "
+                             "Fix: extract a cache with the preset that task needs (mettle-extract --preset ...)")
+
+    @abstractmethod
+    def iterate(self, batches: Sequence[Sequence[int]], keys: Sequence[str], workers: int = 0,
+                seed: int = 0) -> Iterator[dict[str, Any]]:
+        """Tokens of ``keys`` for each batch of rows, in order (see the module docstring)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """A short human name (the cache path, or the live backbones)."""

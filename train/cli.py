@@ -1,0 +1,59 @@
+"""``mettle-train``: train LCD + a task head from a cache, or score a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from mettle.cache import CacheError, open_cache
+from mettle.manifests.cli import clean_errors
+
+from .config import ConfigError, parse_sets, resolve_config
+from .tasks import get_task, list_tasks
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--task", required=True, help=f"one of: {', '.join(list_tasks())}")
+@click.option("--cache", "cache_path", required=True, type=click.Path(), help="cache folder written by mettle-extract")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override, e.g. --set lcd.meta_tokens=4 --set optim.lr=1e-3 (repeatable)")
+@click.option("--out", help="folder of run folders [runs]")
+@click.option("--device", help="auto, cpu, cuda, cuda:N [auto]")
+@click.option("--seed", type=int, help="seed of initialisation and data order [0]")
+@click.option("--workers", type=int, help="DataLoader reader processes [0]")
+@click.option("--eval-only", is_flag=True, help="score --checkpoint on val and test, no training")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="best.pt of a run")
+@click.option("--overwrite", is_flag=True, help="train again even when the run folder has results")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@clean_errors(CacheError, ConfigError, ValueError, FloatingPointError)
+def main(task, cache_path, config_file, sets, out, device, seed, workers, eval_only, checkpoint, overwrite,
+         quiet) -> None:
+    """Train TASK from the cache and print its test metrics."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    spec = get_task(task)
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"--config {config_file} does not exist. Fix: pass a YAML file")
+    cfg = resolve_config(task, spec.head_defaults, config_file, parse_sets(sets), cache=cache_path, out=out,
+                         device=device, seed=seed, workers=workers)
+    source = open_cache(cache_path)
+    if eval_only:
+        from .run import eval_checkpoint
+
+        if checkpoint is None:
+            raise ConfigError("--eval-only needs --checkpoint RUN/best.pt")
+        results = eval_checkpoint(cfg, source, checkpoint)
+        click.echo(json.dumps({k: results[k] for k in ("val", "test")}))
+    else:
+        from .run import train_run
+
+        run_dir, results = train_run(cfg, source, overwrite=overwrite, progress=not quiet)
+        click.echo(f"run {run_dir}")
+        click.echo(f"trainable parameters {results['trainable_parameters']:,}; {results['seconds_per_epoch']:.2f} s "
+                   f"per epoch; peak memory {results['peak_memory_bytes'] / 2**20:.0f} MiB; best epoch "
+                   f"{results['best_epoch'] + 1} (on val)")
+    for line in results["table"]:
+        click.echo(line)

@@ -1,0 +1,186 @@
+"""Training configuration: typed defaults <- YAML file <- ``--set key=value`` overrides.
+
+Sections are dataclasses; keys are dotted (``lcd.meta_tokens=4``, ``optim.lr=1e-3``,
+``head.hidden=128``). Each override takes the type of its default; an unknown key or a value of the
+wrong type is refused with the valid keys. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or file cannot be used; the message says the fix."""
+
+
+@dataclass(frozen=True)
+class LCDConfig:
+    """Layer-Centric Distillation options (see ``lcd.py``).
+
+    layers: ``all`` | ``last-stage`` | ``every-N`` (every N-th block, counted from the last) |
+        comma-separated block names (``stage2.block17,stage3.block1``).
+    """
+
+    meta_tokens: int = 8
+    dim: int = 256
+    heads: int = 4
+    layers: str = "all"
+    adapt: bool = True
+    preserve: bool = True
+    mlp_ratio: float = 2.0
+    gate_init: float = 0.5
+    attention: str = "folded"  # folded | naive (the same mathematics; naive projects every token)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 1e-2
+    epochs: int = 30
+    batch_size: int = 16
+    warmup_epochs: int = 1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``head`` holds the task's head options (its defaults come from the task)."""
+
+    task: str
+    cache: str = ""
+    out: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    lcd: LCDConfig = field(default_factory=LCDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    head: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the result (not where it is written or what reads it)."""
+        d = self.to_dict()
+        for k in ("out", "workers", "device", "cache"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _convert(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise ConfigError(f"{key}={value!r} is not a boolean. Fix: use true or false")
+    if isinstance(default, int):
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not an integer. Fix: write e.g. {key}={default}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a number. Fix: write e.g. {key}={default}") from None
+    if isinstance(default, str):
+        return str(value)
+    return value
+
+
+def _flat(cfg: TrainConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            out.update({f"{f.name}.{g.name}": getattr(v, g.name) for g in fields(v)})
+        elif isinstance(v, Mapping):
+            out.update({f"{f.name}.{k}": x for k, x in v.items()})
+        else:
+            out[f.name] = v
+    return out
+
+
+def apply(cfg: TrainConfig, values: Mapping[str, Any], where: str) -> TrainConfig:
+    """Return ``cfg`` with dotted ``values`` applied, each converted to its default's type."""
+    flat = _flat(cfg)
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in flat:
+            raise ConfigError(f"{where}: unknown option {key!r}. Fix: use one of {', '.join(sorted(flat))}")
+        converted = _convert(key, value, flat[key])
+        section, _, name = key.partition(".")
+        if name:
+            sections.setdefault(section, {})[name] = converted
+        else:
+            top[key] = converted
+    for section, changes in sections.items():
+        current = getattr(cfg, section)
+        top[section] = replace(current, **changes) if is_dataclass(current) else {**current, **changes}
+    return replace(cfg, **top)
+
+
+def _flatten_yaml(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten_yaml(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_sets(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r} is not key=value. Fix: write e.g. --set lcd.meta_tokens=4")
+        out[key.strip()] = value
+    return out
+
+
+def resolve_config(task: str, head_defaults: Mapping[str, Any], config_file: str | Path | None = None,
+                   sets: Mapping[str, Any] | None = None, **top: Any) -> TrainConfig:
+    """Typed defaults (with the task's head defaults) <- YAML ``config_file`` <- ``sets`` <- ``top``."""
+    cfg = TrainConfig(task=task, head=dict(head_defaults))
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"--config {path}: cannot read it ({e.__class__.__name__}). Fix: pass a YAML file") \
+                from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"--config {path} is not a YAML mapping. Fix: write sections like 'lcd: {{dim: 128}}'")
+        loaded = _flatten_yaml(loaded)
+        if loaded.pop("task", task) != task:
+            raise ConfigError(f"--config {path} is for another task. Fix: pass --task as in the file, or edit it")
+        cfg = apply(cfg, loaded, f"--config {path}")
+    cfg = apply(cfg, dict(sets or {}), "--set")
+    return apply(cfg, {k: v for k, v in top.items() if v is not None}, "option")
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_config(path: Path) -> TrainConfig:
+    d = yaml.safe_load(Path(path).read_text())
+    task = d.pop("task")
+    head = d.pop("head", {})
+    return resolve_config(task, head, sets=_flatten_yaml(d))

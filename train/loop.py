@@ -1,0 +1,205 @@
+"""The training loop, shared by every task and every token source.
+
+``fit`` trains LCD + head on a :class:`TokenSource` (a cache, or live backbones), evaluates the
+validation split after each epoch, keeps the best checkpoint (validation metric; never test),
+and reports the test split with the best weights. Data order comes from a generator seeded by
+``cfg.seed`` and sources never touch the global RNG, so two sources serving the same tokens give
+the same training, step for step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from mettle.cache import TokenSource
+
+from .config import TrainConfig
+from .model import MettleModel, count_parameters
+from .tasks import Task, get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    model: MettleModel
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    step_losses: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    seconds_per_epoch: float = 0.0
+    peak_memory: int = 0
+    trainable_parameters: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for CUDA, but torch sees no CUDA device. Fix: use --device cpu")
+    return dev
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def build_model(cfg: TrainConfig, source: TokenSource, task: Task | None = None) -> MettleModel:
+    """The model for ``cfg`` on ``source``, after checking the source has what it reads."""
+    task = task or get_task(cfg.task)
+    task.check(source.manifest)
+    torch.manual_seed(cfg.seed)
+    model = MettleModel(source.meta, source.manifest, cfg, task)
+    source.require(model.keys, f"task {cfg.task} with lcd.layers={cfg.lcd.layers}")
+    return model
+
+
+def _batches(items: Sequence[int], size: int, generator: torch.Generator | None) -> list[list[int]]:
+    order = torch.randperm(len(items), generator=generator).tolist() if generator is not None else range(len(items))
+    ordered = [items[i] for i in order]
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def _to(batch_tokens: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch_tokens.items()}
+
+
+@torch.no_grad()
+def predict(model: MettleModel, task: Task, source: TokenSource, items: Sequence[int], batch_size: int,
+            device: torch.device, workers: int = 0) -> torch.Tensor:
+    """The model's outputs for ``items``, in order, on the CPU."""
+    model.eval()
+    batches = _batches(list(items), batch_size, None)
+    outs = []
+    rows = [task.item_rows(source.manifest, b) for b in batches]
+    for b, data in zip(batches, source.iterate(rows, model.keys, workers)):
+        extra = {k: v.to(device) for k, v in task.head_inputs(source.manifest, b).items()}
+        outs.append(model(_to(data["tokens"], device), **extra).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def evaluate(model: MettleModel, task: Task, source: TokenSource, split: str, batch_size: int,
+             device: torch.device, workers: int = 0) -> dict[str, float]:
+    items = task.items(source, split)
+    if not items:
+        return {}
+    outputs = predict(model, task, source, items, batch_size, device, workers)
+    return task.metrics(outputs, task.targets(source.manifest, items), source.manifest, items)
+
+
+def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps: int | None = None,
+        on_epoch: Callable[[dict[str, Any], FitResult], None] | None = None) -> FitResult:
+    """Train on ``source``'s train split; select on val; score test with the best weights.
+
+    ``max_steps`` stops early (tests, benchmarks); ``on_epoch(record, result)`` sees each epoch's
+    record (the run folder writer uses it to append metrics and save checkpoints).
+    """
+    task = get_task(cfg.task)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, source, task).to(device)
+    result = FitResult(model, trainable_parameters=count_parameters(model))
+    train_items = task.items(source, "train")
+    if not train_items:
+        raise ValueError(f"the token source {source.describe()} has no usable training clips")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+    steps_per_epoch = math.ceil(len(train_items) / cfg.optim.batch_size)
+    total = steps_per_epoch * cfg.optim.epochs
+    warm = steps_per_epoch * cfg.optim.warmup_epochs
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    best = -math.inf
+    step = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(range(cfg.optim.epochs), desc=f"train {cfg.task}", unit="epoch", disable=not progress)
+    epoch_times = []
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        batches = _batches(train_items, cfg.optim.batch_size, generator)
+        rows = [task.item_rows(source.manifest, b) for b in batches]
+        losses = []
+        for b, data in zip(batches, source.iterate(rows, model.keys, cfg.workers, seed=cfg.seed + epoch)):
+            extra = {k: v.to(device) for k, v in task.head_inputs(source.manifest, b).items()}
+            out = model(_to(data["tokens"], device), **extra)
+            loss = task.loss(out, task.targets(source.manifest, b).to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step} (rows {b[:4]}...). "
+                                         "Fix: lower optim.lr, or check the cache for bad tokens")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            result.step_losses.append(losses[-1])
+            step += 1
+            if max_steps is not None and step >= max_steps:
+                break
+        epoch_times.append(time.perf_counter() - t0)
+        val = evaluate(model, task, source, "val", cfg.optim.batch_size, device, cfg.workers)
+        record = {"epoch": epoch, "step": step, "train_loss": sum(losses) / max(1, len(losses)),
+                  "lr": opt.param_groups[0]["lr"], "seconds": epoch_times[-1],
+                  **{f"val_{k}": v for k, v in val.items()}}
+        score = val.get(task.select_metric, -record["train_loss"])
+        if score > best:
+            best, result.best_epoch, result.val = score, epoch, val
+            result.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            record["best"] = True
+        result.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record, result)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", **{k: f"{v:.3f}" for k, v in val.items()})
+        if max_steps is not None and step >= max_steps:
+            break
+    bar.close()
+    result.seconds_per_epoch = sum(epoch_times) / max(1, len(epoch_times))
+    result.peak_memory = peak_memory(device)
+    if result.best_state is not None:
+        model.load_state_dict(result.best_state)
+    result.test = evaluate(model, task, source, "test", cfg.optim.batch_size, device, cfg.workers)
+    return result
+
+
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Atomic: a kill never leaves half a checkpoint. Loadable with ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"model": state, "info": info}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"--checkpoint {path} does not exist. Fix: pass a run's best.pt") from None
+    except Exception as e:  # a damaged or foreign file
+        raise ValueError(f"--checkpoint {path} is not a mettle checkpoint ({e.__class__.__name__}). "
+                         "Fix: pass a run's best.pt") from None

@@ -1,0 +1,36 @@
+"""The trained part of Mettle: one LCD per modality and the task head (the backbones are elsewhere)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from mettle.cache import CacheMeta
+from mettle.manifests import Manifest
+
+from .config import TrainConfig
+from .lcd import LCD, select_layers
+from .tasks import Task
+
+
+class MettleModel(nn.Module):
+    """``forward(tokens, **head_inputs)``: tokens ``{key: (B, T, N, D)}`` -> the task head's outputs."""
+
+    def __init__(self, meta: CacheMeta, manifest: Manifest, cfg: TrainConfig, task: Task) -> None:
+        super().__init__()
+        self.lcds = nn.ModuleDict({m: LCD(select_layers(meta, m, cfg.lcd.layers), cfg.lcd) for m in task.modalities})
+        self.head = task.build_head(cfg.head, cfg.lcd.dim, cfg.lcd.meta_tokens, manifest)
+
+    @property
+    def keys(self) -> list[str]:
+        """The token arrays this model reads."""
+        return [k for lcd in self.lcds.values() for k in lcd.keys]
+
+    def forward(self, tokens: Mapping[str, torch.Tensor], **head_inputs: Any) -> torch.Tensor:
+        return self.head({m: lcd(tokens) for m, lcd in self.lcds.items()}, **head_inputs)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,116 @@
+"""A training run on disk: its folder, resolved config, metrics log, best checkpoint, results, plot.
+
+Run folder ``<out>/<task>__<cache name>-<tokens>-<dtype>__K<k>-d<d>-<layers>-lr<lr>-s<seed>-<hash>``::
+
+    config.yaml      the resolved config (defaults <- YAML <- --set)
+    metrics.jsonl    one line per epoch (train loss, lr, validation metrics, seconds)
+    best.pt          best-on-validation weights + info (torch.load(weights_only=True))
+    curves.png       training loss and validation metric per epoch
+    results.json     written last: test and val metrics, trainable parameters, peak memory,
+                     seconds per epoch, the token source's identity. Its presence = run done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from mettle import __version__
+from mettle.cache import TokenSource
+from mettle.cache.format import write_json_atomic
+
+from .config import TrainConfig, save_config
+from .loop import FitResult, build_model, evaluate, fit, load_checkpoint, resolve_device, save_checkpoint
+from .tasks import get_task
+
+log = logging.getLogger(__name__)
+RESULTS = "results.json"
+
+
+def run_name(cfg: TrainConfig, source: TokenSource) -> str:
+    m = source.meta
+    src = re.sub(r"[^A-Za-z0-9._+-]", "_", Path(source.describe()).name or "source")
+    return (f"{cfg.task}__{src}-{m.tokens}-{m.dtype}__K{cfg.lcd.meta_tokens}-d{cfg.lcd.dim}-"
+            f"{re.sub(r'[^A-Za-z0-9.+-]', '_', cfg.lcd.layers)[:40]}-lr{cfg.optim.lr:g}-s{cfg.seed}-{cfg.fingerprint()}")
+
+
+def source_identity(source: TokenSource) -> dict[str, Any]:
+    m = source.meta
+    return {"source": source.describe(), "dataset": m.dataset, "manifest_sha256": m.manifest_sha256,
+            "preset": m.preset, "tokens": m.tokens, "dtype": m.dtype,
+            "backbones": {k: {"name": b.name, "weights_id": b.weights_id} for k, b in m.backbones.items()}}
+
+
+def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, progress: bool = True,
+              plot: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Train into a run folder (or return the finished one's results: reruns skip finished work)."""
+    run_dir = Path(cfg.out) / run_name(cfg, source)
+    if (run_dir / RESULTS).is_file() and not overwrite:
+        log.info("%s is finished; not training again (pass --overwrite to)", run_dir)
+        return run_dir, json.loads((run_dir / RESULTS).read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished run: start it again
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    task = get_task(cfg.task)
+
+    def on_epoch(record: dict[str, Any], res: FitResult) -> None:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if record.get("best"):
+            save_checkpoint(run_dir / "best.pt", res.best_state,
+                            {"epoch": record["epoch"], "task": cfg.task, "config": cfg.to_dict(),
+                             "val": {k: v for k, v in record.items() if k.startswith("val_")}})
+
+    t0 = time.perf_counter()
+    res = fit(cfg, source, progress=progress, on_epoch=on_epoch)
+    results = {"task": cfg.task, "test": res.test, "val": res.val, "best_epoch": res.best_epoch,
+               "epochs": len(res.history), "trainable_parameters": res.trainable_parameters,
+               "peak_memory_bytes": res.peak_memory, "seconds_per_epoch": res.seconds_per_epoch,
+               "seconds": time.perf_counter() - t0, "device": str(resolve_device(cfg.device)),
+               "source": source_identity(source), "mettle_version": __version__, "table": task.table(res.test)}
+    if plot:
+        plot_curves(res.history, task.select_metric, run_dir / "curves.png")
+    write_json_atomic(run_dir / RESULTS, results)
+    return run_dir, results
+
+
+def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> dict[str, Any]:
+    """Score a saved checkpoint on the validation and test splits of ``source``."""
+    ckpt = load_checkpoint(checkpoint)
+    task = get_task(cfg.task)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, source, task)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"--checkpoint {checkpoint} does not fit this model ({str(e).splitlines()[0][:160]}). "
+                         "Fix: pass the run's config (--config RUN/config.yaml) with its checkpoint") from None
+    model.to(device)
+    out = {split: evaluate(model, task, source, split, cfg.optim.batch_size, device, cfg.workers)
+           for split in ("val", "test")}
+    return {"task": cfg.task, "checkpoint": str(checkpoint), **out, "table": task.table(out["test"]),
+            "source": source_identity(source)}
+
+
+def plot_curves(history: list[dict[str, Any]], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] + 1 for r in history]
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+    ax[0].plot(epochs, [r["train_loss"] for r in history], marker="o")
+    ax[0].set(xlabel="epoch", ylabel="training loss", title="training loss")
+    key = f"val_{metric}"
+    ax[1].plot(epochs, [r.get(key, float("nan")) for r in history], marker="o", color="tab:green")
+    ax[1].set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
