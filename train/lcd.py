@@ -13,7 +13,7 @@ Cost: the naive attention projects every token twice (N x D_l x d each). The fol
 the same mathematics as ``scores = (q W_k^T) LN(X)^T`` and ``out = (A LN(X)) W_v^T + b_v``, which
 scales with K x N x D_l (K is small) instead of N x D_l x d. The key bias adds the same value to
 every score of a query, so softmax removes it; the value bias passes through because attention rows
-sum to one. ``attention="naive"`` keeps the direct form as a test oracle.
+sum to one (the key projection therefore has no bias). ``attention="naive"`` keeps the direct form as a test oracle.
 
 Data contract: input tokens ``(B, T, N_l, D_l)`` per layer (any float dtype; they never require
 grad), output ``(B, T, K, d)`` float32 per modality.
@@ -48,7 +48,7 @@ class LayerDistiller(nn.Module):
             self.norm_x = nn.LayerNorm(in_dim)
             self.norm_q = nn.LayerNorm(d)
             self.q = nn.Linear(d, d)
-            self.k = nn.Linear(in_dim, d)
+            self.k = nn.Linear(in_dim, d, bias=False)  # a key bias shifts all scores of a query alike: no effect
             self.v = nn.Linear(in_dim, d)
             self.o = nn.Linear(d, d)
             hidden = max(1, int(d * cfg.mlp_ratio))

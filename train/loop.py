@@ -102,7 +102,8 @@ def evaluate(model: MettleModel, task: Task, source: TokenSource, split: str, ba
     if not items:
         return {}
     outputs = predict(model, task, source, items, batch_size, device, workers)
-    return task.metrics(outputs, task.targets(source.manifest, items), source.manifest, items)
+    targets = task.targets(source.manifest, items)
+    return {**task.metrics(outputs, targets, source.manifest, items), "loss": float(task.loss(outputs, targets))}
 
 
 def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps: int | None = None,
@@ -132,7 +133,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     generator = torch.Generator().manual_seed(cfg.seed)
-    best = -math.inf
+    best = (-math.inf, -math.inf)
     step = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -167,7 +168,8 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         record = {"epoch": epoch, "step": step, "train_loss": sum(losses) / max(1, len(losses)),
                   "lr": opt.param_groups[0]["lr"], "seconds": epoch_times[-1],
                   **{f"val_{k}": v for k, v in val.items()}}
-        score = val.get(task.select_metric, -record["train_loss"])
+        # best = highest validation metric; ties (a saturated metric) go to the lower validation loss
+        score = (val.get(task.select_metric, 0.0), -val.get("loss", record["train_loss"]))
         if score > best:
             best, result.best_epoch, result.val = score, epoch, val
             result.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -175,7 +177,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record, result)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", **{k: f"{v:.3f}" for k, v in val.items()})
+        bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", **{f"val_{k}": f"{v:.3f}" for k, v in val.items()})
         if max_steps is not None and step >= max_steps:
             break
     bar.close()

@@ -1,0 +1,88 @@
+"""End-to-end Mettle: a token source that runs the frozen backbones live, clip by clip.
+
+This is the paper's training setting (backbones frozen, run under no_grad at every step) and the
+baseline the cache is measured against. It implements the same :class:`TokenSource` interface as a
+cache and plans its token layout with the same ``plan_cache``, so ``mettle.train`` cannot tell the
+two apart; with a float32 ``full`` cache of the same backbones both train identically (tested).
+
+This module is the composition point: it may import ``mettle.train``; ``mettle.train`` never
+imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from mettle.cache import TokenSource, plan_cache
+from mettle.manifests import Manifest
+
+from .backbones import Backbone
+from .media import read_clip
+from .tokens import TokenForward, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class LiveSource(TokenSource):
+    """Tokens computed on demand: decode the batch's clips, run the backbones, pool as a cache would.
+
+    Args:
+        manifest: the clips (rows) it serves.
+        data_root: the dataset's media folder.
+        backbones: modality -> frozen backbone.
+        preset, tokens: what a cache with these options would hold (default: every block, every token).
+        device, precision: where and how the backbones run (float32 for exact comparisons).
+    """
+
+    def __init__(self, manifest: Manifest, data_root: str | Path, backbones: Mapping[str, Backbone],
+                 preset: str = "classification", tokens: str = "full", device: str = "cpu",
+                 precision: str = "float32", decode_threads: int = 2) -> None:
+        self.manifest = manifest
+        self.data_root = Path(data_root)
+        self.backbones = dict(backbones)
+        meta = plan_cache(manifest, {m: b.record() for m, b in self.backbones.items()}, preset=preset,
+                          tokens=tokens, dtype="float32", shard_clips=1)
+        self.meta = replace(meta, storage="live")
+        self.clip_status = ["ok"] * len(manifest)
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.decode_threads = decode_threads
+        self._forwards: dict[tuple[str, tuple[str, ...]], TokenForward] = {}
+
+    def _forward(self, modality: str, keys: Sequence[str]) -> TokenForward:
+        wanted = tuple(k for k in keys if self.meta.array(k).modality == modality)
+        if (modality, wanted) not in self._forwards:
+            arrays = [self.meta.array(k) for k in wanted]
+            self._forwards[(modality, wanted)] = TokenForward(self.backbones[modality], arrays, self.device,
+                                                              self.precision)
+        return self._forwards[(modality, wanted)]
+
+    def iterate(self, batches: Sequence[Sequence[int]], keys: Sequence[str], workers: int = 0,
+                seed: int = 0) -> Iterator[dict[str, Any]]:
+        modalities = [m for m in self.backbones if any(self.meta.array(k).modality == m for k in keys)]
+        with ThreadPoolExecutor(max(1, self.decode_threads), thread_name_prefix="live-decode") as pool:
+            def submit(rows):
+                return [pool.submit(read_clip, self.manifest.clips[r], self.data_root, self.manifest.frame_rule)
+                        for r in rows]
+
+            pending = submit(batches[0]) if batches else []
+            for i, rows in enumerate(batches):
+                media = [f.result() for f in pending]
+                if i + 1 < len(batches):
+                    pending = submit(batches[i + 1])  # decode ahead while the backbones run
+                tokens: dict[str, torch.Tensor] = {}
+                for m in modalities:
+                    fw = self._forward(m, keys)
+                    x = torch.cat([fw.backbone.preprocess(c.frames if m == "visual" else c.audio) for c in media])
+                    for key, t in fw(x).items():
+                        tokens[key] = t.view(len(rows), -1, *t.shape[1:])
+                yield {"row": torch.tensor(list(rows)), "tokens": {k: tokens[k] for k in keys}}
+
+    def describe(self) -> str:
+        return "live:" + "+".join(b.name for b in self.backbones.values())

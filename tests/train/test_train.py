@@ -1,0 +1,112 @@
+"""mettle-train on toy caches: it learns, writes its run folder, skips finished runs, refuses bad input."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mettle.cache import CacheError, open_cache
+from mettle.train.cli import main as train_cli
+from mettle.train.config import ConfigError, TrainConfig, resolve_config
+from mettle.train.loop import fit
+from mettle.train.run import train_run
+
+FAST = {"lcd.dim": 64, "lcd.meta_tokens": 4, "lcd.heads": 2, "head.hidden": 64, "optim.epochs": 12,
+        "optim.batch_size": 4, "optim.lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    """The 48-clip toy dataset (32 train / 8 val / 8 test clips) extracted with the tiny backbones."""
+    from mettle.extract.config import ExtractConfig
+    from mettle.extract.run import extract
+
+    root = tmp_path_factory.mktemp("toy48")
+    extract(ExtractConfig(dataset="toy", cache=str(root / "cache"), data_root=str(root / "toy"),
+                          manifest_options={"num_clips": 48, "seed": 0}, backbones="tiny", device="cpu"),
+            progress=False)
+    return root / "cache"
+
+
+def _cfg(cache, out, **sets):
+    return resolve_config("ave", {"hidden": 256, "temporal": "gru", "dropout": 0.1}, sets={**FAST, **sets},
+                          cache=str(cache), out=str(out), device="cpu")
+
+
+@pytest.mark.slow
+def test_ave_on_the_toy_cache_learns(toy_cache, tmp_path):
+    source = open_cache(toy_cache)
+    labels = torch.tensor([source.manifest.clips[r].labels["segment_labels"] for r in source.rows("test")])
+    majority = float((labels == labels.flatten().mode().values).float().mean())
+    run_dir, results = train_run(_cfg(toy_cache, tmp_path), source, progress=False)
+    acc = results["test"]["accuracy"]
+    assert acc >= max(0.85, majority + 0.25), (acc, majority)
+    assert results["trainable_parameters"] > 0 and results["seconds_per_epoch"] > 0
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and lines[-1]["train_loss"] < lines[0]["train_loss"]
+    best = max(lines, key=lambda r: (r["val_accuracy"], -r["val_loss"]))  # selected on val, never test
+    assert best["epoch"] == results["best_epoch"] and best["val_accuracy"] == results["val"]["accuracy"]
+    assert (run_dir / "curves.png").stat().st_size > 1000 and (run_dir / "config.yaml").is_file()
+    ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+    assert ckpt["info"]["epoch"] == results["best_epoch"]
+    again_dir, again = train_run(_cfg(toy_cache, tmp_path), source, progress=False)  # finished: skipped
+    assert again_dir == run_dir and again == results
+    r = CliRunner().invoke(train_cli, ["--task", "ave", "--cache", str(toy_cache), "--config",
+                                       str(run_dir / "config.yaml"), "--eval-only", "--checkpoint",
+                                       str(run_dir / "best.pt"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.splitlines()[0])["test"]["accuracy"] == pytest.approx(acc)
+
+
+def test_layer_subsets_and_ablations_train(toy_cache, tmp_path):
+    source = open_cache(toy_cache)
+    for sets in ({"lcd.layers": "last-stage"}, {"lcd.layers": "every-2", "lcd.adapt": "false"},
+                 {"lcd.layers": "stage0.block0,stage3.block0", "lcd.preserve": "false"}):
+        res = fit(_cfg(toy_cache, tmp_path, **sets), source, progress=False, max_steps=2)
+        assert len(res.step_losses) == 2 and all(torch.isfinite(torch.tensor(res.step_losses)))
+    with pytest.raises(ConfigError, match="lcd.layers='stage9.block0'"):
+        fit(_cfg(toy_cache, tmp_path, **{"lcd.layers": "stage9.block0"}), source, progress=False, max_steps=1)
+
+
+def test_config_layers_and_errors(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lcd:\n  meta_tokens: 2\noptim: {lr: 0.01}\nseed: 5\n")
+    cfg = resolve_config("ave", {"hidden": 256}, y, {"lcd.meta_tokens": "3", "head.hidden": "32"}, seed=7)
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.lcd.meta_tokens, cfg.optim.lr, cfg.seed, cfg.head["hidden"]) == (3, 0.01, 7, 32)
+    with pytest.raises(ConfigError, match="unknown option 'lcd.tokens'"):
+        resolve_config("ave", {}, sets={"lcd.tokens": "3"})
+    with pytest.raises(ConfigError, match="not an integer"):
+        resolve_config("ave", {}, sets={"lcd.meta_tokens": "many"})
+    y.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="not a YAML mapping"):
+        resolve_config("ave", {}, y)
+
+
+def test_cli_errors(toy_cache, tmp_path):
+    runner = CliRunner()
+    for args, message in [(["--task", "dance", "--cache", str(toy_cache)], "unknown task 'dance'"),
+                          (["--task", "ave", "--cache", str(tmp_path / "none")], "does not exist"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--set", "lcd.k"], "is not key=value"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--set", "optim.lr=fast"], "not a number"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--eval-only"], "needs --checkpoint")]:
+        r = runner.invoke(train_cli, args)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_a_cache_lacking_the_tasks_blocks_is_refused(toy_cache, tmp_path):
+    import shutil
+
+    from mettle.cache.format import META_FILE
+
+    seg = tmp_path / "seg"
+    shutil.copytree(toy_cache, seg)
+    d = json.loads((seg / META_FILE).read_text())
+    d["arrays"] = [a for a in d["arrays"] if a["stage"] == 3]  # as a segmentation cache would lack them
+    d["preset"] = "segmentation"
+    (seg / META_FILE).write_text(json.dumps(d))
+    with pytest.raises(CacheError, match="lacks visual/stage0.block0.*needed for task ave.*--preset"):
+        fit(_cfg(seg, tmp_path), open_cache(seg), progress=False, max_steps=1)
+    r = CliRunner().invoke(train_cli, ["--task", "ave", "--cache", str(seg), "-q"])
+    assert r.exit_code == 2 and "lacks" in r.output
