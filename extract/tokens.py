@@ -62,7 +62,7 @@ class TokenForward:
 
     def _forward(self, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
         ctx = torch.autocast(self.device.type, dtype=torch.float16) if autocast else nullcontext()
-        with torch.inference_mode(), ctx:
+        with torch.no_grad(), ctx:  # not inference_mode: live tokens feed autograd graphs (as inputs)
             outs = self.backbone.forward_tokens(x, self.indices)
         return [pool_tokens(t.float(), a.source_grid, a.grid) for t, a in zip(outs, self.arrays)]
 
