@@ -14,6 +14,7 @@ another split, as the official protocol has it); those clips get the id ``<Video
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -26,15 +27,26 @@ from .errors import AnnotationError, ManifestError
 from .paths import check_media_id
 from .schema import SPLITS, Clip, Manifest
 
+log = logging.getLogger(__name__)
+
 AVE_SPLIT_SIZES = {"train": 3339, "val": 402, "test": 402}
 BACKGROUND = "background"
 
 
 @register_dataset("ave", "AVE event localisation: 4143 clips, 28 events + background, per-second labels")
 def build_ave(annotations: str | None = None) -> Manifest:
-    """Manifest of AVE from the packaged official annotations (or a folder holding the same files)."""
-    folder = Path(annotations) if annotations else packaged("ave")
-    return parse_ave_folder(folder, dataset="ave", expected_sizes=AVE_SPLIT_SIZES)
+    """Manifest of AVE from the packaged official annotations, or from a folder in the same format.
+
+    The packaged files must give the official split sizes; a user folder may hold any AVE-format
+    subset or re-split (its sizes are logged), e.g. the toy dataset, which is written in AVE format.
+    """
+    if annotations is None:
+        return parse_ave_folder(packaged("ave"), dataset="ave", expected_sizes=AVE_SPLIT_SIZES)
+    manifest = parse_ave_folder(Path(annotations), dataset="ave")
+    sizes = manifest.split_sizes()
+    if sizes != AVE_SPLIT_SIZES:
+        log.info("AVE annotations in %s: splits %s (the official AVE has %s)", annotations, sizes, AVE_SPLIT_SIZES)
+    return manifest
 
 
 def parse_ave_folder(

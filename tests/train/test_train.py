@@ -110,3 +110,23 @@ def test_a_cache_lacking_the_tasks_blocks_is_refused(toy_cache, tmp_path):
         fit(_cfg(seg, tmp_path), open_cache(seg), progress=False, max_steps=1)
     r = CliRunner().invoke(train_cli, ["--task", "ave", "--cache", str(seg), "-q"])
     assert r.exit_code == 2 and "lacks" in r.output
+
+
+@pytest.mark.slow
+def test_mettle_train_on_a_real_format_ave_cache(toy_cache, tmp_path):
+    """Dataset "ave" (not "toy") read from an AVE-format folder: the toy data are written in that format."""
+    from mettle.extract.cli import main as extract_cli
+
+    toy = toy_cache.parent / "toy"
+    r = CliRunner().invoke(extract_cli, ["--dataset", "ave", "--set", f"annotations={toy}", "--data-root", str(toy),
+                                         "--cache", str(tmp_path / "ave"), "--backbones", "tiny", "-q"])
+    assert r.exit_code == 0, r.output
+    cache = open_cache(tmp_path / "ave")
+    assert cache.meta.dataset == "ave" and cache.manifest.split_sizes() == {"train": 32, "val": 8, "test": 8}
+    r = CliRunner().invoke(train_cli, ["--task", "ave", "--cache", str(tmp_path / "ave"), "--out", str(tmp_path / "runs"),
+                                       "--device", "cpu", "-q", *[f"--set={k}={v}" for k, v in FAST.items()],
+                                       "--set", "optim.epochs=2"])
+    assert r.exit_code == 0, r.output
+    assert "AVE accuracy (all seconds)" in r.output
+    results = json.loads(next((tmp_path / "runs").glob("ave__ave-*/results.json")).read_text())
+    assert results["source"]["dataset"] == "ave" and results["epochs"] == 2 and 0 <= results["test"]["accuracy"] <= 1
