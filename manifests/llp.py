@@ -38,10 +38,22 @@ NUM_SEGMENTS = 10
 
 @register_dataset("llp", "LLP audio-visual video parsing: 11849 clips, 25 classes, weak labels + eval events")
 def build_llp(annotations: str | None = None, eval_audio: str = "upstream") -> Manifest:
-    """Manifest of LLP; rows are the train, val and test files in their own order."""
+    """Manifest of LLP; rows are the train, val and test files in their own order.
+
+    The packaged files must give the official split sizes; a user folder in the same format may
+    hold any subset or re-split (the toy LLP variant is one).
+    """
     if eval_audio not in EVAL_AUDIO:
         raise ManifestError(f"eval_audio {eval_audio!r} is unknown. Fix: use one of {', '.join(EVAL_AUDIO)}")
-    folder = Path(annotations) if annotations else packaged("llp")
+    if annotations is None:
+        return parse_llp_folder(packaged("llp"), "llp", EVAL_AUDIO[eval_audio], LLP_SPLIT_SIZES,
+                                {"eval_audio": eval_audio})
+    return parse_llp_folder(Path(annotations), "llp", EVAL_AUDIO[eval_audio], None, {"eval_audio": eval_audio})
+
+
+def parse_llp_folder(folder: Path, dataset: str, eval_audio_file: str = EVAL_AUDIO["upstream"],
+                     expected_sizes: dict[str, int] | None = None, options: dict | None = None) -> Manifest:
+    """Parse an LLP-format annotation folder (split CSVs + segment-level eval CSVs) into a manifest."""
     fix = f"give a folder with the LLP annotation files ({folder} is incomplete)"
     class_index = {c: i for i, c in enumerate(LLP_CLASSES)}
 
@@ -63,14 +75,14 @@ def build_llp(annotations: str | None = None, eval_audio: str = "upstream") -> M
                 media={"frames": f"frames/{vid}", "audio": f"wave/{vid}.npy", "video": f"videos/{filename}"},
                 labels={"video_labels": video_labels},
             ))
-        if sum(c.splits == (split,) for c in clips) != LLP_SPLIT_SIZES[split]:
+        if expected_sizes and sum(c.splits == (split,) for c in clips) != expected_sizes[split]:
             raise AnnotationError(path, None, f"{sum(c.splits == (split,) for c in clips)} clips, "
-                                  f"expected {LLP_SPLIT_SIZES[split]}", "use the official split file")
+                                  f"expected {expected_sizes[split]}", "use the official split file")
 
     events: dict[str, dict[int, list[list[int]]]] = {}
     unmatched: dict[str, int] = {}
     empty: dict[str, int] = {}
-    for key, name in (("audio_events", EVAL_AUDIO[eval_audio]), ("visual_events", "AVVP_eval_visual.csv")):
+    for key, name in (("audio_events", eval_audio_file), ("visual_events", "AVVP_eval_visual.csv")):
         path = folder / name
         per_clip: dict[int, list[list[int]]] = {}
         unmatched[key] = empty[key] = 0
@@ -101,11 +113,11 @@ def build_llp(annotations: str | None = None, eval_audio: str = "upstream") -> M
             raise ManifestError(f"{c.clip_id}: a training clip has segment-level eval events. "
                                 "Fix: use the official eval files (they cover val and test only)")
 
-    files = list(LLP_SPLIT_FILES.values()) + [EVAL_AUDIO[eval_audio], "AVVP_eval_visual.csv"]
+    files = list(LLP_SPLIT_FILES.values()) + [eval_audio_file, "AVVP_eval_visual.csv"]
     return Manifest(
-        dataset="llp", clips=tuple(clips), vocabularies={"event": LLP_CLASSES}, frame_rule="first",
+        dataset=dataset, clips=tuple(clips), vocabularies={"event": LLP_CLASSES}, frame_rule="first",
         source={f: sha256_file(folder / f) for f in files},
-        options={"eval_audio": eval_audio, "unmatched_eval_rows": unmatched, "empty_eval_rows": empty},
+        options={**(options or {}), "unmatched_eval_rows": unmatched, "empty_eval_rows": empty},
     )
 
 

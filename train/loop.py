@@ -84,16 +84,21 @@ def _to(batch_tokens: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 @torch.no_grad()
 def predict(model: MettleModel, task: Task, source: TokenSource, items: Sequence[int], batch_size: int,
-            device: torch.device, workers: int = 0) -> torch.Tensor:
-    """The model's outputs for ``items``, in order, on the CPU."""
+            device: torch.device, workers: int = 0) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The model's outputs for ``items``, in order, on the CPU (a tensor, or a dict of tensors)."""
     model.eval()
     batches = _batches(list(items), batch_size, None)
     outs = []
     rows = [task.item_rows(source.manifest, b) for b in batches]
     for b, data in zip(batches, source.iterate(rows, model.keys, workers)):
         extra = {k: v.to(device) for k, v in task.head_inputs(source.manifest, b).items()}
-        outs.append(model(_to(data["tokens"], device), **extra).float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
+        out = model(_to(data["tokens"], device), **extra)
+        outs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
+    if not outs:
+        return torch.empty(0)
+    if isinstance(outs[0], dict):
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return torch.cat(outs)
 
 
 def evaluate(model: MettleModel, task: Task, source: TokenSource, split: str, batch_size: int,

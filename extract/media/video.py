@@ -48,8 +48,9 @@ def read_frame_folder(clip_id: str, folder: Path, num_segments: int, rule: str) 
 def decode_video_frames(clip_id: str, path: Path, num_segments: int, rule: str) -> np.ndarray:
     """Pick ``num_segments`` frames of a video with PyAV; returns ``(T, H, W, 3)`` uint8 RGB.
 
-    The frames are chosen exactly as from an extracted-frame folder (``rule`` over all frames in
-    presentation order). A first pass demuxes packet timestamps without decoding; the second
+    The frames are chosen as from an extracted-frame folder: ``linspace`` over all frames in
+    presentation order; ``first`` (LLP's first files of a 1-fps folder) takes the first frame at or
+    after each whole second, which is what 1-fps extraction keeps. A first pass demuxes packet timestamps without decoding; the second
     decodes and converts only the chosen frames, so long videos cost no memory. A corrupt packet
     is skipped; a video whose chosen frames cannot all be decoded raises MediaError.
     """
@@ -62,7 +63,10 @@ def decode_video_frames(clip_id: str, path: Path, num_segments: int, rule: str) 
         stream = container.streams.video[0]
         pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0)
         try:
-            picks = frame_indices(len(pts), num_segments, rule)
+            if rule == "first":  # a 1-fps frame folder's first T files = the frame starting each second
+                picks = _first_per_second(pts, float(stream.time_base or 0), num_segments)
+            else:
+                picks = frame_indices(len(pts), num_segments, rule)
         except ValueError as e:
             raise MediaError(clip_id, path, str(e)) from None
         wanted: dict[int, list[int]] = {}
@@ -83,3 +87,16 @@ def decode_video_frames(clip_id: str, path: Path, num_segments: int, rule: str) 
         raise MediaError(clip_id, path, f"could not decode the frames of segments {missing}",
                          "re-encode or re-download the video")
     return np.stack(out)
+
+
+def _first_per_second(pts: list[int], time_base: float, num_segments: int) -> list[int]:
+    """Index of the first frame at or after t = 0, 1, ..., T-1 s (sorted ``pts`` in ``time_base`` units)."""
+    if not pts or time_base <= 0:
+        raise ValueError("no frames with timestamps")
+    times = np.asarray(pts, dtype=np.float64) * time_base
+    times -= times[0]
+    picks = np.searchsorted(times, np.arange(num_segments) - 1e-6)
+    if picks[-1] >= len(times):
+        raise ValueError(f"the video lasts {times[-1]:.2f} s, the 'first' rule needs a frame in each of "
+                         f"{num_segments} seconds")
+    return [int(i) for i in picks]

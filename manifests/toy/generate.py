@@ -65,19 +65,10 @@ def generate_toy(root: str | Path, params: ToyParams = ToyParams(), overwrite: b
     """
     params.check()
     root = Path(root)
-    done = root / DONE_FILE
-    if done.is_file() and not overwrite:
-        found = json.loads(done.read_text())
-        if found == asdict(params):
-            return root
-        raise FileExistsError(f"{root} holds a toy dataset with other parameters ({found}). "
-                              "Fix: choose another folder or pass overwrite")
-    if root.exists() and any(root.iterdir()):
-        if not overwrite and not (root / "Annotations.txt").is_file():
-            raise FileExistsError(f"{root} is not empty and holds no toy dataset. Fix: choose an empty folder")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if not prepare_folder(root, asdict(params), overwrite, "Annotations.txt"):
+        return root
     log.info("generating the toy dataset (%d clips) in %s", params.num_clips, root)
+    done = root / DONE_FILE
 
     rng = np.random.default_rng(params.seed)
     scripts = [make_script(rng, i % len(TOY_CLASSES), params.seconds, params.seed * 100_003 + i)
@@ -89,11 +80,32 @@ def generate_toy(root: str | Path, params: ToyParams = ToyParams(), overwrite: b
         audio = render_audio(script, params.audio_rate)
         write_video(root / "videos" / f"{vid}.mp4", frames, params.fps, audio, params.audio_rate)
         if params.frames:
-            _write_frame_folder(root / "frames" / vid, frames)
+            write_frame_folder(root / "frames" / vid, frames)
             (root / "wave").mkdir(exist_ok=True)
             np.save(root / "wave" / f"{vid}.npy", render_audio(script, 32000), allow_pickle=False)
     done.write_text(json.dumps(asdict(params)))
     return root
+
+
+def prepare_folder(root: Path, marker: dict, overwrite: bool, signature_file: str) -> bool:
+    """True when ``root`` must be (re)generated; False when a complete dataset with ``marker`` is there.
+
+    A complete toy dataset with other parameters, or a non-empty folder that holds no toy dataset
+    (no ``signature_file``), is refused unless ``overwrite``.
+    """
+    done = root / DONE_FILE
+    if done.is_file() and not overwrite:
+        found = json.loads(done.read_text())
+        if found == marker:
+            return False
+        raise FileExistsError(f"{root} holds a toy dataset with other parameters ({found}). "
+                              "Fix: choose another folder or pass overwrite")
+    if root.exists() and any(root.iterdir()):
+        if not overwrite and not (root / signature_file).is_file():
+            raise FileExistsError(f"{root} is not empty and holds no toy dataset. Fix: choose an empty folder")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return True
 
 
 def _write_annotations(root: Path, ids: list[str], scripts: list[ClipScript], params: ToyParams) -> None:
@@ -154,7 +166,7 @@ def _encode_all(out, stream, frames) -> None:
             out.mux(packet)
 
 
-def _write_frame_folder(folder: Path, frames: np.ndarray) -> None:
+def write_frame_folder(folder: Path, frames: np.ndarray) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,39 @@ def make_script(rng: np.random.Generator, event: int, seconds: int, seed: int) -
     return script
 
 
+def make_parse_script(rng: np.random.Generator, seconds: int, seed: int) -> ClipScript:
+    """Draw a clip with independent sound and picture events (the LLP and AVQA toy variants).
+
+    Each modality gets one or two events (class, onset, offset) at random places, so a clip mixes
+    audio-only, visual-only and audio-visual seconds; a later event overwrites an earlier one where
+    they overlap (one picture and one sound at a time). ``event`` is the first sound's class.
+    """
+    tracks = []
+    shared = int(rng.integers(len(TOY_CLASSES)))
+    for _ in range(2):
+        track = [-1] * seconds
+        for k in range(int(rng.integers(1, 3))):
+            cls = shared if k == 0 and rng.random() < 0.6 else int(rng.integers(len(TOY_CLASSES)))
+            length = int(rng.integers(2, seconds + 1))
+            on = int(rng.integers(0, seconds - length + 1))
+            track[on:on + length] = [cls] * length
+        tracks.append(track)
+    audible, visible = tracks
+    first = next((c for c in audible if c >= 0), 0)
+    return ClipScript(first, 0, 0, tuple(visible), tuple(audible), seed)
+
+
+def runs(track: tuple[int, ...] | list[int]) -> list[tuple[int, int, int]]:
+    """Events of a per-second class track: (class, onset, offset) for each run of one class."""
+    out, start = [], 0
+    for t in range(1, len(track) + 1):
+        if t == len(track) or track[t] != track[start]:
+            if track[start] >= 0:
+                out.append((int(track[start]), start, t))
+            start = t
+    return out
+
+
 def render_frames(script: ClipScript, size: int, fps: int) -> np.ndarray:
     """Frames of the clip, ``(seconds * fps, size, size, 3)`` uint8 RGB."""
     rng = np.random.default_rng(script.seed)
