@@ -1,12 +1,16 @@
-"""A lazy torch Dataset over cache rows, with batched reads for DataLoaders.
+"""A lazy torch Dataset over cache rows, with batched reads and a bounded in-memory row cache.
 
 Contract: item ``i`` is ``{"row": int, "tokens": {key: Tensor (T, N, D)}}`` where ``row`` is the
 manifest row (labels come from ``cache.manifest.clips[row]``) and keys are cache array keys.
 The default collate stacks these into ``{"row": (B,), "tokens": {key: (B, T, N, D)}}``.
 
 Nothing is read before an item is asked for. ``__getitems__`` (used by DataLoader when present)
-reads each array once per batch: sorted rows, one orthogonal selection per array, which turns a
-batch of B clips into len(keys) reads instead of B * len(keys).
+reads each array once per batch: sorted unique rows (several questions may share a clip), one
+selection per array, which turns a batch of B clips into len(keys) reads instead of B * len(keys).
+
+Training reads the same rows every epoch, so decoded rows are kept in memory up to
+``memory_budget`` bytes (per process; 0 disables it): a cache that fits is read from disk once,
+a larger one keeps its first rows resident and streams the rest. Never more than the budget.
 """
 
 from __future__ import annotations
@@ -17,25 +21,39 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
 
 class TokenDataset(Dataset):
-    def __init__(self, cache, rows: Sequence[int], keys: Sequence[str], dtype: str = "float32") -> None:
+    def __init__(self, cache, rows: Sequence[int], keys: Sequence[str], dtype: str = "float32",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
         for k in keys:
             cache.meta.array(k)  # unknown keys fail here, naming the valid ones
         self.cache, self.rows, self.keys, self.dtype = cache, list(rows), list(keys), dtype
+        self.memory_budget = memory_budget
+        self._kept: dict[int, dict[str, torch.Tensor]] = {}
+        self._kept_bytes = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        return {"row": row, "tokens": {k: torch.from_numpy(self.cache.read(k, [row], self.dtype)[0]) for k in self.keys}}
+        return self.__getitems__([i])[0]
+
+    def _keep(self, row: int, tokens: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tokens.values())
+        if self._kept_bytes + size <= self.memory_budget:
+            self._kept[row] = tokens
+            self._kept_bytes += size
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         rows = np.asarray([self.rows[i] for i in indices], dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        data = {k: self.cache.read(k, rows[order], self.dtype) for k in self.keys}
-        items = [None] * len(rows)
-        for pos, j in enumerate(order):
-            items[j] = {"row": int(rows[j]), "tokens": {k: torch.from_numpy(v[pos]) for k, v in data.items()}}
-        return items
+        unique = np.unique(rows)  # sorted; a row asked twice is read once
+        missing = np.asarray([r for r in unique if r not in self._kept], dtype=np.int64)
+        fresh: dict[int, dict[str, torch.Tensor]] = {}
+        if len(missing):
+            data = {k: self.cache.read(k, missing, self.dtype) for k in self.keys}
+            for pos, r in enumerate(missing.tolist()):
+                fresh[r] = {k: torch.from_numpy(v[pos]) for k, v in data.items()}
+                self._keep(r, fresh[r])
+        return [{"row": int(r), "tokens": self._kept.get(int(r)) or fresh[int(r)]} for r in rows]

@@ -18,6 +18,7 @@ from mettle.manifests import Manifest, ManifestError
 from .dtypes import decode, get_dtype
 from .errors import CacheError
 from .format import DONE_FILE, MANIFEST_FILE, OK, CacheMeta
+from .dataset import DEFAULT_MEMORY_BUDGET
 from .source import TokenSource
 from .store import SCALE, get_store
 from .writer import CacheWriter, disk_usage
@@ -43,6 +44,8 @@ class Cache(TokenSource):
         self.complete = bool(done)
         self.store = get_store(self.root, meta)
         self._dtype = get_dtype(meta.dtype)
+        self.memory_budget = DEFAULT_MEMORY_BUDGET  # bytes of decoded rows kept between epochs (per process)
+        self._datasets: dict = {}
 
     @property
     def failed(self) -> dict[str, str]:
@@ -69,7 +72,12 @@ class Cache(TokenSource):
 
     def iterate(self, batches: Sequence[Sequence[int]], keys: Sequence[str], workers: int = 0,
                 seed: int = 0) -> Iterator[dict[str, Any]]:
-        """Batches through a DataLoader: one read per array per batch, ``workers`` reader processes."""
+        """Batches through a DataLoader: one read per array per batch, ``workers`` reader processes.
+
+        The dataset is kept between calls with the same keys, so rows read in one epoch stay in
+        memory for the next (up to ``memory_budget`` bytes; with ``workers`` each worker process
+        holds its own copy for the life of the loader only).
+        """
         import torch
         from torch.utils.data import DataLoader
 
@@ -77,9 +85,11 @@ class Cache(TokenSource):
 
         if not batches:
             return iter(())
-        rows = sorted({r for b in batches for r in b})
-        position = {r: i for i, r in enumerate(rows)}
-        ds = TokenDataset(self, rows, keys)
+        ds = self._datasets.get(tuple(keys))
+        if ds is None:  # over every row, kept: later epochs (and other splits) share its memory budget
+            ds = TokenDataset(self, range(self.meta.num_clips), keys, memory_budget=self.memory_budget)
+            self._datasets = {tuple(keys): ds}
+        position = {r: r for b in batches for r in b}
         loader = DataLoader(ds, batch_sampler=[[position[r] for r in b] for b in batches], num_workers=workers,
                             persistent_workers=False, pin_memory=torch.cuda.is_available(),
                             generator=torch.Generator().manual_seed(seed))  # never touches the global RNG

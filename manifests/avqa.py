@@ -47,6 +47,15 @@ def build_music_avqa(train_json: str | None = None, version: str = "json", annot
     if version not in AVQA_VERSIONS:
         raise ManifestError(f"version {version!r} is unknown. Fix: use one of {', '.join(AVQA_VERSIONS)}")
     folder = Path(annotations) if annotations else packaged("music-avqa")
+    if train_json is None:
+        log.warning("music-avqa: no train_json given, so the manifest has val and test questions only "
+                    "(pass train_json=PATH to avqa-train.json to train)")
+    return parse_avqa_folder(folder, version, train_json, "music-avqa", VIDEO_SECONDS)
+
+
+def parse_avqa_folder(folder: Path, version: str, train_json: str | Path | None, dataset: str,
+                      seconds: float = VIDEO_SECONDS) -> Manifest:
+    """Parse MUSIC-AVQA-format files (vocabularies, ``<version>/avqa-{val,test}.json``, a train JSON)."""
     fix = f"give a folder with the MUSIC-AVQA annotation files ({folder} is incomplete)"
     answers = _vocab(folder / "ans_vocab.txt", fix)
     words = _vocab(folder / "ques_vocab.txt", fix)[:93]
@@ -54,10 +63,7 @@ def build_music_avqa(train_json: str | None = None, version: str = "json", annot
     word_set = set(words)
 
     sources: dict[str, Path] = {}
-    if train_json is None:
-        log.warning("music-avqa: no train_json given, so the manifest has val and test questions only "
-                    "(pass train_json=PATH to avqa-train.json to train)")
-    else:
+    if train_json is not None:
         sources["train"] = Path(train_json)
     for split in ("val", "test"):
         sources[split] = find_file(folder / version, f"avqa-{split}.json", fix)
@@ -71,12 +77,12 @@ def build_music_avqa(train_json: str | None = None, version: str = "json", annot
             questions.append(q)
     clips = tuple(
         Clip(clip_id=vid, splits=tuple(s for s in ("train", "val", "test") if s in clip_splits[i]),
-             num_segments=NUM_SEGMENTS, duration=VIDEO_SECONDS,
+             num_segments=NUM_SEGMENTS, duration=float(seconds),
              media={"frames": f"frames/{vid}", "audio": f"audio_wave/{vid}.npy", "video": f"videos/{vid}"})
         for vid, i in clip_of.items()
     )
     return Manifest(
-        dataset="music-avqa", clips=clips, vocabularies={"answer": answers, "question_word": words},
+        dataset=dataset, clips=clips, vocabularies={"answer": answers, "question_word": words},
         frame_rule="linspace", questions=tuple(questions),
         source={f"{s}:{p.name}": sha256_file(p) for s, p in sources.items()},
         options={"version": version, "train_json": str(train_json) if train_json else None},

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
+    init_from: str = ""  # a run folder (or its best.pt) whose matching parameters start this run
     lcd: LCDConfig = field(default_factory=LCDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     head: Mapping[str, Any] = field(default_factory=dict)

@@ -39,6 +39,8 @@ class FitResult:
     best_state: dict[str, torch.Tensor] | None = None
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, dict[str, float]] = field(default_factory=dict)  # further test sets
+    initialised: int = 0  # parameters taken from cfg.init_from
     seconds_per_epoch: float = 0.0
     peak_memory: int = 0
     trainable_parameters: int = 0
@@ -120,8 +122,10 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     """
     task = get_task(cfg.task)
     device = resolve_device(cfg.device)
-    model = build_model(cfg, source, task).to(device)
-    result = FitResult(model, trainable_parameters=count_parameters(model))
+    model = build_model(cfg, source, task)
+    initialised = init_from(model, cfg.init_from) if cfg.init_from else 0
+    model.to(device)
+    result = FitResult(model, trainable_parameters=count_parameters(model), initialised=initialised)
     train_items = task.items(source, "train")
     if not train_items:
         raise ValueError(f"the token source {source.describe()} has no usable training clips")
@@ -191,7 +195,25 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     if result.best_state is not None:
         model.load_state_dict(result.best_state)
     result.test = evaluate(model, task, source, "test", cfg.optim.batch_size, device, cfg.workers)
+    for split in task.extra_splits(source):
+        result.extra[split] = evaluate(model, task, source, split, cfg.optim.batch_size, device, cfg.workers)
     return result
+
+
+def init_from(model: MettleModel, run: str | Path) -> int:
+    """Copy every parameter of a finished run whose name and shape match (e.g. the LCDs and the
+    grounding module of an ``avqa-grounding`` run into ``avqa``); returns how many tensors."""
+    path = Path(run)
+    path = path / "best.pt" if path.is_dir() else path
+    state = load_checkpoint(path)["model"]
+    own = model.state_dict()
+    taken = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not taken:
+        raise ValueError(f"--init-from {run}: no parameter matches this model. Fix: start from a run of a "
+                         "compatible task with the same lcd.* settings (e.g. avqa-grounding for avqa)")
+    model.load_state_dict(taken, strict=False)
+    log.info("initialised %d of %d tensors from %s", len(taken), len(own), path)
+    return len(taken)
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:

@@ -69,11 +69,14 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
 
     t0 = time.perf_counter()
     res = fit(cfg, source, progress=progress, on_epoch=on_epoch)
-    results = {"task": cfg.task, "test": res.test, "val": res.val, "best_epoch": res.best_epoch,
+    results = {"task": cfg.task, "test": res.test, "val": res.val, "extra_tests": res.extra,
+               "initialised_tensors": res.initialised, "best_epoch": res.best_epoch,
                "epochs": len(res.history), "trainable_parameters": res.trainable_parameters,
                "peak_memory_bytes": res.peak_memory, "seconds_per_epoch": res.seconds_per_epoch,
                "seconds": time.perf_counter() - t0, "device": str(resolve_device(cfg.device)),
-               "source": source_identity(source), "mettle_version": __version__, "table": task.table(res.test)}
+               "source": source_identity(source), "mettle_version": __version__,
+               "table": task.table(res.test) + [line for name, m in res.extra.items()
+                                                 for line in ["", f"{name}:", *task.table(m)] if m]}
     if plot:
         plot_curves(res.history, task.select_metric, run_dir / "curves.png")
     write_json_atomic(run_dir / RESULTS, results)

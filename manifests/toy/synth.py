@@ -94,6 +94,24 @@ def make_parse_script(rng: np.random.Generator, seconds: int, seed: int) -> Clip
     return ClipScript(first, 0, 0, tuple(visible), tuple(audible), seed)
 
 
+def make_qa_script(rng: np.random.Generator, seconds: int, seed: int) -> ClipScript:
+    """Draw a clip for the AVQA toy: one or two objects on screen, each heard while it is shown with
+    probability 0.75 (as instruments in a music video), and sometimes a sound from off screen."""
+    visible, audible = [-1] * seconds, [-1] * seconds
+    for _ in range(int(rng.integers(1, 3))):
+        cls = int(rng.integers(len(TOY_CLASSES)))
+        length = int(rng.integers(3, seconds + 1))
+        on = int(rng.integers(0, seconds - length + 1))
+        visible[on:on + length] = [cls] * length
+        audible[on:on + length] = [cls if rng.random() < 0.75 else -1] * length
+    if rng.random() < 0.3:  # an off-screen sound in the silent seconds
+        cls = int(rng.integers(len(TOY_CLASSES)))
+        audible = [cls if a < 0 and rng.random() < 0.5 else a for a in audible]
+    if all(a < 0 for a in audible):
+        audible[int(rng.integers(seconds))] = visible[0] if visible[0] >= 0 else 0
+    return ClipScript(next(c for c in audible if c >= 0), 0, 0, tuple(visible), tuple(audible), seed)
+
+
 def runs(track: tuple[int, ...] | list[int]) -> list[tuple[int, int, int]]:
     """Events of a per-second class track: (class, onset, offset) for each run of one class."""
     out, start = [], 0

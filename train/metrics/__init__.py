@@ -1,7 +1,9 @@
 """Task metrics as the reference protocols define them, one module per task, each tested on
-hand-built cases: ``ave`` (segment accuracy), ``avvp`` (LLP segment/event F-scores)."""
+hand-built cases: ``ave`` (segment accuracy), ``avvp`` (LLP segment/event F-scores), ``avqa``
+(MUSIC-AVQA accuracy per question type and group)."""
 
 from .ave import segment_accuracy
+from .avqa import AVQA_GROUPS, avqa_accuracies, avqa_table
 from .avvp import AVVP_KEYS, avvp_scores, avvp_table, avvp_video_scores, extract_events, parse_predictions
 
-__all__ = ["AVVP_KEYS", "avvp_scores", "avvp_table", "avvp_video_scores", "extract_events", "parse_predictions", "segment_accuracy"]
+__all__ = ["AVQA_GROUPS", "AVVP_KEYS", "avqa_accuracies", "avqa_table", "avvp_scores", "avvp_table", "avvp_video_scores", "extract_events", "parse_predictions", "segment_accuracy"]

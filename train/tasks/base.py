@@ -41,6 +41,10 @@ class Task:
     def item_rows(self, manifest: Manifest, items: Sequence[int]) -> list[int]:
         return list(items)
 
+    def extra_splits(self, source: TokenSource) -> list[str]:
+        """Further test sets scored with the best weights (e.g. the other MUSIC-AVQA release)."""
+        return []
+
     def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest) -> nn.Module:
         raise NotImplementedError
 

@@ -1,0 +1,117 @@
+"""AVVP and AVQA end to end on their toy variants: generate, extract (tiny backbones), train, score."""
+
+import json
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mettle.cache import CacheError, open_cache
+from mettle.extract.config import ExtractConfig
+from mettle.extract.run import extract
+from mettle.train.cli import main as train_cli
+from mettle.train.config import resolve_config
+from mettle.train.loop import fit
+from mettle.train.tasks import get_task
+
+SMALL = {"lcd.dim": 128, "lcd.meta_tokens": 4, "lcd.heads": 4, "head.hidden": 128, "optim.batch_size": 8,
+         "optim.lr": 1e-3}
+
+
+def _cache(tmp_path_factory, dataset, clips):
+    root = tmp_path_factory.mktemp(dataset)
+    extract(ExtractConfig(dataset=dataset, cache=str(root / "cache"), data_root=str(root / "data"),
+                          manifest_options={"num_clips": clips}, backbones="tiny", device="cpu"), progress=False)
+    return root / "cache"
+
+
+@pytest.fixture(scope="module")
+def llp_cache(tmp_path_factory):
+    return _cache(tmp_path_factory, "toy-llp", 48)
+
+
+@pytest.fixture(scope="module")
+def avqa_cache(tmp_path_factory):
+    return _cache(tmp_path_factory, "toy-avqa", 96)
+
+
+def test_toy_llp_is_real_llp_format(tmp_path):
+    from mettle.extract.media import read_clip
+    from mettle.manifests import build_manifest
+
+    m = build_manifest("toy-llp", data_root=str(tmp_path / "llp"), num_clips=6, frames=True)
+    assert m.vocabularies["event"][21] == "Telephone_bell_ringing" and m.frame_rule == "first"
+    val = [c for c in m.clips if c.splits == ("val",)][0]
+    assert val.labels["audio_events"] and val.labels["video_labels"]
+    assert {e[0] for e in val.labels["audio_events"] + val.labels["visual_events"]} == set(val.labels["video_labels"])
+    from_folder = read_clip(val, tmp_path / "llp", m.frame_rule)  # 1-fps frames + .npy waves
+    (tmp_path / "llp" / "frames").rename(tmp_path / "llp" / "frames.off")
+    (tmp_path / "llp" / "wave").rename(tmp_path / "llp" / "wave.off")
+    from_video = read_clip(val, tmp_path / "llp", m.frame_rule)  # one frame per second of the video
+    diff = np.abs(from_folder.frames.astype(int) - from_video.frames.astype(int)).mean()
+    assert from_folder.frames.shape == from_video.frames.shape and diff < 12, diff
+
+
+@pytest.mark.slow
+def test_avvp_on_the_toy_llp_cache_learns(llp_cache, tmp_path):
+    source, task = open_cache(llp_cache), get_task("avvp")
+    items = task.items(source, "test")
+    zero = {"video": np.zeros((len(items), 25), np.float32), "frame": np.zeros((len(items), 10, 2, 25), np.float32)}
+    import torch
+
+    baseline = task.metrics({k: torch.from_numpy(v) for k, v in zero.items()}, None, source.manifest, items)
+    cfg = resolve_config("avvp", task.head_defaults, sets={**SMALL, "optim.epochs": 20}, cache=str(llp_cache),
+                         out=str(tmp_path), device="cpu")
+    res = fit(cfg, source, progress=False)
+    assert set(res.test) >= {"seg_a", "seg_v", "seg_av", "seg_type", "seg_event", "evt_a", "evt_type", "evt_event"}
+    assert res.test["seg_type"] > baseline["seg_type"] + 30, (res.test, baseline)
+    assert res.test["seg_event"] > 40 and res.best_epoch >= 0
+    assert len(task.table(res.test)) == 4
+
+
+def test_avvp_refuses_a_cache_without_video_labels(toy_root, tmp_path):
+    extract(ExtractConfig(dataset="toy", cache=str(tmp_path / "c"), data_root=str(toy_root),
+                          manifest_options={"num_clips": 12, "frames": True}, backbones="tiny", device="cpu",
+                          limit=6), progress=False)
+    r = CliRunner().invoke(train_cli, ["--task", "avvp", "--cache", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 2 and "needs clip labels 'video_labels'" in r.output
+
+
+@pytest.mark.slow
+def test_avqa_grounding_then_avqa_learns(avqa_cache, tmp_path):
+    source = open_cache(avqa_cache)
+    qs = source.manifest.questions
+    prior = defaultdict(Counter)
+    for q in qs:
+        if q.split == "train":
+            prior[q.qtype][q.answer] += 1
+    test = [q for q in qs if q.split == "test"]
+    prior_acc = 100 * sum(prior[q.qtype].most_common(1)[0][0] == q.answer for q in test) / len(test)
+
+    runner, out = CliRunner(), str(tmp_path / "runs")
+    sets = [f"--set={k}={v}" for k, v in SMALL.items()]
+    r = runner.invoke(train_cli, ["--task", "avqa-grounding", "--cache", str(avqa_cache), "--out", out, "-q",
+                                  "--device", "cpu", *sets, "--set", "optim.epochs=10"])
+    assert r.exit_code == 0, r.output
+    grounding = next((tmp_path / "runs").glob("avqa-grounding__*"))
+    assert json.loads((grounding / "results.json").read_text())["val"]["match_accuracy"] > 60
+    r = runner.invoke(train_cli, ["--task", "avqa", "--cache", str(avqa_cache), "--out", out, "-q", "--device", "cpu",
+                                  *sets, "--set", "optim.epochs=25", "--init-from", str(grounding)])
+    assert r.exit_code == 0, r.output
+    assert "| A-Count | A-Comp | A-Avg |" in r.output
+    results = json.loads(next((tmp_path / "runs").glob("avqa__*/results.json")).read_text())
+    assert results["initialised_tensors"] > 100  # the LCDs and the grounding module
+    acc = results["test"]
+    assert set(acc) >= {"Audio/Counting", "Visual/Counting", "Audio-Visual/Existential", "Audio-Visual/Temporal",
+                        "Audio", "Visual", "Audio-Visual", "overall"}
+    assert acc["overall"] > prior_acc + 10, (acc, prior_acc)
+
+
+def test_avqa_refuses_a_dataset_without_questions(toy_root, tmp_path):
+    extract(ExtractConfig(dataset="toy", cache=str(tmp_path / "c"), data_root=str(toy_root),
+                          manifest_options={"num_clips": 12, "frames": True}, backbones="tiny", device="cpu",
+                          limit=6), progress=False)
+    cfg = resolve_config("avqa", get_task("avqa").head_defaults, cache=str(tmp_path / "c"), device="cpu")
+    with pytest.raises(CacheError, match="task avqa needs questions"):
+        fit(cfg, open_cache(tmp_path / "c"), progress=False)

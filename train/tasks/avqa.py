@@ -1,0 +1,233 @@
+"""AVQA on MUSIC-AVQA, and its audio-visual grounding pre-training.
+
+``avqa-grounding`` (self-supervised, the original workflow's grounding-generation step): per
+segment, the audio meta-tokens ground the visual meta-tokens (audio-queried attention over the K
+visual tokens, our stand-in for spatial regions), and a small classifier tells whether the sound
+and the grounded picture come from the same clip or from another clip of the batch (binary
+cross-entropy). Metric: matching accuracy.
+
+``avqa``: the question (template filled from its values, padded to 14 words) is encoded by a
+word embedding + LSTM over the question vocabulary; the same grounding module gives per-segment
+audio and grounded visual features, fused and given temporal context; question-guided attention
+over the segments pools them; the pooled vector, gated by the question, is classified over the
+answer vocabulary.
+``--init-from RUN`` starts from a grounding run (every parameter whose name and shape match:
+the LCDs and ``head.grounding``). Metrics: accuracy per question type, per modality group and
+overall; on MUSIC-AVQA, the other release's test set is scored too (``json`` <-> ``json_update``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mettle.cache import TokenSource
+from mettle.manifests import Manifest, ManifestError, Question
+
+from ..metrics.avqa import avqa_accuracies, avqa_table
+from . import register_task
+from .base import Task
+
+log = logging.getLogger(__name__)
+QUESTION_WORDS = 14  # the reference loaders pad questions to 14 tokens
+
+
+class Grounding(nn.Module):
+    """Audio-guided attention over a segment's visual meta-tokens, and a bilinear audio-visual match score."""
+
+    def __init__(self, meta_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc_a = nn.Sequential(nn.LayerNorm(meta_dim), nn.Linear(meta_dim, hidden))
+        self.fc_v = nn.Sequential(nn.LayerNorm(meta_dim), nn.Linear(meta_dim, hidden))
+        self.match = nn.Bilinear(hidden, hidden, 1)
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, K, d) each -> audio (B, T, h) and audio-grounded visual (B, T, h) features."""
+        a = self.fc_a(audio).mean(2)
+        v = self.fc_v(visual)
+        att = torch.softmax(torch.einsum("bth,btkh->btk", a, v) / math.sqrt(a.shape[-1]), dim=-1)
+        return a, torch.einsum("btk,btkh->bth", att, v)
+
+    def score(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.match(a, v).squeeze(-1)
+
+
+class GroundingHead(nn.Module):
+    """Match logits ``(B, T, 2)``: [same clip, another clip of the batch] (batch of at least 2)."""
+
+    def __init__(self, meta_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.grounding = Grounding(meta_dim, hidden)
+
+    def forward(self, meta: Mapping[str, torch.Tensor], **_: Any) -> torch.Tensor:
+        audio, visual = meta["audio"], meta["visual"]
+        a, v_pos = self.grounding(audio, visual)
+        _, v_neg = self.grounding(audio, visual.roll(1, dims=0))
+        return torch.stack([self.grounding.score(a, v_pos), self.grounding.score(a, v_neg)], -1)
+
+
+class AVQAHead(nn.Module):
+    """``{audio, visual: (B, T, K, d)}`` + question word ids ``(B, 14)`` -> answer logits ``(B, A)``.
+
+    Per segment: grounded audio and visual features fused with their product, plus a learned
+    position embedding (questions ask "first", "how many"); one transformer layer over the
+    segments; question-guided attention pools them; the pooled vector gated by the question and the
+    question itself feed the answer classifier.
+    """
+
+    def __init__(self, meta_dim: int, vocab: int, answers: int, hidden: int = 256, dropout: float = 0.1,
+                 segments: int = 10) -> None:
+        super().__init__()
+        self.grounding = Grounding(meta_dim, hidden)
+        self.embed = nn.Embedding(vocab, hidden, padding_idx=0)
+        self.encoder = nn.LSTM(hidden, hidden, batch_first=True)
+        self.fuse = nn.Sequential(nn.LayerNorm(3 * hidden), nn.Linear(3 * hidden, hidden), nn.GELU())
+        self.position = nn.Parameter(torch.zeros(segments, hidden))
+        self.temporal = nn.TransformerEncoderLayer(hidden, 4, 2 * hidden, dropout, batch_first=True, norm_first=True)
+        self.query = nn.Linear(hidden, hidden)
+        self.out = nn.Sequential(nn.LayerNorm(2 * hidden), nn.Dropout(dropout), nn.Linear(2 * hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, answers))
+
+    def forward(self, meta: Mapping[str, torch.Tensor], question: torch.Tensor, **_: Any) -> torch.Tensor:
+        a, v = self.grounding(meta["audio"], meta["visual"])
+        x = self.fuse(torch.cat([a, v, a * v], -1)) + self.position[: a.shape[1]]
+        x = self.temporal(x)  # (B, T, h)
+        lengths = (question != 0).sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(question), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        _, (h, _) = self.encoder(packed)
+        q = h[-1]  # (B, h)
+        att = torch.softmax(torch.einsum("bth,bh->bt", x, self.query(q)) / math.sqrt(x.shape[-1]), dim=1)
+        pooled = torch.einsum("bt,bth->bh", att, x)
+        return self.out(torch.cat([pooled * q, q], -1))
+
+
+class _QuestionItems:
+    """Items are questions: indices into ``self.questions`` (the manifest's, plus the other
+    MUSIC-AVQA release's test questions mapped onto the cache's clips)."""
+
+    def prepare(self, source: TokenSource) -> None:
+        m = source.manifest
+        self.questions: list[Question] = list(m.questions)
+        self.splits: dict[str, list[int]] = {}
+        ok = set(source.rows())
+        for i, q in enumerate(self.questions):
+            if q.clip_index in ok:
+                self.splits.setdefault(q.split, []).append(i)
+        left = sum(q.clip_index not in ok for q in self.questions)
+        if left:
+            log.warning("%d questions are about clips that failed extraction and are left out", left)
+        self.extra = {}
+        if m.dataset == "music-avqa":
+            self._add_other_release(m, ok)
+
+    def _add_other_release(self, m: Manifest, ok: set[int]) -> None:
+        from mettle.manifests import build_manifest
+
+        version = m.options.get("version", "json")
+        other = "json_update" if version == "json" else "json"
+        try:
+            om = build_manifest("music-avqa", version=other)
+        except (ManifestError, OSError) as e:
+            log.warning("could not load the %s test questions (%s); scoring %s only", other, e, version)
+            return
+        row_of = {c.clip_id: i for i, c in enumerate(m.clips)}
+        name = f"test_{other}"
+        items, missing = [], 0
+        for q in om.questions:
+            row = row_of.get(om.clips[q.clip_index].clip_id)
+            if q.split != "test":
+                continue
+            if row is None or row not in ok:
+                missing += 1
+                continue
+            items.append(len(self.questions))
+            self.questions.append(Question(q.question_id, row, name, q.qtype, q.template, q.values, q.answer))
+        self.splits[name] = items
+        self.extra[name] = missing
+
+    def items(self, source: TokenSource, split: str) -> list[int]:
+        if getattr(self, "_source", None) is not source:
+            self.prepare(source)
+            self._source = source
+        return list(self.splits.get(split, []))
+
+    def item_rows(self, manifest: Manifest, items: Sequence[int]) -> list[int]:
+        return [self.questions[i].clip_index for i in items]
+
+
+@register_task
+class AVQATask(_QuestionItems, Task):
+    name = "avqa"
+    summary = "MUSIC-AVQA question answering: accuracy per question type, modality group and overall"
+    modalities = ("visual", "audio")
+    head_defaults = {"hidden": 256, "dropout": 0.1}
+    select_metric = "overall"
+
+    def check(self, manifest: Manifest) -> None:
+        from mettle.cache import CacheError
+
+        if not manifest.questions:
+            raise CacheError(f"task avqa needs questions, which dataset {manifest.dataset} does not have. "
+                             "Fix: use a MUSIC-AVQA cache (dataset music-avqa or toy-avqa)")
+
+    def extra_splits(self, source: TokenSource) -> list[str]:
+        self.items(source, "test")
+        return [s for s in self.splits if s.startswith("test_")]
+
+    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest) -> nn.Module:
+        return AVQAHead(meta_dim, len(manifest.vocabularies["question_word"]), len(manifest.vocabularies["answer"]),
+                        int(head["hidden"]), float(head["dropout"]), manifest.clips[0].num_segments)
+
+    def head_inputs(self, manifest: Manifest, items: Sequence[int]) -> dict[str, torch.Tensor]:
+        index = {w: i for i, w in enumerate(manifest.vocabularies["question_word"])}
+        ids = torch.zeros(len(items), QUESTION_WORDS, dtype=torch.long)
+        for k, i in enumerate(items):
+            words = [index[w] for w in self.questions[i].words()][:QUESTION_WORDS]
+            ids[k, :len(words)] = torch.tensor(words)
+        return {"question": ids}
+
+    def targets(self, manifest: Manifest, items: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([self.questions[i].answer for i in items], dtype=torch.long)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets)
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, manifest: Manifest,
+                items: Sequence[int]) -> dict[str, float]:
+        return avqa_accuracies(outputs.argmax(-1).tolist(), targets.tolist(), [self.questions[i].qtype for i in items])
+
+    def table(self, metrics: Mapping[str, float]) -> list[str]:
+        return avqa_table(metrics)
+
+
+@register_task
+class AVQAGroundingTask(Task):
+    name = "avqa-grounding"
+    summary = "self-supervised audio-visual grounding (same clip vs another clip) to initialise avqa"
+    modalities = ("visual", "audio")
+    head_defaults = {"hidden": 256}
+    select_metric = "match_accuracy"
+
+    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest) -> nn.Module:
+        return GroundingHead(meta_dim, int(head["hidden"]))
+
+    def targets(self, manifest: Manifest, items: Sequence[int]) -> torch.Tensor:
+        return torch.zeros(len(items))  # self-supervised: the labels are built into the outputs
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if outputs.shape[0] < 2:
+            return F.binary_cross_entropy_with_logits(outputs[..., 0], torch.ones_like(outputs[..., 0]))
+        labels = torch.zeros_like(outputs)
+        labels[..., 0] = 1.0
+        return F.binary_cross_entropy_with_logits(outputs, labels)
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, manifest: Manifest,
+                items: Sequence[int]) -> dict[str, float]:
+        pos, neg = outputs[..., 0], outputs[..., 1]
+        return {"match_accuracy": 100.0 * float(torch.cat([(pos > 0).flatten(), (neg < 0).flatten()]).float().mean())}
