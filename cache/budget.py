@@ -122,7 +122,7 @@ PRESET_SUMMARY = {
     "segmentation": "visual stage outputs + last-stage blocks of both backbones, full resolution (AVS)",
 }
 # datasets whose task needs the segmentation preset; everything else is classification
-_DATASET_PRESET = {"avsbench-s4": "segmentation", "avsbench-ms3": "segmentation"}
+_DATASET_PRESET = {"avsbench-s4": "segmentation", "avsbench-ms3": "segmentation", "toy-avs": "segmentation"}
 
 
 def default_preset(dataset: str) -> str:

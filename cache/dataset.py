@@ -28,7 +28,7 @@ class TokenDataset(Dataset):
     def __init__(self, cache, rows: Sequence[int], keys: Sequence[str], dtype: str = "float32",
                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
         for k in keys:
-            cache.meta.array(k)  # unknown keys fail here, naming the valid ones
+            cache.meta.check_key(k)  # unknown keys fail here, naming the valid ones
         self.cache, self.rows, self.keys, self.dtype = cache, list(rows), list(keys), dtype
         self.memory_budget = memory_budget
         self._kept: dict[int, dict[str, torch.Tensor]] = {}

@@ -41,6 +41,7 @@ H5_FILE = "tokens.h5"
 H5_SHARD_DIR = "shards"
 STORAGES = ("zarr", "hdf5")
 OK = "ok"
+TARGETS = "targets/"  # key prefix of per-clip training targets stored beside the tokens (AVS masks)
 
 
 def shard_name(shard: int) -> str:
@@ -103,6 +104,7 @@ class CacheMeta:
     format_version: int = FORMAT_VERSION
     created: str = ""
     extract: Mapping[str, Any] = field(default_factory=dict)  # resolved run options, informational
+    targets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> {shape, dtype, missing}
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -122,6 +124,18 @@ class CacheMeta:
 
     def keys(self, modality: str | None = None) -> list[str]:
         return [a.key for a in self.arrays if modality in (None, a.modality)]
+
+    def check_key(self, key: str) -> None:
+        """Refuse an unknown token array or target key, naming the valid ones."""
+        if key.startswith(TARGETS):
+            if key[len(TARGETS):] not in self.targets:
+                raise CacheError(f"the cache holds no target {key!r}. Fix: use one of "
+                                 f"{', '.join(TARGETS + t for t in self.targets) or 'none (no targets cached)'}")
+        else:
+            self.array(key)
+
+    def target_shape(self, name: str) -> tuple[int, ...]:
+        return (self.num_clips, *self.targets[name]["shape"])
 
     def shape(self, spec: ArraySpec) -> tuple[int, int, int, int]:
         return (self.num_clips, self.num_segments, spec.tokens, spec.dim)
@@ -177,7 +191,8 @@ class CacheMeta:
             return cls(d["dataset"], d["manifest_sha256"], int(d["num_clips"]), int(d["num_segments"]),
                        {k: tuple(v) for k, v in d["vocabularies"].items()}, d["storage"], d["preset"], d["tokens"],
                        d["dtype"], int(d["shard_clips"]), backbones, arrays, d["mettle_version"], version,
-                       d.get("created", ""), dict(d.get("extract", {})))
+                       d.get("created", ""), dict(d.get("extract", {})),
+                       {k: dict(v) for k, v in d.get("targets", {}).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{where} is damaged ({e.__class__.__name__}: {e}). Fix: re-extract with "
                              "mettle-extract ... --overwrite") from None

@@ -38,6 +38,9 @@ def describe(cache: Cache | str | Path, max_failures: int = 10) -> list[str]:
     for a in m.arrays:
         shape = "x".join(map(str, m.shape(a)))
         lines.append(f"          {a.key:<32} {shape:<25} {a.grid[0]}x{a.grid[1]} ({a.source_grid[0]}x{a.source_grid[1]})")
+    for name, spec in m.targets.items():
+        shape = "x".join(map(str, m.target_shape(name)))
+        lines.append(f"targets   targets/{name:<24} {shape:<25} {spec['dtype']} ({spec.get('missing', '-')} = none)")
     failed = cache.failed
     failed = {k: v for k, v in failed.items() if v != "not extracted yet"}
     for clip_id, why in list(failed.items())[:max_failures]:

@@ -17,7 +17,7 @@ from mettle.manifests import Manifest, ManifestError
 
 from .dtypes import decode, get_dtype
 from .errors import CacheError
-from .format import DONE_FILE, MANIFEST_FILE, OK, CacheMeta
+from .format import DONE_FILE, MANIFEST_FILE, OK, TARGETS, CacheMeta
 from .dataset import DEFAULT_MEMORY_BUDGET
 from .source import TokenSource
 from .store import SCALE, get_store
@@ -53,8 +53,11 @@ class Cache(TokenSource):
 
     # ------------------------------------------------------------------ arrays
     def read(self, key: str, rows: Sequence[int] | slice, out: str = "float32") -> np.ndarray:
-        """Tokens ``(len(rows), segments, tokens, dim)`` of array ``key``, decoded to numpy dtype ``out``."""
-        self.meta.array(key)  # names the valid keys when this one is unknown
+        """Tokens ``(len(rows), segments, tokens, dim)`` of array ``key``, decoded to numpy dtype ``out``
+        (or a ``targets/<name>`` array as stored)."""
+        self.meta.check_key(key)  # names the valid keys when this one is unknown
+        if key.startswith(TARGETS):
+            return self.store.read(key, rows)  # targets are stored as they are used (uint8 masks)
         codes = self.store.read(key, rows)
         scale = self.store.read(key + SCALE, rows) if self._dtype.scaled else None
         return decode(codes, scale, out)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .dtypes import get_dtype
 from .errors import CacheError
-from .format import H5_FILE, H5_SHARD_DIR, ZARR_DIR, CacheMeta, shard_name
+from .format import H5_FILE, H5_SHARD_DIR, TARGETS, ZARR_DIR, CacheMeta, shard_name
 
 SCALE = ".scale"
 
@@ -34,6 +34,8 @@ def stored_arrays(meta: CacheMeta) -> list[tuple[str, tuple[int, ...], str]]:
         out.append((spec.key, shape, dt.numpy))
         if dt.scaled:
             out.append((spec.key + SCALE, shape[:3], "float32"))
+    for name, t in meta.targets.items():
+        out.append((TARGETS + name, meta.target_shape(name), t["dtype"]))
     return out
 
 
@@ -54,8 +56,9 @@ class ZarrStore:
 
         group = zarr.open_group(str(self.path), mode="w", attributes={"mettle_cache": self.meta.slug})
         for name, shape, dtype in stored_arrays(self.meta):
+            compressors = "auto" if name.startswith(TARGETS) else None  # masks compress well; tokens do not
             group.create_array(name, shape=shape, chunks=(1, *shape[1:]), shards=(self.meta.shard_clips, *shape[1:]),
-                               dtype=dtype, compressors=None, fill_value=0)
+                               dtype=dtype, compressors=compressors, fill_value=0)
 
     def _array(self, name: str):
         import zarr

@@ -20,7 +20,7 @@ from mettle.manifests import Manifest
 
 from .dtypes import decode, encode, get_dtype
 from .errors import CacheError
-from .format import (DONE_FILE, H5_FILE, H5_SHARD_DIR, MANIFEST_FILE, META_FILE, OK, STATUS_DIR, ZARR_DIR,
+from .format import (DONE_FILE, H5_FILE, H5_SHARD_DIR, MANIFEST_FILE, META_FILE, OK, STATUS_DIR, TARGETS, ZARR_DIR,
                      CacheMeta, shard_name, write_json_atomic)
 from .store import SCALE, get_store
 
@@ -41,6 +41,8 @@ class ShardBuffer:
         n, t = len(self.rows), meta.num_segments
         self.codes = {a.key: np.zeros((n, t, a.tokens, a.dim), self.dtype.numpy) for a in meta.arrays}
         self.scales = {a.key: np.zeros((n, t, a.tokens), np.float32) for a in meta.arrays} if self.dtype.scaled else {}
+        self.targets = {name: np.full((n, *spec["shape"]), spec.get("missing", 0), spec["dtype"])
+                        for name, spec in meta.targets.items()}
 
     def put(self, key: str, local_row: int, segments: slice, tokens: np.ndarray) -> None:
         """Store float tokens ``(segments, N, D)`` of one clip; raises CacheError (e.g. float16 overflow)."""
@@ -49,13 +51,19 @@ class ShardBuffer:
         if scale is not None:
             self.scales[key][local_row, segments] = scale
 
+    def put_target(self, name: str, local_row: int, value: np.ndarray) -> None:
+        self.targets[name][local_row] = value
+
     def clear(self, local_row: int) -> None:
         for arr in (*self.codes.values(), *self.scales.values()):
             arr[local_row] = 0
+        for name, arr in self.targets.items():
+            arr[local_row] = self.meta.targets[name].get("missing", 0)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = dict(self.codes)
         out.update({k + SCALE: v for k, v in self.scales.items()})
+        out.update({TARGETS + k: v for k, v in self.targets.items()})
         return out
 
     def tokens(self, key: str, local_row: int) -> np.ndarray:

@@ -73,8 +73,10 @@ def extract_shard_task(cfg: ExtractConfig, shard: int) -> ShardStatus:
     writer = CacheWriter(root, meta)
     forwards = _forwards(cfg, writer)
     with ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode") as pool:
-        decodes = submit_decodes(pool, manifest, data_root_of(cfg), meta.shard_rows(shard))
-        buffer, status = process_shard(meta, manifest, shard, decodes, forwards, cfg.batch_size, cfg.on_error)
+        root = data_root_of(cfg)
+        decodes = submit_decodes(pool, manifest, root, meta.shard_rows(shard))
+        buffer, status = process_shard(meta, manifest, shard, decodes, forwards, cfg.batch_size, cfg.on_error,
+                                       data_root=root)
     return writer.write_shard(buffer, status)
 
 

@@ -17,13 +17,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from mettle.cache import TokenSource, plan_cache
+from mettle.cache.format import TARGETS
 from mettle.manifests import Manifest
 
 from .backbones import Backbone
-from .media import read_clip
+from .media import MASK_SIZE, MISSING, read_clip, read_masks
 from .tokens import TokenForward, resolve_device
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,10 @@ class LiveSource(TokenSource):
         self.manifest = manifest
         self.data_root = Path(data_root)
         self.backbones = dict(backbones)
+        targets = {"masks": {"shape": [manifest.clips[0].num_segments, MASK_SIZE, MASK_SIZE], "dtype": "uint8",
+                             "missing": MISSING}} if any("masks" in c.labels for c in manifest.clips) else {}
         meta = plan_cache(manifest, {m: b.record() for m, b in self.backbones.items()}, preset=preset,
-                          tokens=tokens, dtype="float32", shard_clips=1)
+                          tokens=tokens, dtype="float32", shard_clips=1, targets=targets)
         self.meta = replace(meta, storage="live")
         self.clip_status = ["ok"] * len(manifest)
         self.device = resolve_device(device)
@@ -65,7 +69,10 @@ class LiveSource(TokenSource):
 
     def iterate(self, batches: Sequence[Sequence[int]], keys: Sequence[str], workers: int = 0,
                 seed: int = 0) -> Iterator[dict[str, Any]]:
-        modalities = [m for m in self.backbones if any(self.meta.array(k).modality == m for k in keys)]
+        for k in keys:
+            self.meta.check_key(k)
+        token_keys = [k for k in keys if not k.startswith(TARGETS)]
+        modalities = [m for m in self.backbones if any(self.meta.array(k).modality == m for k in token_keys)]
         with ThreadPoolExecutor(max(1, self.decode_threads), thread_name_prefix="live-decode") as pool:
             def submit(rows):
                 return [pool.submit(read_clip, self.manifest.clips[r], self.data_root, self.manifest.frame_rule)
@@ -78,10 +85,13 @@ class LiveSource(TokenSource):
                     pending = submit(batches[i + 1])  # decode ahead while the backbones run
                 tokens: dict[str, torch.Tensor] = {}
                 for m in modalities:
-                    fw = self._forward(m, keys)
+                    fw = self._forward(m, token_keys)
                     x = torch.cat([fw.backbone.preprocess(c.frames if m == "visual" else c.audio) for c in media])
                     for key, t in fw(x).items():
                         tokens[key] = t.view(len(rows), -1, *t.shape[1:])
+                if TARGETS + "masks" in keys:
+                    tokens[TARGETS + "masks"] = torch.from_numpy(
+                        np.stack([read_masks(self.manifest.clips[r], self.data_root) for r in rows]))
                 yield {"row": torch.tensor(list(rows)), "tokens": {k: tokens[k] for k in keys}}
 
     def describe(self) -> str:

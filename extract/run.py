@@ -21,6 +21,7 @@ from mettle.cache import OK, CacheWriter, ShardStatus, create_cache, default_pre
 from mettle.manifests import Manifest, build_manifest, get_dataset
 
 from .config import ExtractConfig, load_backbones
+from .media import MASK_SIZE, MISSING
 from .shard import process_shard, submit_decodes
 from .tokens import TokenForward, resolve_device
 
@@ -86,9 +87,13 @@ def prepare(cfg: ExtractConfig, backbones=None) -> tuple[CacheWriter, Manifest, 
         raise ValueError(f"--data-root {root} is not a folder. Fix: pass the folder holding the {cfg.dataset} "
                          "media (layouts in the README, 'Datasets')")
     backbones = backbones if backbones is not None else load_backbones(cfg)
+    targets = {}
+    if any("masks" in c.labels for c in manifest.clips):  # AVS: masks travel with the tokens
+        targets["masks"] = {"shape": [manifest.clips[0].num_segments, MASK_SIZE, MASK_SIZE], "dtype": "uint8",
+                            "missing": MISSING}
     meta = plan_cache(manifest, {m: b.record() for m, b in backbones.items()}, storage=cfg.format,
                       preset=cfg.preset or default_preset(cfg.dataset), tokens=cfg.tokens, dtype=cfg.dtype,
-                      shard_clips=cfg.shard_clips, extract=cfg.to_dict())
+                      shard_clips=cfg.shard_clips, extract=cfg.to_dict(), targets=targets)
     writer = create_cache(cfg.cache, meta, manifest, overwrite=cfg.overwrite)
     return writer, manifest, backbones
 
@@ -147,7 +152,7 @@ def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, backb
                 queued = submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(todo[i + 1]))
             try:
                 buffer, status = process_shard(writer.meta, manifest, shard, decodes, forwards, cfg.batch_size,
-                                               cfg.on_error, on_clip=bar.update)
+                                               cfg.on_error, on_clip=bar.update, data_root=root)
             except BaseException:
                 for f in queued:
                     f.cancel()

@@ -22,7 +22,7 @@ import torch
 from mettle.cache import OK, CacheError, CacheMeta, ShardBuffer, ShardStatus
 from mettle.manifests import Manifest
 
-from .media import MediaError, read_clip
+from .media import MediaError, read_clip, read_masks
 from .tokens import TokenForward
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class _Pending:
 
 def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[Future],
                   forwards: Mapping[str, TokenForward], batch_size: int, on_error: str = "fail",
-                  on_clip: Callable[[], None] | None = None) -> tuple[ShardBuffer, ShardStatus]:
+                  on_clip: Callable[[], None] | None = None, data_root: Path | None = None
+                  ) -> tuple[ShardBuffer, ShardStatus]:
     """Fill one shard's buffer. Returns it with the shard's status (per clip ``ok`` or the error).
 
     With ``on_error="fail"`` the first bad clip raises :class:`ExtractError`; with ``"skip"`` its
@@ -103,6 +104,12 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
         except MediaError as e:
             media = None
             fail(local, str(e))
+        if media is not None and "masks" in meta.targets:
+            try:
+                buffer.put_target("masks", local, read_masks(manifest.clips[rows[local]], data_root))
+            except MediaError as e:
+                media = None
+                fail(local, str(e))
         timing["decode"] += time.perf_counter() - t0
         if media is not None:
             for modality, fw in forwards.items():

@@ -24,14 +24,15 @@ class ConfigError(ValueError):
 class LCDConfig:
     """Layer-Centric Distillation options (see ``lcd.py``).
 
-    layers: ``all`` | ``last-stage`` | ``every-N`` (every N-th block, counted from the last) |
+    layers: ``auto`` (the task's choice: every block for classification, the last stage for AVS) |
+        ``all`` | ``last-stage`` | ``every-N`` (every N-th block, counted from the last) |
         comma-separated block names (``stage2.block17,stage3.block1``).
     """
 
     meta_tokens: int = 8
     dim: int = 256
     heads: int = 4
-    layers: str = "all"
+    layers: str = "auto"
     adapt: bool = True
     preserve: bool = True
     mlp_ratio: float = 2.0

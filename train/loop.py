@@ -88,19 +88,33 @@ def _to(batch_tokens: dict[str, torch.Tensor], device: torch.device) -> dict[str
 def predict(model: MettleModel, task: Task, source: TokenSource, items: Sequence[int], batch_size: int,
             device: torch.device, workers: int = 0) -> torch.Tensor | dict[str, torch.Tensor]:
     """The model's outputs for ``items``, in order, on the CPU (a tensor, or a dict of tensors)."""
+    return _predict(model, task, source, items, batch_size, device, workers)[0]
+
+
+@torch.no_grad()
+def _predict(model: MettleModel, task: Task, source: TokenSource, items: Sequence[int], batch_size: int,
+             device: torch.device, workers: int = 0):
+    """(outputs, batch-carried targets or None) for ``items``, in order, on the CPU."""
     model.eval()
     batches = _batches(list(items), batch_size, None)
-    outs = []
+    outs, targets = [], []
     rows = [task.item_rows(source.manifest, b) for b in batches]
-    for b, data in zip(batches, source.iterate(rows, model.keys, workers)):
+    for b, data in zip(batches, source.iterate(rows, model.keys + list(task.target_keys), workers)):
         extra = {k: v.to(device) for k, v in task.head_inputs(source.manifest, b).items()}
-        out = model(_to(data["tokens"], device), **extra)
+        out = model(_to(_tokens(data, task), device), **extra)
         outs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
+        carried = task.batch_targets(data)
+        if carried is not None:
+            targets.append(carried)
     if not outs:
-        return torch.empty(0)
-    if isinstance(outs[0], dict):
-        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-    return torch.cat(outs)
+        return torch.empty(0), None
+    cat = {k: torch.cat([o[k] for o in outs]) for k in outs[0]} if isinstance(outs[0], dict) else torch.cat(outs)
+    return cat, torch.cat(targets) if targets else None
+
+
+def _tokens(data: dict[str, Any], task: Task) -> dict[str, torch.Tensor]:
+    """The batch's token arrays, without the targets that travel with them."""
+    return {k: v for k, v in data["tokens"].items() if k not in task.target_keys}
 
 
 def evaluate(model: MettleModel, task: Task, source: TokenSource, split: str, batch_size: int,
@@ -108,8 +122,9 @@ def evaluate(model: MettleModel, task: Task, source: TokenSource, split: str, ba
     items = task.items(source, split)
     if not items:
         return {}
-    outputs = predict(model, task, source, items, batch_size, device, workers)
-    targets = task.targets(source.manifest, items)
+    outputs, targets = _predict(model, task, source, items, batch_size, device, workers)
+    if targets is None:
+        targets = task.targets(source.manifest, items)
     return {**task.metrics(outputs, targets, source.manifest, items), "loss": float(task.loss(outputs, targets))}
 
 
@@ -154,10 +169,13 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         batches = _batches(train_items, cfg.optim.batch_size, generator)
         rows = [task.item_rows(source.manifest, b) for b in batches]
         losses = []
-        for b, data in zip(batches, source.iterate(rows, model.keys, cfg.workers, seed=cfg.seed + epoch)):
+        keys = model.keys + list(task.target_keys)
+        for b, data in zip(batches, source.iterate(rows, keys, cfg.workers, seed=cfg.seed + epoch)):
             extra = {k: v.to(device) for k, v in task.head_inputs(source.manifest, b).items()}
-            out = model(_to(data["tokens"], device), **extra)
-            loss = task.loss(out, task.targets(source.manifest, b).to(device))
+            out = model(_to(_tokens(data, task), device), **extra)
+            target = task.batch_targets(data)
+            target = task.targets(source.manifest, b) if target is None else target
+            loss = task.loss(out, target.to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step} (rows {b[:4]}...). "
                                          "Fix: lower optim.lr, or check the cache for bad tokens")

@@ -20,15 +20,20 @@ class MettleModel(nn.Module):
 
     def __init__(self, meta: CacheMeta, manifest: Manifest, cfg: TrainConfig, task: Task) -> None:
         super().__init__()
-        self.lcds = nn.ModuleDict({m: LCD(select_layers(meta, m, cfg.lcd.layers), cfg.lcd) for m in task.modalities})
-        self.head = task.build_head(cfg.head, cfg.lcd.dim, cfg.lcd.meta_tokens, manifest)
+        layers = task.default_layers if cfg.lcd.layers == "auto" else cfg.lcd.layers
+        self.lcds = nn.ModuleDict({m: LCD(select_layers(meta, m, layers), cfg.lcd) for m in task.modalities})
+        self.direct = task.extra_keys(meta)
+        self.head = task.build_head(cfg.head, cfg.lcd.dim, cfg.lcd.meta_tokens, manifest, meta=meta)
 
     @property
     def keys(self) -> list[str]:
-        """The token arrays this model reads."""
-        return [k for lcd in self.lcds.values() for k in lcd.keys]
+        """The token arrays this model reads (LCD layers, then arrays the head reads directly)."""
+        keys = [k for lcd in self.lcds.values() for k in lcd.keys]
+        return keys + [k for k in self.direct if k not in keys]
 
     def forward(self, tokens: Mapping[str, torch.Tensor], **head_inputs: Any) -> torch.Tensor:
+        if self.direct:
+            head_inputs["tokens"] = tokens
         return self.head({m: lcd(tokens) for m, lcd in self.lcds.items()}, **head_inputs)
 
 

@@ -47,8 +47,12 @@ def source_identity(source: TokenSource) -> dict[str, Any]:
 
 
 def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, progress: bool = True,
-              plot: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Train into a run folder (or return the finished one's results: reruns skip finished work)."""
+              plot: bool = True, save_masks: int = 0) -> tuple[Path, dict[str, Any]]:
+    """Train into a run folder (or return the finished one's results: reruns skip finished work).
+
+    ``save_masks`` (segmentation tasks): write predicted-vs-true mask overlays of that many test
+    clips into ``<run>/masks/``.
+    """
     run_dir = Path(cfg.out) / run_name(cfg, source)
     if (run_dir / RESULTS).is_file() and not overwrite:
         log.info("%s is finished; not training again (pass --overwrite to)", run_dir)
@@ -79,6 +83,8 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
                                                  for line in ["", f"{name}:", *task.table(m)] if m]}
     if plot:
         plot_curves(res.history, task.select_metric, run_dir / "curves.png")
+    if save_masks:
+        results["mask_overlays"] = [str(p) for p in write_masks(res, task, source, cfg, run_dir / "masks", save_masks)]
     write_json_atomic(run_dir / RESULTS, results)
     return run_dir, results
 
@@ -99,6 +105,17 @@ def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> 
            for split in ("val", "test")}
     return {"task": cfg.task, "checkpoint": str(checkpoint), **out, "table": task.table(out["test"]),
             "source": source_identity(source)}
+
+
+def write_masks(res: FitResult, task, source: TokenSource, cfg: TrainConfig, folder: Path, n: int) -> list[Path]:
+    """Overlays of predicted vs true masks for the first ``n`` test clips (segmentation tasks)."""
+    from .loop import _predict
+
+    if not hasattr(task, "save_examples"):
+        raise ValueError(f"--save-masks: task {cfg.task} does not predict masks. Fix: use it with avs-s4 or avs-ms3")
+    items = task.items(source, "test")[:n]
+    outputs, targets = _predict(res.model, task, source, items, cfg.optim.batch_size, resolve_device(cfg.device))
+    return task.save_examples(outputs, targets, source.manifest, items, folder)
 
 
 def plot_curves(history: list[dict[str, Any]], metric: str, path: Path) -> None:

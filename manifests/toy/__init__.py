@@ -3,7 +3,7 @@
 48 clips of 10 s (32/8/8), 4 events + background; an event is a coloured moving shape and a
 matching sound, with distractors (sound without picture and the reverse) so both modalities are
 needed. It is the default of the demo and the fixture of the tests. Variants in other datasets'
-formats: ``toy-llp`` (``llp.py``) and ``toy-avqa`` (``avqa.py``).
+formats: ``toy-llp`` (``llp.py``), ``toy-avqa`` (``avqa.py``) and ``toy-avs`` (``avs.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ..ave import parse_ave_folder
 from ..schema import Manifest
 from .generate import ToyParams, generate_toy
 from .avqa import build_toy_avqa, generate_toy_avqa  # registers toy-avqa
+from .avs import TOY_S4_CATEGORIES, build_toy_avs, generate_toy_avs  # registers toy-avs
 from .llp import TOY_LLP_CLASSES, build_toy_llp, generate_toy_llp  # registers toy-llp
 from .synth import TOY_CLASSES
 
@@ -30,5 +31,5 @@ def build_toy(data_root: str = DEFAULT_ROOT, num_clips: int = 48, seed: int = 0,
                     {**m.options, "num_clips": int(num_clips), "seed": int(seed)})
 
 
-__all__ = ["DEFAULT_ROOT", "TOY_CLASSES", "TOY_LLP_CLASSES", "ToyParams", "build_toy", "build_toy_avqa", "build_toy_llp", "generate_toy",
+__all__ = ["DEFAULT_ROOT", "TOY_CLASSES", "TOY_S4_CATEGORIES", "build_toy_avs", "generate_toy_avs", "TOY_LLP_CLASSES", "ToyParams", "build_toy", "build_toy_avqa", "build_toy_llp", "generate_toy",
            "generate_toy_avqa", "generate_toy_llp"]

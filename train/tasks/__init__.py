@@ -27,7 +27,7 @@ def get_task(name: str) -> Task:
 
 
 def _load() -> None:
-    from . import ave, avqa, avvp  # noqa: F401  (each registers itself)
+    from . import ave, avqa, avs, avvp  # noqa: F401  (each registers itself)
 
 
 __all__ = ["Task", "get_task", "list_tasks", "register_task"]

@@ -54,7 +54,8 @@ class AVETask(Task):
     select_metric = "accuracy"
     label_key = "segment_labels"
 
-    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest) -> nn.Module:
+    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest,
+                   meta: Any = None) -> nn.Module:
         return AVEHead(meta_dim, len(manifest.vocabularies["event"]), int(head["hidden"]), str(head["temporal"]),
                        float(head["dropout"]))
 

@@ -180,7 +180,8 @@ class AVQATask(_QuestionItems, Task):
         self.items(source, "test")
         return [s for s in self.splits if s.startswith("test_")]
 
-    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest) -> nn.Module:
+    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest,
+                   meta: Any = None) -> nn.Module:
         return AVQAHead(meta_dim, len(manifest.vocabularies["question_word"]), len(manifest.vocabularies["answer"]),
                         int(head["hidden"]), float(head["dropout"]), manifest.clips[0].num_segments)
 
@@ -214,7 +215,8 @@ class AVQAGroundingTask(Task):
     head_defaults = {"hidden": 256}
     select_metric = "match_accuracy"
 
-    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest) -> nn.Module:
+    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest,
+                   meta: Any = None) -> nn.Module:
         return GroundingHead(meta_dim, int(head["hidden"]))
 
     def targets(self, manifest: Manifest, items: Sequence[int]) -> torch.Tensor:

@@ -68,7 +68,8 @@ class AVVPTask(Task):
     select_metric = "seg_type"
     label_key = "video_labels"
 
-    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest) -> nn.Module:
+    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest,
+                   meta: Any = None) -> nn.Module:
         self.smoothing = float(head["label_smoothing"])
         return AVVPHead(meta_dim, len(manifest.vocabularies["event"]), int(head["hidden"]), int(head["heads"]),
                         float(head["dropout"]))

@@ -26,6 +26,8 @@ class Task:
     head_defaults: Mapping[str, Any] = {}
     select_metric: str = ""
     label_key: str = ""  # the clip label the task needs (checked on the manifest)
+    default_layers: str = "all"  # what lcd.layers=auto means for this task
+    target_keys: tuple[str, ...] = ()  # targets read from the token source with the tokens (AVS masks)
 
     def check(self, manifest: Manifest) -> None:
         """Refuse a manifest without the labels this task trains on."""
@@ -45,8 +47,17 @@ class Task:
         """Further test sets scored with the best weights (e.g. the other MUSIC-AVQA release)."""
         return []
 
-    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest) -> nn.Module:
+    def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest,
+                   meta: Any = None) -> nn.Module:
         raise NotImplementedError
+
+    def extra_keys(self, meta) -> list[str]:
+        """Token arrays the head reads directly, besides the LCD layers (AVS: the visual stage maps)."""
+        return []
+
+    def batch_targets(self, data: Mapping[str, Any]) -> torch.Tensor | None:
+        """Targets carried by a source batch (``target_keys``); None: targets come from the manifest."""
+        return None
 
     def head_inputs(self, manifest: Manifest, items: Sequence[int]) -> dict[str, torch.Tensor]:
         """Extra per-item inputs of the head (e.g. question words); none by default."""
