@@ -22,11 +22,12 @@ import torch
 
 from mettle.cache import TokenSource, plan_cache
 from mettle.cache.format import TARGETS
+from mettle.cache.runtime import resolve_device
 from mettle.manifests import Manifest
 
 from .backbones import Backbone
 from .media import MASK_SIZE, MISSING, read_clip, read_masks
-from .tokens import TokenForward, resolve_device
+from .tokens import TokenForward
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,13 @@ from typing import Any
 from tqdm import tqdm
 
 from mettle.cache import OK, CacheWriter, ShardStatus, create_cache, default_preset, plan_cache
+from mettle.cache.runtime import resolve_device
 from mettle.manifests import Manifest, build_manifest, get_dataset
 
 from .config import ExtractConfig, load_backbones
 from .media import MASK_SIZE, MISSING
 from .shard import process_shard, submit_decodes
-from .tokens import TokenForward, resolve_device
+from .tokens import TokenForward
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import socket
 import time
 from concurrent.futures import Executor, Future
@@ -20,6 +19,7 @@ from typing import Callable, Mapping
 import torch
 
 from mettle.cache import OK, CacheError, CacheMeta, ShardBuffer, ShardStatus
+from mettle.cache.runtime import peak_memory
 from mettle.manifests import Manifest
 
 from .media import MediaError, read_clip, read_masks
@@ -137,10 +137,3 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
                      worker=f"{socket.gethostname()}:{os.getpid()}",
                      extra={"autocast": {m: fw.autocast for m, fw in forwards.items()}})
     return buffer, st
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA max allocated on a GPU, else the process's peak resident set."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -21,19 +21,6 @@ log = logging.getLogger(__name__)
 AUTOCAST_TOLERANCE = 1e-2  # relative L2 error per block allowed for float16 autocast against float32
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else CPU; anything else as torch reads it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for CUDA, but torch sees no CUDA device. Fix: use --device cpu")
-    return dev
-
-
 class TokenForward:
     """Run one frozen backbone on a batch of segments and return the selected blocks' tokens.
 

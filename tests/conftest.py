@@ -24,3 +24,16 @@ def toy_manifest(toy_root):
     from mettle.manifests import build_manifest
 
     return build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True)
+
+
+@pytest.fixture(scope="session")
+def small_toy_cache(toy_root, tmp_path_factory) -> Path:
+    """A 6-clip AVE-format toy cache (tiny backbones): a cache without the labels other tasks need."""
+    from mettle.extract.config import ExtractConfig
+    from mettle.extract.run import extract
+
+    path = tmp_path_factory.mktemp("small_toy_cache") / "cache"
+    extract(ExtractConfig(dataset="toy", cache=str(path), data_root=str(toy_root),
+                          manifest_options={"num_clips": 12, "frames": True}, backbones="tiny", device="cpu",
+                          limit=6), progress=False)
+    return path

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mettle.cache import TokenSource
+from mettle.cache.runtime import peak_memory, resolve_device
 
 from .config import TrainConfig
 from .model import MettleModel, count_parameters
@@ -44,24 +44,6 @@ class FitResult:
     seconds_per_epoch: float = 0.0
     peak_memory: int = 0
     trainable_parameters: int = 0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for CUDA, but torch sees no CUDA device. Fix: use --device cpu")
-    return dev
-
-
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def build_model(cfg: TrainConfig, source: TokenSource, task: Task | None = None) -> MettleModel:

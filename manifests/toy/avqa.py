@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import numpy as np
 from .._registry import register_dataset
 from ..avqa import parse_avqa_folder
 from ..schema import Manifest
-from .generate import DONE_FILE, ToyParams, prepare_folder, write_frame_folder, write_video
+from .generate import DONE_FILE, ToyParams, begin, split_of, write_frame_folder, write_video
 from .synth import TOY_CLASSES, ClipScript, make_qa_script, render_audio, render_frames
 
 log = logging.getLogger(__name__)
@@ -60,19 +60,17 @@ def questions_for(script: ClipScript, rng: np.random.Generator) -> list[tuple[st
 
 def generate_toy_avqa(root: str | Path, params: ToyParams = ToyParams(), overwrite: bool = False) -> Path:
     """Generate the MUSIC-AVQA-format toy dataset into ``root`` (skipped when a complete one is there)."""
-    params.check()
     root = Path(root)
-    marker = {"format": "music-avqa", **asdict(params)}
-    if not prepare_folder(root, marker, overwrite, "ans_vocab.txt"):
+    marker = begin(root, params, "music-avqa", "ans_vocab.txt", overwrite)
+    if marker is None:
         return root
-    log.info("generating the MUSIC-AVQA-format toy dataset (%d clips) in %s", params.num_clips, root)
     rng = np.random.default_rng(params.seed + 2_000_003)
     ids = [f"toyavqa{params.seed:03d}_{i:04d}" for i in range(params.num_clips)]
     scripts = [make_qa_script(rng, params.seconds, params.seed * 100_043 + i) for i in range(params.num_clips)]
     records: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     qid = 0
     for i, (vid, script) in enumerate(zip(ids, scripts)):
-        split = "train" if i % 6 < 4 else "val" if i % 6 == 4 else "test"
+        split = split_of(i)
         for key, values, answer in questions_for(script, rng):
             qtype, template = TEMPLATES[key]
             records[split].append({"video_id": vid, "question_id": qid, "type": json.dumps(list(qtype)),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import wave
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import numpy as np
 from .._registry import register_dataset
 from ..avsbench import build_s4
 from ..schema import Manifest
-from .generate import DONE_FILE, ToyParams, prepare_folder
+from .generate import DONE_FILE, ToyParams, begin, split_of
 from .synth import _COLOURS, TOY_CLASSES, ClipScript, render_audio
 
 log = logging.getLogger(__name__)
@@ -89,18 +89,16 @@ def generate_toy_avs(root: str | Path, params: ToyParams = ToyParams(), overwrit
     """Generate the AVSBench-S4-format toy dataset into ``root`` (skipped when a complete one is there)."""
     from PIL import Image
 
-    params.check()
     root = Path(root)
-    marker = {"format": "avsbench-s4", **asdict(params)}
-    if not prepare_folder(root, marker, overwrite, "Single-source"):
+    marker = begin(root, params, "avsbench-s4", "Single-source", overwrite)
+    if marker is None:
         return root
-    log.info("generating the AVSBench-format toy dataset (%d clips) in %s", params.num_clips, root)
     rng = np.random.default_rng(params.seed + 3_000_017)
     base = root / "Single-source"
     data = base / "s4_data"
     rows = ["name,start_time,category,split"]
     for i in range(params.num_clips):
-        split = "train" if i % 6 < 4 else "val" if i % 6 == 4 else "test"
+        split = split_of(i)
         name = f"toyavs{params.seed:02d}_{i:04d}"
         cls, pos, sounding = _clip(rng, i)
         category = TOY_S4_CATEGORIES[cls]
@@ -124,8 +122,6 @@ def generate_toy_avs(root: str | Path, params: ToyParams = ToyParams(), overwrit
 @register_dataset("toy-avs", "toy dataset in AVSBench S4 format (generated on first use): sounding-object masks")
 def build_toy_avs(data_root: str = "data/toy-avs", num_clips: int = 48, seed: int = 0) -> Manifest:
     """Generate the AVSBench-format toy dataset into ``data_root`` if needed, then parse it as S4."""
-    from dataclasses import replace
-
     root = generate_toy_avs(data_root, ToyParams(num_clips=int(num_clips), seed=int(seed)))
     m = build_s4(str(root))
     return replace(m, dataset="toy-avs", options={"num_clips": int(num_clips), "seed": int(seed)})

@@ -87,6 +87,22 @@ def generate_toy(root: str | Path, params: ToyParams = ToyParams(), overwrite: b
     return root
 
 
+def begin(root: Path, params: ToyParams, fmt: str, signature_file: str, overwrite: bool) -> dict | None:
+    """Start generating a toy variant in format ``fmt``: the done marker to write last, or None when a
+    complete dataset with these parameters is already in ``root``."""
+    params.check()
+    marker = {"format": fmt, **asdict(params)}
+    if not prepare_folder(root, marker, overwrite, signature_file):
+        return None
+    log.info("generating the %s-format toy dataset (%d clips) in %s", fmt, params.num_clips, root)
+    return marker
+
+
+def split_of(i: int) -> str:
+    """Split of the i-th toy clip: blocks of 6 go 4 train, 1 val, 1 test (classes cycle through blocks)."""
+    return "train" if i % 6 < 4 else "val" if i % 6 == 4 else "test"
+
+
 def prepare_folder(root: Path, marker: dict, overwrite: bool, signature_file: str) -> bool:
     """True when ``root`` must be (re)generated; False when a complete dataset with ``marker`` is there.
 
@@ -115,8 +131,7 @@ def _write_annotations(root: Path, ids: list[str], scripts: list[ClipScript], pa
     # Splits: consecutive blocks of 6 clips go 4 train, 1 val, 1 test (classes cycle through blocks).
     order: dict[str, list[int]] = {s: [] for s in SPLIT_FRACTIONS}
     for i in range(len(ids)):
-        k = i % 6
-        order["train" if k < 4 else "val" if k == 4 else "test"].append(i)
+        order[split_of(i)].append(i)
     for split, rows_of_split in order.items():
         (root / f"{split}Set.txt").write_text("".join(rows[i] + "\n" for i in rows_of_split))
         with h5py.File(root / f"{split}_order.h5", "w") as f:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import numpy as np
 from .._registry import register_dataset
 from ..llp import LLP_SPLIT_FILES, parse_llp_folder
 from ..schema import Manifest
-from .generate import DONE_FILE, ToyParams, prepare_folder, write_frame_folder, write_video
+from .generate import DONE_FILE, ToyParams, begin, split_of, write_frame_folder, write_video
 from .synth import make_parse_script, render_audio, render_frames, runs
 
 log = logging.getLogger(__name__)
@@ -33,18 +32,16 @@ TOY_LLP_CLASSES = ("Telephone_bell_ringing", "Fire_alarm", "Motorcycle", "Basket
 
 def generate_toy_llp(root: str | Path, params: ToyParams = ToyParams(), overwrite: bool = False) -> Path:
     """Generate the LLP-format toy dataset into ``root`` (skipped when a complete one is there)."""
-    params.check()
     root = Path(root)
-    marker = {"format": "llp", **asdict(params)}
-    if not prepare_folder(root, marker, overwrite, "AVVP_train.csv"):
+    marker = begin(root, params, "llp", "AVVP_train.csv", overwrite)
+    if marker is None:
         return root
-    log.info("generating the LLP-format toy dataset (%d clips) in %s", params.num_clips, root)
     rng = np.random.default_rng(params.seed + 1_000_003)
     names = [f"toyllp{params.seed % 100:02d}{i:03d}_0_{params.seconds}" for i in range(params.num_clips)]
     scripts = [make_parse_script(rng, params.seconds, params.seed * 100_019 + i) for i in range(params.num_clips)]
     splits = {"train": [], "val": [], "test": []}
     for i in range(params.num_clips):
-        splits["train" if i % 6 < 4 else "val" if i % 6 == 4 else "test"].append(i)
+        splits[split_of(i)].append(i)
     events = {"audio": [], "visual": []}
     for split, idx in splits.items():
         lines = ["filename\tevent_labels"]

@@ -64,14 +64,11 @@ def test_avs_s4_learns_and_writes_overlays(avs_cache, tmp_path):
     assert Image.open(pngs[0]).size == (5 * 224 + 4 * 4, 224)
 
 
-def test_avs_refuses_a_cache_without_masks(toy_root, tmp_path):
-    extract(ExtractConfig(dataset="toy", cache=str(tmp_path / "c"), data_root=str(toy_root),
-                          manifest_options={"num_clips": 12, "frames": True}, backbones="tiny", device="cpu",
-                          limit=6), progress=False)
-    cfg = resolve_config("avs-s4", get_task("avs-s4").head_defaults, cache=str(tmp_path / "c"), device="cpu")
+def test_avs_refuses_a_cache_without_masks(small_toy_cache):
+    cfg = resolve_config("avs-s4", get_task("avs-s4").head_defaults, cache=str(small_toy_cache), device="cpu")
     with pytest.raises(CacheError, match="needs clip labels 'masks'"):
-        fit(cfg, open_cache(tmp_path / "c"), progress=False)
-    r = CliRunner().invoke(train_cli, ["--task", "ave", "--cache", str(tmp_path / "c"), "--save-masks", "1", "-q"])
+        fit(cfg, open_cache(small_toy_cache), progress=False)
+    r = CliRunner().invoke(train_cli, ["--task", "ave", "--cache", str(small_toy_cache), "--save-masks", "1", "-q"])
     assert r.exit_code == 2 and "does not predict masks" in r.output
 
 

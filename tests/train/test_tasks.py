@@ -70,11 +70,8 @@ def test_avvp_on_the_toy_llp_cache_learns(llp_cache, tmp_path):
     assert len(task.table(res.test)) == 4
 
 
-def test_avvp_refuses_a_cache_without_video_labels(toy_root, tmp_path):
-    extract(ExtractConfig(dataset="toy", cache=str(tmp_path / "c"), data_root=str(toy_root),
-                          manifest_options={"num_clips": 12, "frames": True}, backbones="tiny", device="cpu",
-                          limit=6), progress=False)
-    r = CliRunner().invoke(train_cli, ["--task", "avvp", "--cache", str(tmp_path / "c"), "-q"])
+def test_avvp_refuses_a_cache_without_video_labels(small_toy_cache):
+    r = CliRunner().invoke(train_cli, ["--task", "avvp", "--cache", str(small_toy_cache), "-q"])
     assert r.exit_code == 2 and "needs clip labels 'video_labels'" in r.output
 
 
@@ -108,10 +105,7 @@ def test_avqa_grounding_then_avqa_learns(avqa_cache, tmp_path):
     assert acc["overall"] > prior_acc + 10, (acc, prior_acc)
 
 
-def test_avqa_refuses_a_dataset_without_questions(toy_root, tmp_path):
-    extract(ExtractConfig(dataset="toy", cache=str(tmp_path / "c"), data_root=str(toy_root),
-                          manifest_options={"num_clips": 12, "frames": True}, backbones="tiny", device="cpu",
-                          limit=6), progress=False)
-    cfg = resolve_config("avqa", get_task("avqa").head_defaults, cache=str(tmp_path / "c"), device="cpu")
+def test_avqa_refuses_a_dataset_without_questions(small_toy_cache):
+    cfg = resolve_config("avqa", get_task("avqa").head_defaults, cache=str(small_toy_cache), device="cpu")
     with pytest.raises(CacheError, match="task avqa needs questions"):
-        fit(cfg, open_cache(tmp_path / "c"), progress=False)
+        fit(cfg, open_cache(small_toy_cache), progress=False)
