@@ -28,8 +28,8 @@ import numpy as np
 from .._registry import register_dataset
 from ..avqa import parse_avqa_folder
 from ..schema import Manifest
-from .generate import DONE_FILE, ToyParams, begin, split_of, write_frame_folder, write_video
-from .synth import TOY_CLASSES, ClipScript, make_qa_script, render_audio, render_frames
+from .generate import DONE_FILE, ToyParams, begin, split_of, write_clip_media
+from .synth import TOY_CLASSES, ClipScript, make_qa_script
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,7 @@ def generate_toy_avqa(root: str | Path, params: ToyParams = ToyParams(), overwri
     for split in ("val", "test"):
         (root / "json" / f"avqa-{split}.json").write_text(json.dumps(records[split], indent=1))
     for vid, script in zip(ids, scripts):
-        frames = render_frames(script, params.size, params.fps)
-        write_video(root / "videos" / f"{vid}.mp4", frames, params.fps, render_audio(script, params.audio_rate),
-                    params.audio_rate)
-        if params.frames:
-            write_frame_folder(root / "frames" / vid, frames)
-            (root / "audio_wave").mkdir(exist_ok=True)
-            np.save(root / "audio_wave" / f"{vid}.npy", render_audio(script, 32000), allow_pickle=False)
+        write_clip_media(root, params, script, f"videos/{vid}.mp4", f"frames/{vid}", f"audio_wave/{vid}.npy")
     (root / DONE_FILE).write_text(json.dumps(marker))
     return root
 

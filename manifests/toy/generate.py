@@ -76,15 +76,21 @@ def generate_toy(root: str | Path, params: ToyParams = ToyParams(), overwrite: b
     ids = [f"toy{params.seed:03d}_{i:04d}" for i in range(params.num_clips)]
     _write_annotations(root, ids, scripts, params)
     for vid, script in zip(ids, scripts):
-        frames = render_frames(script, params.size, params.fps)
-        audio = render_audio(script, params.audio_rate)
-        write_video(root / "videos" / f"{vid}.mp4", frames, params.fps, audio, params.audio_rate)
-        if params.frames:
-            write_frame_folder(root / "frames" / vid, frames)
-            (root / "wave").mkdir(exist_ok=True)
-            np.save(root / "wave" / f"{vid}.npy", render_audio(script, 32000), allow_pickle=False)
+        write_clip_media(root, params, script, f"videos/{vid}.mp4", f"frames/{vid}", f"wave/{vid}.npy")
     done.write_text(json.dumps(asdict(params)))
     return root
+
+
+def write_clip_media(root: Path, params: ToyParams, script: ClipScript, video: str, frames_dir: str, wave: str,
+                     frame_step: int = 1) -> None:
+    """Render one clip and write its video; with ``params.frames`` also its frame folder (every
+    ``frame_step``-th frame) and its 32-kHz ``.npy`` wave, at the given paths under ``root``."""
+    frames = render_frames(script, params.size, params.fps)
+    write_video(root / video, frames, params.fps, render_audio(script, params.audio_rate), params.audio_rate)
+    if params.frames:
+        write_frame_folder(root / frames_dir, frames[::frame_step])
+        (root / wave).parent.mkdir(parents=True, exist_ok=True)
+        np.save(root / wave, render_audio(script, 32000), allow_pickle=False)
 
 
 def begin(root: Path, params: ToyParams, fmt: str, signature_file: str, overwrite: bool) -> dict | None:

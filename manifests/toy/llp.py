@@ -22,8 +22,8 @@ import numpy as np
 from .._registry import register_dataset
 from ..llp import LLP_SPLIT_FILES, parse_llp_folder
 from ..schema import Manifest
-from .generate import DONE_FILE, ToyParams, begin, split_of, write_frame_folder, write_video
-from .synth import make_parse_script, render_audio, render_frames, runs
+from .generate import DONE_FILE, ToyParams, begin, split_of, write_clip_media
+from .synth import make_parse_script, runs
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,9 @@ def generate_toy_llp(root: str | Path, params: ToyParams = ToyParams(), overwrit
         (root / LLP_SPLIT_FILES[split]).write_text("\n".join(lines) + "\n")
     for modality, rows in events.items():
         (root / f"AVVP_eval_{modality}.csv").write_text("\n".join(["filename\tonset\toffset\tevent_labels", *rows]) + "\n")
-    for name, script in zip(names, scripts):
-        frames = render_frames(script, params.size, params.fps)
-        write_video(root / "videos" / f"{name}.mp4", frames, params.fps, render_audio(script, params.audio_rate),
-                    params.audio_rate)
-        if params.frames:
-            write_frame_folder(root / "frames" / name[:11], frames[::params.fps])  # 1 fps, as LLP's frames
-            (root / "wave").mkdir(exist_ok=True)
-            np.save(root / "wave" / f"{name[:11]}.npy", render_audio(script, 32000), allow_pickle=False)
+    for name, script in zip(names, scripts):  # LLP's frame folders hold 1 fps: every fps-th frame
+        write_clip_media(root, params, script, f"videos/{name}.mp4", f"frames/{name[:11]}", f"wave/{name[:11]}.npy",
+                         frame_step=params.fps)
     (root / DONE_FILE).write_text(json.dumps(marker))
     return root
 
