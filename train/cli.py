@@ -29,11 +29,12 @@ from .tasks import get_task, list_tasks
 @click.option("--eval-only", is_flag=True, help="score --checkpoint on val and test, no training")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="best.pt of a run")
 @click.option("--save-masks", type=int, default=0, help="AVS: write mask overlays of N test clips into RUN/masks")
+@click.option("--resume", is_flag=True, help="continue an unfinished run from its last.pt")
 @click.option("--overwrite", is_flag=True, help="train again even when the run folder has results")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @clean_errors(CacheError, ConfigError, ValueError, FloatingPointError)
 def main(task, cache_path, config_file, sets, out, device, seed, workers, init_from, eval_only, checkpoint, save_masks,
-         overwrite, quiet) -> None:
+         resume, overwrite, quiet) -> None:
     """Train TASK from the cache and print its test metrics."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     spec = get_task(task)
@@ -54,7 +55,8 @@ def main(task, cache_path, config_file, sets, out, device, seed, workers, init_f
 
         if save_masks and not hasattr(spec, "save_examples"):
             raise ConfigError(f"--save-masks: task {task} does not predict masks. Fix: use it with avs-s4 or avs-ms3")
-        run_dir, results = train_run(cfg, source, overwrite=overwrite, progress=not quiet, save_masks=save_masks)
+        run_dir, results = train_run(cfg, source, overwrite=overwrite, progress=not quiet, save_masks=save_masks,
+                                     resume=resume)
         click.echo(f"run {run_dir}")
         click.echo(f"trainable parameters {results['trainable_parameters']:,}; {results['seconds_per_epoch']:.2f} s "
                    f"per epoch; peak memory {results['peak_memory_bytes'] / 2**20:.0f} MiB; best epoch "

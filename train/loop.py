@@ -111,11 +111,15 @@ def evaluate(model: MettleModel, task: Task, source: TokenSource, split: str, ba
 
 
 def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps: int | None = None,
-        on_epoch: Callable[[dict[str, Any], FitResult], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict[str, Any], FitResult], None] | None = None, last_path: Path | None = None,
+        resume: dict[str, Any] | None = None) -> FitResult:
     """Train on ``source``'s train split; select on val; score test with the best weights.
 
     ``max_steps`` stops early (tests, benchmarks); ``on_epoch(record, result)`` sees each epoch's
-    record (the run folder writer uses it to append metrics and save checkpoints).
+    record (the run folder writer uses it to append metrics and save checkpoints). With
+    ``last_path`` the whole training state (weights, optimiser, schedule, data-order and dropout
+    RNGs, best-so-far) is saved atomically after every epoch; ``resume`` (that file, loaded)
+    continues from it and ends exactly where an uninterrupted run would.
     """
     task = get_task(cfg.task)
     device = resolve_device(cfg.device)
@@ -140,11 +144,21 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     generator = torch.Generator().manual_seed(cfg.seed)
     best = (-math.inf, -math.inf)
-    step = 0
+    step, start = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        best, step, start = tuple(resume["best"]), int(resume["step"]), int(resume["epoch"]) + 1
+        result.best_epoch, result.best_state, result.val = int(resume["best_epoch"]), resume["best_state"], resume["val"]
+        result.history, result.step_losses = list(resume["history"]), list(resume["step_losses"])
+        log.info("resuming at epoch %d of %d", start + 1, cfg.optim.epochs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(range(cfg.optim.epochs), desc=f"train {cfg.task}", unit="epoch", disable=not progress)
-    epoch_times = []
+    bar = tqdm(range(start, cfg.optim.epochs), desc=f"train {cfg.task}", unit="epoch", disable=not progress)
+    epoch_times = [r["seconds"] for r in result.history]
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
@@ -159,8 +173,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
             target = task.targets(source.manifest, b) if target is None else target
             loss = task.loss(out, target.to(device))
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step} (rows {b[:4]}...). "
-                                         "Fix: lower optim.lr, or check the cache for bad tokens")
+                raise FloatingPointError(_diverged(loss, epoch, step, data, task, source))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip > 0:
@@ -184,6 +197,13 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
             result.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             record["best"] = True
         result.history.append(record)
+        if last_path is not None:
+            save_state(last_path, {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "best": list(best), "step": step, "epoch": epoch, "best_epoch": result.best_epoch,
+                "best_state": result.best_state, "val": result.val, "history": result.history,
+                "step_losses": result.step_losses, "fingerprint": cfg.fingerprint()})
         if on_epoch is not None:
             on_epoch(record, result)
         bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", **{f"val_{k}": f"{v:.3f}" for k, v in val.items()})
@@ -198,6 +218,19 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     for split in task.extra_splits(source):
         result.extra[split] = evaluate(model, task, source, split, cfg.optim.batch_size, device, cfg.workers)
     return result
+
+
+def _diverged(loss: torch.Tensor, epoch: int, step: int, data: dict[str, Any], task: Task, source: TokenSource) -> str:
+    """Say why the loss is not finite: bad tokens in named clips, or a diverging model."""
+    tokens = _tokens(data, task)
+    rows = data["row"].tolist()
+    bad = sorted({source.manifest.clips[r].clip_id for k, r in enumerate(rows)
+                  if any(not torch.isfinite(v[k].float()).all() for v in tokens.values())})
+    if bad:
+        return (f"loss is {loss.item()} at epoch {epoch} step {step}: non-finite tokens in clip {', '.join(bad[:5])}. "
+                "Fix: re-extract those clips (mettle-extract --retry-failed after removing them), or exclude them")
+    return (f"loss is {loss.item()} at epoch {epoch} step {step} with finite tokens: training diverged. "
+            "Fix: lower optim.lr or raise optim.grad_clip's strictness (smaller value)")
 
 
 def init_from(model: MettleModel, run: str | Path) -> int:
@@ -216,12 +249,17 @@ def init_from(model: MettleModel, run: str | Path) -> int:
     return len(taken)
 
 
-def save_checkpoint(path: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """Atomic: a kill never leaves half a checkpoint. Loadable with ``torch.load(weights_only=True)``."""
+def save_state(path: Path, obj: dict[str, Any]) -> None:
+    """Atomic: a kill never leaves half a file. Loadable with ``torch.load(weights_only=True)``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"model": state, "info": info}, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """The best weights and what they scored (``{"model", "info"}``), written atomically."""
+    save_state(path, {"model": state, "info": info})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

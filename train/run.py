@@ -5,6 +5,7 @@ Run folder ``<out>/<task>__<cache name>-<tokens>-<dtype>__K<k>-d<d>-<layers>-lr<
     config.yaml      the resolved config (defaults <- YAML <- --set)
     metrics.jsonl    one line per epoch (train loss, lr, validation metrics, seconds)
     best.pt          best-on-validation weights + info (torch.load(weights_only=True))
+    last.pt          the whole training state after the last finished epoch (--resume)
     curves.png       training loss and validation metric per epoch
     results.json     written last: test and val metrics, trainable parameters, peak memory,
                      seconds per epoch, the token source's identity. Its presence = run done.
@@ -47,19 +48,27 @@ def source_identity(source: TokenSource) -> dict[str, Any]:
 
 
 def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, progress: bool = True,
-              plot: bool = True, save_masks: int = 0) -> tuple[Path, dict[str, Any]]:
+              plot: bool = True, save_masks: int = 0, resume: bool = False) -> tuple[Path, dict[str, Any]]:
     """Train into a run folder (or return the finished one's results: reruns skip finished work).
 
     ``save_masks`` (segmentation tasks): write predicted-vs-true mask overlays of that many test
-    clips into ``<run>/masks/``.
+    clips into ``<run>/masks/``. An unfinished run folder is started again, or with ``resume``
+    continued from its ``last.pt`` (saved after every epoch).
     """
     run_dir = Path(cfg.out) / run_name(cfg, source)
     if (run_dir / RESULTS).is_file() and not overwrite:
         log.info("%s is finished; not training again (pass --overwrite to)", run_dir)
         return run_dir, json.loads((run_dir / RESULTS).read_text())
-    if run_dir.exists():
+    state = None
+    if resume and (run_dir / "last.pt").is_file():
+        state = load_checkpoint(run_dir / "last.pt")
+        log.info("--resume: continuing %s after epoch %d", run_dir, int(state["epoch"]) + 1)
+        _trim_metrics(run_dir / "metrics.jsonl", int(state["epoch"]))
+    elif run_dir.exists():
+        if resume:
+            log.info("--resume: %s has no last.pt; starting it again", run_dir)
         shutil.rmtree(run_dir)  # an unfinished run: start it again
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     task = get_task(cfg.task)
 
@@ -72,7 +81,7 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
                              "val": {k: v for k, v in record.items() if k.startswith("val_")}})
 
     t0 = time.perf_counter()
-    res = fit(cfg, source, progress=progress, on_epoch=on_epoch)
+    res = fit(cfg, source, progress=progress, on_epoch=on_epoch, last_path=run_dir / "last.pt", resume=state)
     results = {"task": cfg.task, "test": res.test, "val": res.val, "extra_tests": res.extra,
                "initialised_tensors": res.initialised, "best_epoch": res.best_epoch,
                "epochs": len(res.history), "trainable_parameters": res.trainable_parameters,
@@ -87,6 +96,13 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
         results["mask_overlays"] = [str(p) for p in write_masks(res, task, source, cfg, run_dir / "masks", save_masks)]
     write_json_atomic(run_dir / RESULTS, results)
     return run_dir, results
+
+
+def _trim_metrics(path: Path, last_epoch: int) -> None:
+    """Keep the metric lines of the epochs a resumed state covers (a kill may have cut one short)."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
+        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> dict[str, Any]:

@@ -1,0 +1,97 @@
+"""Training faults: resume equals an uninterrupted run, NaN tokens are named, checkpoints are atomic."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mettle.cache import open_cache
+from mettle.train.config import resolve_config
+from mettle.train.loop import fit, load_checkpoint
+from mettle.train.run import train_run
+
+SETS = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "head.hidden": 32, "optim.epochs": 4,
+        "optim.batch_size": 2}
+
+
+def _cfg(cache, out):
+    return resolve_config("ave", {"hidden": 256, "temporal": "gru", "dropout": 0.1}, sets=SETS, cache=str(cache),
+                          out=str(out), device="cpu")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_to_the_same_result(small_toy_cache, tmp_path, monkeypatch):
+    source = open_cache(small_toy_cache)
+    _, clean = train_run(_cfg(small_toy_cache, tmp_path / "clean"), source, progress=False, plot=False)
+
+    def kill_after_second_epoch(record, result):
+        if record["epoch"] == 1:
+            raise Killed
+
+    out = tmp_path / "killed"
+    cfg = _cfg(small_toy_cache, out)
+    import mettle.train.run as run_module
+
+    real_fit = run_module.fit  # the run dies right after epoch 2's state is saved, as a kill would leave it
+    monkeypatch.setattr(run_module, "fit", lambda *a, **k: real_fit(
+        *a, **{**k, "on_epoch": _chain(k["on_epoch"], kill_after_second_epoch)}))
+    with pytest.raises(Killed):
+        train_run(cfg, source, progress=False, plot=False)
+    monkeypatch.undo()
+    run_dir = next(out.iterdir())
+    assert not (run_dir / "results.json").exists()
+    state = load_checkpoint(run_dir / "last.pt")  # weights_only load of the full training state
+    assert state["epoch"] == 1 and len(state["history"]) == 2
+    _, resumed = train_run(cfg, source, progress=False, plot=False, resume=True)
+    assert resumed["test"] == clean["test"] and resumed["best_epoch"] == clean["best_epoch"]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2, 3]
+    clean_lines = [json.loads(x) for x in next((tmp_path / "clean").iterdir()).joinpath("metrics.jsonl")
+                   .read_text().splitlines()]
+    assert [r["train_loss"] for r in lines] == [r["train_loss"] for r in clean_lines]
+
+
+def _chain(first, second):
+    def both(record, result):
+        first(record, result)
+        second(record, result)
+    return both
+
+
+def test_non_finite_tokens_name_the_clip(small_toy_cache, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(small_toy_cache, bad)
+    source = open_cache(bad)
+    row = source.rows("train")[0]
+    import zarr
+
+    arr = zarr.open_array(str(bad / "tokens.zarr" / "visual" / "stage3.block0"), mode="r+")
+    block = arr[:]
+    block[row] = np.inf
+    arr[:] = block
+    with pytest.raises(FloatingPointError, match=f"non-finite tokens in clip {source.manifest.clips[row].clip_id}"):
+        fit(_cfg(bad, tmp_path), open_cache(bad), progress=False)
+
+
+def test_a_killed_checkpoint_write_leaves_the_old_file(tmp_path, monkeypatch):
+    from mettle.train.loop import save_checkpoint
+
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"w": torch.ones(2)}, {"epoch": 1})
+
+    def dies(obj, f, *a, **k):
+        with open(f, "wb") as h:
+            h.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": torch.zeros(2)}, {"epoch": 2})
+    monkeypatch.undo()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["info"]["epoch"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(2))
