@@ -122,7 +122,12 @@ class CacheWriter:
         if (self.root / DONE_FILE).exists():
             (self.root / DONE_FILE).unlink()  # the cache changes: it is not done until finish() again
         t0 = time.perf_counter()
-        status.bytes = self.store.write_shard(buffer.shard, buffer.arrays())
+        try:
+            status.bytes = self.store.write_shard(buffer.shard, buffer.arrays())
+        except OSError as e:  # disk full, read-only folder, quota: the shard stays unwritten (no status)
+            raise CacheError(f"could not write shard {buffer.shard} of {self.root} ({e.strerror or e}). Fix: free "
+                             "disk space or make the folder writable, then rerun the same command: finished "
+                             "shards are kept and this one is redone") from None
         status.write_s = time.perf_counter() - t0
         write_json_atomic(self.status_path(buffer.shard), status.__dict__)
         return status

@@ -77,7 +77,26 @@ def extract_shard_task(cfg: ExtractConfig, shard: int) -> ShardStatus:
         decodes = submit_decodes(pool, manifest, root, meta.shard_rows(shard))
         buffer, status = process_shard(meta, manifest, shard, decodes, forwards, cfg.batch_size, cfg.on_error,
                                        data_root=root)
+    _fault_point(writer, buffer, shard)
     return writer.write_shard(buffer, status)
+
+
+def _fault_point(writer: CacheWriter, buffer, shard: int) -> None:
+    """Fault injection for the reliability tests: ``METTLE_FAULT_KILL_SHARD=K:FLAGFILE`` makes the worker
+    that writes shard K die half-way through writing it, once (the flag file records that it did)."""
+    import os
+
+    spec = os.environ.get("METTLE_FAULT_KILL_SHARD")
+    if not spec:
+        return
+    target, _, flag = spec.partition(":")
+    if int(target) != shard or os.path.exists(flag):
+        return
+    open(flag, "w").close()
+    arrays = buffer.arrays()
+    half = dict(list(arrays.items())[: len(arrays) // 2])
+    writer.store.write_shard(shard, half)
+    os._exit(17)
 
 
 def run_distributed(cfg: ExtractConfig, writer: CacheWriter, todo: list[int], progress: bool) -> list[ShardStatus]:

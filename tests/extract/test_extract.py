@@ -171,3 +171,35 @@ def test_full_size_random_init_backbones_on_cpu(toy_root, tmp_path):
     assert 18.0e6 < cache.meta.bytes_per_clip() < 19.0e6
     x = cache.read("visual/stage2.block17", [0])
     assert x.shape == (1, 10, 36, 768) and np.isfinite(x).all() and x.std() > 0
+
+
+@pytest.mark.slow
+def test_a_dask_worker_dying_mid_shard_loses_only_that_shard(clean, toy_root, tmp_path, monkeypatch):
+    flag = tmp_path / "killed-once"
+    monkeypatch.setenv("METTLE_FAULT_KILL_SHARD", f"2:{flag}")  # the worker writing shard 2 dies half-way
+    summary = extract(_cfg(toy_root, tmp_path / "cache", dtype="float32", workers=2), progress=False)
+    assert flag.exists() and summary.clips_ok == 12
+    _same(_arrays(tmp_path / "cache"), _arrays(clean))
+
+
+def test_a_write_failure_is_reported_and_resumable(clean, toy_root, tmp_path, monkeypatch):
+    import errno
+
+    from mettle.cache.store import ZarrStore
+
+    real = ZarrStore.write_shard
+
+    def disk_full_on_shard_3(self, shard, arrays):
+        if shard == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, shard, arrays)
+
+    monkeypatch.setattr(ZarrStore, "write_shard", disk_full_on_shard_3)
+    with pytest.raises(CacheError, match="could not write shard 3 .*No space left on device.*rerun"):
+        extract(_cfg(toy_root, tmp_path / "cache", dtype="float32"), progress=False)
+    monkeypatch.undo()
+    partial = open_cache(tmp_path / "cache", allow_incomplete=True)
+    assert partial.clip_status[:6] == ["ok"] * 6 and "not extracted yet" in partial.clip_status[6]
+    summary = extract(_cfg(toy_root, tmp_path / "cache", dtype="float32"), progress=False)
+    assert summary.shards_skipped == 3 and summary.shards_done_now == 3
+    _same(_arrays(tmp_path / "cache"), _arrays(clean))
