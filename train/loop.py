@@ -41,6 +41,7 @@ class FitResult:
     test: dict[str, float] = field(default_factory=dict)
     extra: dict[str, dict[str, float]] = field(default_factory=dict)  # further test sets
     initialised: int = 0  # parameters taken from cfg.init_from
+    left_out: dict[str, int] = field(default_factory=dict)  # clips per split without tokens (failed extraction)
     seconds_per_epoch: float = 0.0
     peak_memory: int = 0
     trainable_parameters: int = 0
@@ -127,6 +128,10 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     initialised = init_from(model, cfg.init_from) if cfg.init_from else 0
     model.to(device)
     result = FitResult(model, trainable_parameters=count_parameters(model), initialised=initialised)
+    result.left_out = {split: len(source.rows(split, include_failed=True)) - len(source.rows(split))
+                       for split in ("train", "val", "test")}
+    if any(result.left_out.values()):
+        log.warning("clips that failed extraction are left out: %s", result.left_out)
     train_items = task.items(source, "train")
     if not train_items:
         raise ValueError(f"the token source {source.describe()} has no usable training clips")

@@ -83,7 +83,7 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
     t0 = time.perf_counter()
     res = fit(cfg, source, progress=progress, on_epoch=on_epoch, last_path=run_dir / "last.pt", resume=state)
     results = {"task": cfg.task, "test": res.test, "val": res.val, "extra_tests": res.extra,
-               "initialised_tensors": res.initialised, "best_epoch": res.best_epoch,
+               "initialised_tensors": res.initialised, "clips_left_out": res.left_out, "best_epoch": res.best_epoch,
                "epochs": len(res.history), "trainable_parameters": res.trainable_parameters,
                "peak_memory_bytes": res.peak_memory, "seconds_per_epoch": res.seconds_per_epoch,
                "seconds": time.perf_counter() - t0, "device": str(resolve_device(cfg.device)),

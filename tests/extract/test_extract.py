@@ -128,6 +128,14 @@ def test_bad_clip_fail_or_skip(broken_toy, tmp_path):
     assert 3 not in cache.rows(None) and len(cache.rows(None)) == 11
     assert not cache.read("audio/stage0.block0", [3]).any()  # a failed clip's rows stay zero
     assert 3 not in cache.dataset(None).rows
+    from mettle.train.config import resolve_config
+    from mettle.train.loop import fit
+
+    cfg = resolve_config("ave", {"hidden": 16, "temporal": "none", "dropout": 0.0}, device="cpu",
+                         sets={"lcd.dim": 16, "lcd.heads": 2, "lcd.meta_tokens": 2, "optim.epochs": 1})
+    res = fit(cfg, cache, progress=False)  # trains on the rest and says how many were left out
+    split = cache.manifest.clips[3].splits[0]
+    assert res.left_out[split] == 1 and sum(res.left_out.values()) == 1
 
 
 def test_resume_refuses_another_backbone(clean, toy_root, tmp_path):
