@@ -1,0 +1,148 @@
+"""Extraction throughput against the pure backbone forward, and the training data path against a raw
+sequential read of the same bytes.
+
+Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48] [--batch-size 32]
+       [--device cpu] [--work DIR] [--out DIR]
+
+1. ``mettle-extract`` on the toy dataset (decode + forward + write, clips/s) against the backbones'
+   forward alone on inputs of the same shapes, same device and batch size (clips/s).
+2. One epoch of the training data path (``Cache.iterate`` over the train split in shuffled batches
+   of 16, in-memory row cache off) against reading the cache's token files once, sequentially (MB/s),
+   cold (page cache dropped, when this process may) and warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _drop_page_cache() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def extraction(args) -> dict:
+    import numpy as np
+    import torch
+
+    from mettle.cache import open_cache
+    from mettle.extract.config import ExtractConfig, load_backbones
+    from mettle.extract.run import extract
+    from mettle.manifests import build_manifest
+
+    data = args.work / "toy"
+    build_manifest("toy", data_root=str(data), num_clips=args.clips)  # generate first: not part of the timing
+    cache = args.work / f"cache-{args.backbones}"
+    if cache.exists():
+        shutil.rmtree(cache)
+    cfg = ExtractConfig(dataset="toy", cache=str(cache), data_root=str(data), manifest_options={"num_clips": args.clips},
+                        backbones=args.backbones, random_init=True, device=args.device, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    summary = extract(cfg, progress=False)
+    pipeline = time.perf_counter() - t0
+    backbones = load_backbones(cfg)
+    dev = torch.device(args.device)
+    rng = np.random.default_rng(0)
+    segs = args.clips * 10
+    frames = rng.integers(0, 256, (args.batch_size, 112, 112, 3), dtype=np.uint8)
+    audio = (0.1 * rng.standard_normal((args.batch_size, 32000))).astype(np.float32)
+    inputs = {m: b.preprocess(frames if m == "visual" else audio).to(dev) for m, b in backbones.items()}
+    meta = open_cache(cache).meta
+    indices = {m: [a.block_index for a in meta.arrays if a.modality == m] for m in backbones}
+    for m, b in backbones.items():
+        b.to(dev).forward_tokens(inputs[m], indices[m])  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(-(-segs // args.batch_size)):
+        for m, b in backbones.items():
+            b.forward_tokens(inputs[m], indices[m])
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    forward = time.perf_counter() - t0
+    return {"clips": args.clips, "pipeline_s": pipeline, "pipeline_clips_per_s": args.clips / pipeline,
+            "forward_s": forward, "forward_clips_per_s": args.clips / forward, "ratio": forward / pipeline,
+            "profile": summary.profile, "cache": str(cache)}
+
+
+def data_path(cache_path: Path) -> dict:
+    import torch
+
+    from mettle.cache import open_cache
+
+    out = {}
+    files = [p for p in (cache_path / "tokens.zarr").rglob("*") if p.is_file()]
+    nbytes = sum(p.stat().st_size for p in files)
+    for state in ("cold", "warm"):
+        if state == "cold" and not _drop_page_cache():
+            out["cold"] = None
+            continue
+        t0 = time.perf_counter()
+        for p in files:
+            with open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        raw = time.perf_counter() - t0
+        if state == "cold":
+            _drop_page_cache()
+        cache = open_cache(cache_path)
+        cache.memory_budget = 0
+        rows = cache.rows(None)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+        batches = [[rows[i] for i in order[s:s + 16]] for s in range(0, len(rows), 16)]
+        t0 = time.perf_counter()
+        for _ in cache.iterate(batches, cache.keys()):
+            pass
+        epoch = time.perf_counter() - t0
+        out[state] = {"bytes": nbytes, "raw_mb_per_s": nbytes / raw / 1e6, "loader_mb_per_s": nbytes / epoch / 1e6,
+                      "ratio": raw / epoch}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbones", default="tiny")
+    ap.add_argument("--clips", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", type=Path, default=Path("bench_work"))
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    ex = extraction(args)
+    dp = data_path(Path(ex["cache"]))
+    lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {args.device}, "
+             f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones}, {args.clips} toy clips, batch {args.batch_size}",
+             "", "| extraction | clips/s |", "| --- | --- |",
+             f"| mettle-extract (decode + forward + write) | {ex['pipeline_clips_per_s']:.2f} |",
+             f"| backbone forward alone | {ex['forward_clips_per_s']:.2f} |",
+             f"| ratio | {100 * ex['ratio']:.0f} % |", "",
+             "| training data path | raw sequential read MB/s | one epoch through Cache.iterate MB/s | ratio |",
+             "| --- | --- | --- | --- |"]
+    for state in ("cold", "warm"):
+        r = dp[state]
+        lines.append(f"| {state} | {r['raw_mb_per_s']:.0f} | {r['loader_mb_per_s']:.0f} | {100 * r['ratio']:.0f} % |"
+                     if r else f"| {state} | not measured (cannot drop the page cache here) | | |")
+    print("\n".join(lines))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"pipeline_{args.backbones}.md").write_text("\n".join(lines) + "\n")
+        (args.out / f"pipeline_{args.backbones}.json").write_text(json.dumps({"extraction": ex, "data_path": dp},
+                                                                            indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Training cost per sample: mettle from the cache vs end-to-end Mettle vs an adapter baseline.
+
+Usage: python scripts/bench_train_cost.py [--sizes tiny full] [--batches 1 8] [--steps 3] [--device cpu]
+       [--out DIR]
+
+For AVE-shaped samples (10 one-second segments: 10 frames + 10 audio seconds), one training step
+(forward, backward, optimiser) of:
+
+* ``cache:last-grid`` / ``cache:full``: LCD over every block + the AVE head, fed tokens laid out
+  as a cache of that budget holds them (in memory: the data path is benchmarked separately);
+* ``end-to-end``: the same LCD + head fed by the live frozen Swin-V2-L + HTS-AT under no_grad,
+  every token (the paper's setting);
+* ``adapter``: LAVisH/DG-SCT-style bottleneck adapters (dim/8) after every frozen block, so the
+  gradient flows back through both backbones; a linear head on the last tokens.
+
+Each configuration runs in its own process. Reported: seconds per step (median of ``--steps``
+after one warm-up step), peak memory (GPU: max allocated; CPU: peak RSS, and peak RSS minus the
+process's RSS right after imports), and the ratios of (a) against (b) and (c). ``full`` uses the
+real architectures with random weights; ``tiny`` the test miniatures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+MODES = ("cache:last-grid", "cache:full", "end-to-end", "adapter")
+SETS = {"tiny": "tiny", "full": "specific"}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_one(mode: str, size: str, batch: int, steps: int, device: str) -> dict:
+    import numpy as np
+
+    from mettle.cache import plan_cache
+    from mettle.extract.config import ExtractConfig, load_backbones
+    from mettle.extract.tokens import TokenForward
+    from mettle.manifests import Clip, Manifest
+    from mettle.train.config import resolve_config
+    from mettle.train.model import MettleModel, count_parameters
+    from mettle.train.tasks import get_task
+
+    idle = _rss()
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    backbones = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=SETS[size], random_init=True))
+    records = {m: b.record() for m, b in backbones.items()}
+    vocab = {"event": tuple(f"c{i}" for i in range(28)) + ("background",)}
+    manifest = Manifest("bench", (Clip("x", ("train",), 10, 10.0, {"video": "x"}),), vocab)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (batch * 10, 224, 224, 3), dtype=np.uint8)
+    audio = (0.1 * rng.standard_normal((batch * 10, 32000))).astype(np.float32)
+    labels = torch.randint(0, 29, (batch, 10), device=dev)
+    task = get_task("ave")
+    if mode != "adapter":
+        budget = mode.split(":")[1] if mode.startswith("cache") else "full"
+        meta = plan_cache(manifest, records, tokens=budget, dtype="float32")
+        model = MettleModel(meta, manifest, resolve_config("ave", task.head_defaults), task).to(dev)
+        if mode == "end-to-end":
+            forwards = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev, "float32")
+                        for m, b in backbones.items()}
+        else:
+            del backbones
+            cached = {a.key: torch.randn(batch, 10, a.tokens, a.dim, device=dev) for a in meta.arrays}
+    else:
+        model = AdapterModel(backbones).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for step in range(steps + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if mode == "adapter":
+            logits = model(frames, audio, batch)
+        else:
+            if mode == "end-to-end":
+                tokens = {}
+                for m, fw in forwards.items():
+                    x = fw.backbone.preprocess(frames if m == "visual" else audio)
+                    tokens.update({k: v.view(batch, 10, *v.shape[1:]).to(dev) for k, v in fw(x).items()})
+            else:
+                tokens = cached
+            logits = model(tokens)
+        loss = task.loss(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if step:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    peak_rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return {"mode": mode, "size": size, "batch": batch, "seconds_per_step": statistics.median(times),
+            "seconds_per_sample": statistics.median(times) / batch, "trainable": count_parameters(model),
+            "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
+            "peak_rss": peak_rss, "peak_rss_minus_idle": peak_rss - idle}
+
+
+class AdapterModel(nn.Module):
+    """Frozen backbones with a trainable bottleneck adapter after every block (gradients pass through)."""
+
+    BLOCKS = ("SwinTransformerV2Block", "SwinBlock")  # timm's Swin-V2 block, our HTS-AT block
+
+    def __init__(self, backbones: dict) -> None:
+        super().__init__()
+        self.backbones = nn.ModuleDict(backbones)
+        self.adapters = nn.ModuleDict()
+        for m, b in backbones.items():
+            for p in b.parameters():
+                p.requires_grad_(False)
+            blocks = [blk for blk in b.modules() if type(blk).__name__ in self.BLOCKS]
+            adapters = nn.ModuleList(nn.Sequential(nn.Linear(i.dim, max(8, i.dim // 8)), nn.GELU(),
+                                                   nn.Linear(max(8, i.dim // 8), i.dim)) for i in b.blocks)
+            assert len(blocks) == len(adapters), (m, len(blocks), len(adapters))
+            self.adapters[m] = adapters
+            for blk, ad in zip(blocks, adapters):
+                blk.register_forward_hook(lambda mod, inp, out, ad=ad: out + ad(out))
+        self.head = nn.Linear(sum(b.blocks[-1].dim for b in backbones.values()), 29)
+
+    def forward(self, frames, audio, batch: int) -> torch.Tensor:
+        feats = []
+        for m, b in self.backbones.items():
+            x = b.preprocess(frames if m == "visual" else audio).to(self.head.weight.device)
+            last = len(b.blocks) - 1
+            feats.append(b._run(x, [last], last)[0].mean(1))  # not forward_tokens: gradients must flow
+        return self.head(torch.cat(feats, -1)).view(batch, 10, -1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "full"], choices=sorted(SETS))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, help="folder for the table (train_cost.md) and raw results (JSON)")
+    ap.add_argument("--one", nargs=3, metavar=("MODE", "SIZE", "BATCH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.steps, args.device)))
+        return
+    rows = []
+    for size in args.sizes:
+        for batch in args.batches:
+            for mode in args.modes:
+                proc = subprocess.run([sys.executable, __file__, "--one", mode, size, str(batch), "--steps",
+                                       str(args.steps), "--device", args.device], capture_output=True, text=True)
+                if proc.returncode:
+                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+                    rows.append({"mode": mode, "size": size, "batch": batch, "error": tail})
+                else:
+                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    lines = table(rows, args.device)
+    print("\n".join(lines))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_cost.md").write_text("\n".join(lines) + "\n")
+        (args.out / "train_cost.json").write_text(json.dumps(rows, indent=1))
+
+
+def table(rows: list[dict], device: str) -> list[str]:
+    mem = "peak GPU MiB" if device.startswith("cuda") else "peak RSS MiB (minus idle)"
+    out = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {device}, "
+           f"{time.strftime('%Y-%m-%d')}", "",
+           f"| size | batch | mode | s/step | s/sample | {mem} | trainable | time vs (a) | memory vs (a) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | failed: {r['error']} | | | | | |")
+            continue
+        base = next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]
+                     and b["mode"] == "cache:last-grid" and "error" not in b), None)
+        m = r["peak_gpu"] if r["peak_gpu"] is not None else r["peak_rss_minus_idle"]
+        mtxt = f"{m / 2**20:.0f}" if r["peak_gpu"] is not None else \
+            f"{r['peak_rss'] / 2**20:.0f} ({m / 2**20:.0f})"
+        if base:
+            bm = base["peak_gpu"] if base["peak_gpu"] is not None else base["peak_rss_minus_idle"]
+            tr, mr = f"{r['seconds_per_step'] / base['seconds_per_step']:.1f}x", f"{m / max(bm, 1):.1f}x"
+        else:
+            tr = mr = "-"
+        out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | {r['seconds_per_step']:.3f} | "
+                   f"{r['seconds_per_sample']:.3f} | {mtxt} | {r['trainable']:,} | {tr} | {mr} |")
+    return out
+
+
+if __name__ == "__main__":
+    main()
