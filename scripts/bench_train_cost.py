@@ -46,13 +46,29 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_one(mode: str, size: str, batch: int, steps: int, device: str) -> dict:
-    import numpy as np
+def bench_manifest():
+    from mettle.manifests import Clip, Manifest
 
+    vocab = {"event": tuple(f"c{i}" for i in range(28)) + ("background",)}
+    return Manifest("bench", (Clip("x", ("train",), 10, 10.0, {"video": "x"}),), vocab)
+
+
+def write_layout(size: str, path: Path) -> None:
+    """Plan the full-token layout of ``size``'s backbones once, in the parent, for the cache-mode children."""
     from mettle.cache import plan_cache
     from mettle.extract.config import ExtractConfig, load_backbones
+
+    backbones = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=SETS[size], random_init=True))
+    meta = plan_cache(bench_manifest(), {m: b.record() for m, b in backbones.items()}, tokens="full")
+    path.write_text(meta.to_json())
+
+
+def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: str = "") -> dict:
+    import numpy as np
+
+    from mettle.cache import CacheMeta, plan_cache
+    from mettle.extract.config import ExtractConfig, load_backbones
     from mettle.extract.tokens import TokenForward
-    from mettle.manifests import Clip, Manifest
     from mettle.train.config import resolve_config
     from mettle.train.model import MettleModel, count_parameters
     from mettle.train.tasks import get_task
@@ -60,10 +76,13 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str) -> dict:
     idle = _rss()
     dev = torch.device(device)
     torch.manual_seed(0)
-    backbones = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=SETS[size], random_init=True))
-    records = {m: b.record() for m, b in backbones.items()}
-    vocab = {"event": tuple(f"c{i}" for i in range(28)) + ("background",)}
-    manifest = Manifest("bench", (Clip("x", ("train",), 10, 10.0, {"video": "x"}),), vocab)
+    manifest = bench_manifest()
+    if mode.startswith("cache"):  # stage two never holds a backbone: read the layout the parent planned
+        backbones = None
+        records = CacheMeta.from_dict(json.loads(Path(layout).read_text())).backbones
+    else:
+        backbones = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=SETS[size], random_init=True))
+        records = {m: b.record() for m, b in backbones.items()}
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (batch * 10, 224, 224, 3), dtype=np.uint8)
     audio = (0.1 * rng.standard_normal((batch * 10, 32000))).astype(np.float32)
@@ -77,7 +96,6 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str) -> dict:
             forwards = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev, "float32")
                         for m, b in backbones.items()}
         else:
-            del backbones
             cached = {a.key: torch.randn(batch, 10, a.tokens, a.dim, device=dev) for a in meta.arrays}
     else:
         model = AdapterModel(backbones).to(dev)
@@ -155,16 +173,23 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="folder for the table (train_cost.md) and raw results (JSON)")
     ap.add_argument("--one", nargs=3, metavar=("MODE", "SIZE", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--layout", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.steps, args.device)))
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.steps, args.device, args.layout)))
         return
     rows = []
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="mettle-bench-"))
     for size in args.sizes:
+        layout = tmp / f"{size}.json"
+        write_layout(size, layout)
         for batch in args.batches:
             for mode in args.modes:
                 proc = subprocess.run([sys.executable, __file__, "--one", mode, size, str(batch), "--steps",
-                                       str(args.steps), "--device", args.device], capture_output=True, text=True)
+                                       str(args.steps), "--device", args.device, "--layout", str(layout)],
+                                      capture_output=True, text=True)
                 if proc.returncode:
                     tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
                     rows.append({"mode": mode, "size": size, "batch": batch, "error": tail})

@@ -16,7 +16,7 @@ from .tasks import get_task, list_tasks
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--task", required=True, help=f"one of: {', '.join(list_tasks())}")
+@click.option("--task", help=f"one of: {', '.join(list_tasks())}")
 @click.option("--cache", "cache_path", required=True, type=click.Path(), help="cache folder written by mettle-extract")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -29,14 +29,29 @@ from .tasks import get_task, list_tasks
 @click.option("--eval-only", is_flag=True, help="score --checkpoint on val and test, no training")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="best.pt of a run")
 @click.option("--save-masks", type=int, default=0, help="AVS: write mask overlays of N test clips into RUN/masks")
+@click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML grid of configs (see train/sweep.py); runs each, skips finished ones, writes a table")
+@click.option("--scheduler", help="with --sweep: run on the dask cluster at ADDRESS (--workers N: a local one)")
 @click.option("--resume", is_flag=True, help="continue an unfinished run from its last.pt")
 @click.option("--overwrite", is_flag=True, help="train again even when the run folder has results")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @clean_errors(CacheError, ConfigError, ValueError, FloatingPointError)
 def main(task, cache_path, config_file, sets, out, device, seed, workers, init_from, eval_only, checkpoint, save_masks,
-         resume, overwrite, quiet) -> None:
-    """Train TASK from the cache and print its test metrics."""
+         sweep_file, scheduler, resume, overwrite, quiet) -> None:
+    """Train TASK from the cache and print its test metrics (or run a --sweep of configs)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if sweep_file is not None:
+        from .sweep import load_sweep, run_sweep
+
+        if not sweep_file.is_file():
+            raise ConfigError(f"--sweep {sweep_file} does not exist. Fix: pass a sweep YAML file")
+        sweep = load_sweep(sweep_file)
+        folder, rows = run_sweep(sweep, cache_path, out or "runs", device or "auto", workers or 0, scheduler)
+        click.echo(f"sweep of {len(rows)} configs x {len(sweep.seeds)} seeds: {folder}")
+        click.echo((folder / "sweep.md").read_text().rstrip())
+        return
+    if task is None:
+        raise ConfigError("--task is required (or --sweep FILE). Fix: pass --task " + "|".join(list_tasks()))
     spec = get_task(task)
     if config_file is not None and not config_file.is_file():
         raise ConfigError(f"--config {config_file} does not exist. Fix: pass a YAML file")

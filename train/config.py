@@ -182,7 +182,12 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 
 
 def load_config(path: Path) -> TrainConfig:
-    d = yaml.safe_load(Path(path).read_text())
+    return load_config_dict(yaml.safe_load(Path(path).read_text()))
+
+
+def load_config_dict(d: Mapping[str, Any]) -> TrainConfig:
+    """A config from its ``to_dict()`` form (saved runs, sweep tasks sent to workers)."""
+    d = dict(d)
     task = d.pop("task")
     head = d.pop("head", {})
     return resolve_config(task, head, sets=_flatten_yaml(d))
