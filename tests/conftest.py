@@ -37,3 +37,16 @@ def small_toy_cache(toy_root, tmp_path_factory) -> Path:
                           manifest_options={"num_clips": 12, "frames": True}, backbones="tiny", device="cpu",
                           limit=6), progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def toy48_cache(tmp_path_factory) -> Path:
+    """The default 48-clip toy dataset (32 / 8 / 8) extracted with the tiny backbones; data in ``../toy``."""
+    from mettle.extract.config import ExtractConfig
+    from mettle.extract.run import extract
+
+    root = tmp_path_factory.mktemp("toy48")
+    extract(ExtractConfig(dataset="toy", cache=str(root / "cache"), data_root=str(root / "toy"),
+                          manifest_options={"num_clips": 48, "seed": 0}, backbones="tiny", device="cpu"),
+            progress=False)
+    return root / "cache"

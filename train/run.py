@@ -3,6 +3,8 @@
 Run folder ``<out>/<task>__<cache name>-<tokens>-<dtype>__K<k>-d<d>-<layers>-lr<lr>-s<seed>-<hash>``::
 
     config.yaml      the resolved config (defaults <- YAML <- --set)
+    source.json      the token source's description (backbones, weights, arrays, budget): what
+                     mettle-predict must compute from new videos
     metrics.jsonl    one line per epoch (train loss, lr, validation metrics, seconds)
     best.pt          best-on-validation weights + info (torch.load(weights_only=True))
     last.pt          the whole training state after the last finished epoch (--resume)
@@ -31,6 +33,7 @@ from .tasks import get_task
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
+SOURCE_META = "source.json"
 
 
 def run_name(cfg: TrainConfig, source: TokenSource) -> str:
@@ -70,6 +73,7 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
         shutil.rmtree(run_dir)  # an unfinished run: start it again
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    write_json_atomic(run_dir / SOURCE_META, source.meta.to_dict())  # what prediction must feed the model
     task = get_task(cfg.task)
 
     def on_epoch(record: dict[str, Any], res: FitResult) -> None:

@@ -17,16 +17,8 @@ FAST = {"lcd.dim": 64, "lcd.meta_tokens": 4, "lcd.heads": 2, "head.hidden": 64, 
 
 
 @pytest.fixture(scope="module")
-def toy_cache(tmp_path_factory):
-    """The 48-clip toy dataset (32 train / 8 val / 8 test clips) extracted with the tiny backbones."""
-    from mettle.extract.config import ExtractConfig
-    from mettle.extract.run import extract
-
-    root = tmp_path_factory.mktemp("toy48")
-    extract(ExtractConfig(dataset="toy", cache=str(root / "cache"), data_root=str(root / "toy"),
-                          manifest_options={"num_clips": 48, "seed": 0}, backbones="tiny", device="cpu"),
-            progress=False)
-    return root / "cache"
+def toy_cache(toy48_cache):
+    return toy48_cache
 
 
 def _cfg(cache, out, **sets):
