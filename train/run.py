@@ -62,6 +62,7 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
     if (run_dir / RESULTS).is_file() and not overwrite:
         log.info("%s is finished; not training again (pass --overwrite to)", run_dir)
         return run_dir, json.loads((run_dir / RESULTS).read_text())
+    build_model(cfg, source)  # refuse a source that lacks what the task needs before creating anything
     state = None
     if resume and (run_dir / "last.pt").is_file():
         state = load_checkpoint(run_dir / "last.pt")

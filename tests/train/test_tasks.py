@@ -70,8 +70,8 @@ def test_avvp_on_the_toy_llp_cache_learns(llp_cache, tmp_path):
     assert len(task.table(res.test)) == 4
 
 
-def test_avvp_refuses_a_cache_without_video_labels(small_toy_cache):
-    r = CliRunner().invoke(train_cli, ["--task", "avvp", "--cache", str(small_toy_cache), "-q"])
+def test_avvp_refuses_a_cache_without_video_labels(small_toy_cache, tmp_path):
+    r = CliRunner().invoke(train_cli, ["--task", "avvp", "--cache", str(small_toy_cache), "--out", str(tmp_path), "-q"])
     assert r.exit_code == 2 and "needs clip labels 'video_labels'" in r.output
 
 

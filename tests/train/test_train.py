@@ -100,8 +100,8 @@ def test_a_cache_lacking_the_tasks_blocks_is_refused(toy_cache, tmp_path):
     (seg / META_FILE).write_text(json.dumps(d))
     with pytest.raises(CacheError, match="lacks visual/stage0.block0.*needed for task ave.*--preset"):
         fit(_cfg(seg, tmp_path), open_cache(seg), progress=False, max_steps=1)
-    r = CliRunner().invoke(train_cli, ["--task", "ave", "--cache", str(seg), "-q"])
-    assert r.exit_code == 2 and "lacks" in r.output
+    r = CliRunner().invoke(train_cli, ["--task", "ave", "--cache", str(seg), "--out", str(tmp_path / "runs"), "-q"])
+    assert r.exit_code == 2 and "lacks" in r.output and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
