@@ -209,3 +209,29 @@ def test_create_cache_resume_refuse_overwrite(manifest, tmp_path):
     half.mkdir()
     (half / "manifest.json").write_text("{")
     assert create_cache(half, meta, manifest).pending_shards() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_direct_shard_reads_equal_zarr(manifest, tmp_path, dtype):
+    import zarr
+
+    from mettle.cache.store import stored_arrays
+    from mettle.cache.zarr_fast import FastShardReader
+
+    meta, _ = _fill(manifest, tmp_path / "c", dtype=dtype, shard_clips=2)  # 5 clips: the last shard is partial
+    root = tmp_path / "c" / "tokens.zarr"
+    missing = root / "audio" / "stage0.block0" / "c" / "1" / "0" / "0" / "0"
+    missing.unlink()  # an unwritten shard reads as zeros on both paths
+    cache = open_cache(tmp_path / "c")
+    rng = np.random.default_rng(3)
+    names = [n for n, _, _ in stored_arrays(meta)]
+    for name in names:
+        assert cache.store._fast(name) is not None, name
+        arr = zarr.open_array(str(root / name), mode="r")
+        for _ in range(4):
+            rows = rng.permutation(5)[: rng.integers(1, 6)]
+            want = arr.oindex[np.sort(rows)][np.argsort(np.argsort(rows))]
+            assert np.array_equal(cache.store.read(name, rows), want), name
+    with pytest.raises(FileNotFoundError):
+        FastShardReader(tmp_path / "nope")
+    assert cache.store._fast("targets/none") is None  # anything unreadable falls back to zarr
