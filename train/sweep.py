@@ -12,8 +12,10 @@ A sweep file (YAML)::
 
 Each combination x seed is one ordinary run folder (so finished runs are skipped on rerun, and a
 sweep can be extended by editing the grid). The results are gathered into ``sweep.csv`` and
-``sweep.md`` (mean +- std over seeds of the task's metrics and the trainable parameters), and
-``sweep.png`` (the selection metric against trainable parameters). Runs on dask workers load the
+``sweep.md`` (mean +- std over seeds of the task's metrics and the trainable parameters),
+``sweep.png`` (the selection metric against trainable parameters), ``curves.png`` (validation
+curves per grid point) and, when the grid varies ``lcd.layers``, ``layers.png`` (the metric per
+layer choice: single blocks, stages, every n-th, i.e. the per-layer contribution). Runs on dask workers load the
 cache themselves; the runs are deterministic, so the table does not depend on where they ran.
 """
 
@@ -117,9 +119,12 @@ def run_sweep(sweep: Sweep, cache: str, out: str, device: str = "auto", workers:
                 cluster.close()
     else:
         results = [_run(j) for j in jobs]
-    rows = summarise(sweep, [p for p, _ in configs], results)
+    points = [p for p, _ in configs]
+    rows = summarise(sweep, points, results)
     folder = Path(out) / f"sweep-{sweep.task}"
-    write_tables(folder, rows, get_task(sweep.task).select_metric)
+    metric = get_task(sweep.task).select_metric
+    write_tables(folder, rows, metric)
+    write_plots(folder, rows, results, points, metric)
     return folder, rows
 
 
@@ -170,3 +175,46 @@ def write_tables(folder: Path, rows: list[dict[str, Any]], metric: str) -> None:
     fig.tight_layout()
     fig.savefig(folder / "sweep.png", dpi=100)
     plt.close(fig)
+
+
+def write_plots(folder: Path, sweep_rows: list[dict[str, Any]], results: list[dict[str, Any]],
+                points: list[dict[str, Any]], metric: str) -> None:
+    """``curves.png``: the validation metric per epoch of every grid point (mean over seeds);
+    ``layers.png`` (when the grid varies ``lcd.layers``): the test metric per layer choice, the
+    per-layer contribution view (single blocks, stages, every n-th)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    point_keys = [k for k in sweep_rows[0] if not k.endswith(("_mean", "_std"))
+                  and k not in ("seeds", "trainable_parameters")]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for row in sweep_rows:
+        point = {k: row[k] for k in point_keys}
+        curves = []
+        for p, r in zip(points, results):
+            if p == point:
+                lines = (Path(r["run"]) / "metrics.jsonl").read_text().splitlines()
+                curves.append([json.loads(x).get(f"val_{metric}", float("nan")) for x in lines])
+        n = min(len(c) for c in curves)
+        mean = [statistics.fmean(c[e] for c in curves) for e in range(n)]
+        ax.plot(range(1, n + 1), mean, marker=".", label=", ".join(f"{k}={point[k]}" for k in point_keys))
+    ax.set(xlabel="epoch", ylabel=f"validation {metric}")
+    if len(sweep_rows) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=100)
+    plt.close(fig)
+    if "lcd.layers" in point_keys:
+        by_layers: dict[str, list[float]] = {}
+        for row in sweep_rows:
+            by_layers.setdefault(str(row["lcd.layers"]), []).append(row[f"{metric}_mean"])
+        names = list(by_layers)
+        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names)), 3.5))
+        ax.bar(range(len(names)), [max(v) for v in by_layers.values()])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set(ylabel=f"test {metric} (best over the other options)", title="per-layer contribution")
+        fig.tight_layout()
+        fig.savefig(folder / "layers.png", dpi=100)
+        plt.close(fig)

@@ -37,6 +37,7 @@ def test_sweep_table_resume_and_dask(small_toy_cache, tmp_path):
                                                                              (2, "all"), (2, "last-stage")}
     assert rows[0]["trainable_parameters"] > rows[1]["trainable_parameters"]  # all blocks > last stage
     assert (folder / "sweep.csv").read_text().count("\n") == 5 and (folder / "sweep.png").stat().st_size > 1000
+    assert (folder / "curves.png").stat().st_size > 1000 and (folder / "layers.png").stat().st_size > 1000
     assert "+-" in (folder / "sweep.md").read_text()
     runs = sorted((tmp_path / "seq").glob("ave__*/results.json"))
     assert len(runs) == 8
