@@ -79,8 +79,9 @@ class FastShardReader:
                 k = 0
                 while k < len(order):  # coalesce chunks that lie back to back in the file
                     j = k
-                    while j + 1 < len(order) and offsets[order[j + 1]] == offsets[order[j]] + sizes[order[j]] \
-                            and offsets[order[j]] != _MISSING:
+                    while j + 1 < len(order) and offsets[order[j]] != _MISSING \
+                            and offsets[order[j + 1]] != _MISSING \
+                            and int(offsets[order[j + 1]]) == int(offsets[order[j]]) + int(sizes[order[j]]):
                         j += 1
                     first = order[k]
                     if offsets[first] == _MISSING:
