@@ -69,15 +69,9 @@ def _to(batch_tokens: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 @torch.no_grad()
 def predict(model: MettleModel, task: Task, source: TokenSource, items: Sequence[int], batch_size: int,
-            device: torch.device, workers: int = 0) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The model's outputs for ``items``, in order, on the CPU (a tensor, or a dict of tensors)."""
-    return _predict(model, task, source, items, batch_size, device, workers)[0]
-
-
-@torch.no_grad()
-def _predict(model: MettleModel, task: Task, source: TokenSource, items: Sequence[int], batch_size: int,
-             device: torch.device, workers: int = 0):
-    """(outputs, batch-carried targets or None) for ``items``, in order, on the CPU."""
+            device: torch.device, workers: int = 0):
+    """The model's outputs for ``items`` in order, on the CPU (a tensor, or a dict of tensors), and the
+    targets the source carried with them (``task.target_keys``; None when the task has none)."""
     model.eval()
     batches = _batches(list(items), batch_size, None)
     outs, targets = [], []
@@ -105,7 +99,7 @@ def evaluate(model: MettleModel, task: Task, source: TokenSource, split: str, ba
     items = task.items(source, split)
     if not items:
         return {}
-    outputs, targets = _predict(model, task, source, items, batch_size, device, workers)
+    outputs, targets = predict(model, task, source, items, batch_size, device, workers)
     if targets is None:
         targets = task.targets(source.manifest, items)
     return {**task.metrics(outputs, targets, source.manifest, items), "loss": float(task.loss(outputs, targets))}

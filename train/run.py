@@ -130,12 +130,12 @@ def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> 
 
 def write_masks(res: FitResult, task, source: TokenSource, cfg: TrainConfig, folder: Path, n: int) -> list[Path]:
     """Overlays of predicted vs true masks for the first ``n`` test clips (segmentation tasks)."""
-    from .loop import _predict
+    from .loop import predict
 
     if not hasattr(task, "save_examples"):
         raise ValueError(f"--save-masks: task {cfg.task} does not predict masks. Fix: use it with avs-s4 or avs-ms3")
     items = task.items(source, "test")[:n]
-    outputs, targets = _predict(res.model, task, source, items, cfg.optim.batch_size, resolve_device(cfg.device))
+    outputs, targets = predict(res.model, task, source, items, cfg.optim.batch_size, resolve_device(cfg.device))
     return task.save_examples(outputs, targets, source.manifest, items, folder)
 
 
