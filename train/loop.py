@@ -107,18 +107,19 @@ def evaluate(model: MettleModel, task: Task, source: TokenSource, split: str, ba
 
 def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps: int | None = None,
         on_epoch: Callable[[dict[str, Any], FitResult], None] | None = None, last_path: Path | None = None,
-        resume: dict[str, Any] | None = None) -> FitResult:
+        resume: dict[str, Any] | None = None, model: MettleModel | None = None) -> FitResult:
     """Train on ``source``'s train split; select on val; score test with the best weights.
 
     ``max_steps`` stops early (tests, benchmarks); ``on_epoch(record, result)`` sees each epoch's
     record (the run folder writer uses it to append metrics and save checkpoints). With
     ``last_path`` the whole training state (weights, optimiser, schedule, data-order and dropout
     RNGs, best-so-far) is saved atomically after every epoch; ``resume`` (that file, loaded)
-    continues from it and ends exactly where an uninterrupted run would.
+    continues from it and ends exactly where an uninterrupted run would. ``model``: one just made by
+    :func:`build_model` for ``cfg`` and ``source`` (a caller that validated with it need not build twice).
     """
     task = get_task(cfg.task)
     device = resolve_device(cfg.device)
-    model = build_model(cfg, source, task)
+    model = model if model is not None else build_model(cfg, source, task)
     initialised = init_from(model, cfg.init_from) if cfg.init_from else 0
     model.to(device)
     result = FitResult(model, trainable_parameters=count_parameters(model), initialised=initialised)

@@ -62,7 +62,7 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
     if (run_dir / RESULTS).is_file() and not overwrite:
         log.info("%s is finished; not training again (pass --overwrite to)", run_dir)
         return run_dir, json.loads((run_dir / RESULTS).read_text())
-    build_model(cfg, source)  # refuse a source that lacks what the task needs before creating anything
+    model = build_model(cfg, source)  # refuse a source that lacks what the task needs before creating anything
     state = None
     if resume and (run_dir / "last.pt").is_file():
         state = load_checkpoint(run_dir / "last.pt")
@@ -86,7 +86,8 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
                              "val": {k: v for k, v in record.items() if k.startswith("val_")}})
 
     t0 = time.perf_counter()
-    res = fit(cfg, source, progress=progress, on_epoch=on_epoch, last_path=run_dir / "last.pt", resume=state)
+    res = fit(cfg, source, progress=progress, on_epoch=on_epoch, last_path=run_dir / "last.pt", resume=state,
+              model=model)
     results = {"task": cfg.task, "test": res.test, "val": res.val, "extra_tests": res.extra,
                "initialised_tensors": res.initialised, "clips_left_out": res.left_out, "best_epoch": res.best_epoch,
                "epochs": len(res.history), "trainable_parameters": res.trainable_parameters,
