@@ -138,7 +138,7 @@ def _describe(task: str, y: Any, meta: CacheMeta) -> dict[str, Any]:
         events = {}
         for modality, p in (("audio", pa), ("visual", pv)):
             events[modality] = [[names[c], on, off] for c in range(p.shape[0])
-                                for _, on, off in _runs([str(x) for x in p[c]], skip="0")]
+                                for _, on, off in _runs(p[c].tolist(), skip=0)]
         return {"video_labels": [names[c] for c in np.flatnonzero(y["video"].numpy() >= 0.5)], "events": events}
     if task.startswith("avs"):
         from mettle.train.tasks.avs import upsample
