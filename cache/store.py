@@ -60,11 +60,16 @@ class ZarrStore:
             group.create_array(name, shape=shape, chunks=(1, *shape[1:]), shards=(self.meta.shard_clips, *shape[1:]),
                                dtype=dtype, compressors=compressors, fill_value=0)
 
+    def _handles(self) -> dict:
+        """Open arrays and readers of this process (dropped after a fork: DataLoader workers reopen)."""
+        if self._pid != os.getpid():
+            self._arrays, self._pid = {}, os.getpid()
+        return self._arrays
+
     def _array(self, name: str):
         import zarr
 
-        if self._pid != os.getpid():
-            self._arrays, self._pid = {}, os.getpid()
+        self._handles()
         if name not in self._arrays:
             try:
                 self._arrays[name] = zarr.open_array(str(self.path / name), mode="r+")
@@ -85,8 +90,7 @@ class ZarrStore:
         """The direct shard reader for ``name`` (None when its layout is not the one we write)."""
         from .zarr_fast import FastShardReader
 
-        if self._pid != os.getpid():
-            self._arrays, self._pid = {}, os.getpid()
+        self._handles()
         key = ("fast", name)
         if key not in self._arrays:
             try:
