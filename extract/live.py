@@ -26,7 +26,8 @@ from mettle.cache.runtime import resolve_device
 from mettle.manifests import Manifest
 
 from .backbones import Backbone
-from .media import MASK_SIZE, MISSING, read_clip, read_masks
+from .media import MASK_SIZE, MISSING, read_masks
+from .shard import submit_decodes
 from .tokens import TokenForward
 
 log = logging.getLogger(__name__)
@@ -75,15 +76,11 @@ class LiveSource(TokenSource):
         token_keys = [k for k in keys if not k.startswith(TARGETS)]
         modalities = [m for m in self.backbones if any(self.meta.array(k).modality == m for k in token_keys)]
         with ThreadPoolExecutor(max(1, self.decode_threads), thread_name_prefix="live-decode") as pool:
-            def submit(rows):
-                return [pool.submit(read_clip, self.manifest.clips[r], self.data_root, self.manifest.frame_rule)
-                        for r in rows]
-
-            pending = submit(batches[0]) if batches else []
+            pending = submit_decodes(pool, self.manifest, self.data_root, batches[0]) if batches else []
             for i, rows in enumerate(batches):
                 media = [f.result() for f in pending]
                 if i + 1 < len(batches):
-                    pending = submit(batches[i + 1])  # decode ahead while the backbones run
+                    pending = submit_decodes(pool, self.manifest, self.data_root, batches[i + 1])  # decode ahead
                 tokens: dict[str, torch.Tensor] = {}
                 for m in modalities:
                     fw = self._forward(m, token_keys)

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -32,7 +32,8 @@ class ExtractError(RuntimeError):
     """Extraction stopped on a bad clip (``--on-error fail``); the message names the clip and the fix."""
 
 
-def submit_decodes(pool: Executor, manifest: Manifest, data_root: Path, rows: range) -> list[Future]:
+def submit_decodes(pool: Executor, manifest: Manifest, data_root: Path, rows: Sequence[int]) -> list[Future]:
+    """Start decoding the clips at ``rows`` (in that order) on ``pool``."""
     return [pool.submit(read_clip, manifest.clips[r], data_root, manifest.frame_rule) for r in rows]
 
 
