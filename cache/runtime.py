@@ -21,7 +21,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA max allocated on a GPU, else the process's peak resident set."""
+    """Peak bytes: CUDA max allocated on a GPU, else the process's peak resident set.
+
+    On Linux the resident peak is read from ``VmHWM`` of this process's own address space:
+    ``ru_maxrss`` survives ``exec`` and so reports the parent's peak in a freshly spawned child.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

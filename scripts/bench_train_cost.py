@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,6 +66,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     import numpy as np
 
     from mettle.cache import CacheMeta, plan_cache
+    from mettle.cache.runtime import peak_memory
     from mettle.extract.config import ExtractConfig, load_backbones
     from mettle.extract.tokens import TokenForward
     from mettle.train.config import resolve_config
@@ -127,7 +127,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
             torch.cuda.synchronize()
         if step:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - t0)
-    peak_rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    peak_rss = peak_memory(torch.device("cpu"))  # VmHWM: ru_maxrss would carry the parent's peak
     return {"mode": mode, "size": size, "batch": batch, "seconds_per_step": statistics.median(times),
             "seconds_per_sample": statistics.median(times) / batch, "trainable": count_parameters(model),
             "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,

@@ -27,6 +27,10 @@ class LCDConfig:
     layers: ``auto`` (the task's choice: every block for classification, the last stage for AVS) |
         ``all`` | ``last-stage`` | ``every-N`` (every N-th block, counted from the last) |
         comma-separated block names (``stage2.block17,stage3.block1``).
+    share: ``stage`` (layers of one backbone stage share the value/output projections and the MLP;
+        meta-tokens, queries and gates stay per layer) | ``none`` (every layer its own).
+    The queries are per layer and per head (``heads x meta_tokens x D_l``); with
+    ``meta_tokens <= dim / heads`` that is the same function class as query and key projections.
     """
 
     meta_tokens: int = 8
@@ -38,6 +42,7 @@ class LCDConfig:
     mlp_ratio: float = 2.0
     gate_init: float = 0.5
     attention: str = "folded"  # folded | naive (the same mathematics; naive projects every token)
+    share: str = "stage"  # stage | none: a stage's layers share value/output projections and the MLP
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,31 @@
 
 Our reading of the paper (its full text is not public), each part an option for ablations:
 
-* **Adaptation** (``adapt``): K learnable meta-tokens M_l (K x d) per layer query the layer's tokens
-  X (N x D_l) with multi-head cross-attention, queries from LN(M_l), keys and values from LN(X)
-  projected D_l -> d; residual; then an MLP with residual.
-* **Preservation** (``preserve``): the layer's token mean, normalised and mapped D_l -> d by a
-  per-layer linear, is added to every meta-token through a learnable scalar gate.
+* **Adaptation** (``adapt``): K learnable meta-tokens M_l (K x d) per layer read the layer's tokens
+  X (N x D_l) by multi-head cross-attention over the normalised tokens LN(X); the head outputs are
+  projected D_l -> d (values), mixed by an output projection and added to M_l; then an MLP with
+  residual.
+* **Preservation** (``preserve``): the uniform read-out of the layer, the mean of LN(X) through the
+  same value projection, is added to every meta-token through a learnable scalar gate.
 * **Aggregation**: the layers' meta-tokens are averaged (the paper's choice).
+* **Sharing** (``share``): ``stage`` lets the layers of one backbone stage (one token width) share
+  the value/output projections and the MLP, while meta-tokens, queries and gates stay per layer;
+  ``none`` gives every layer its own.
 
-Cost: the naive attention projects every token twice (N x D_l x d each). The folded form computes
-the same mathematics as ``scores = (q W_k^T) LN(X)^T`` and ``out = (A LN(X)) W_v^T + b_v``, which
-scales with K x N x D_l (K is small) instead of N x D_l x d. The key bias adds the same value to
-every score of a query, so softmax removes it; the value bias passes through because attention rows
-sum to one (the key projection therefore has no bias). ``attention="naive"`` keeps the direct form as a test oracle.
+Why it is written this way (memory is the point of the tool):
+
+* The queries come from learned meta-tokens, not from the input, so ``q W_k^T`` is one learned
+  matrix per head. It is parameterised directly as ``query`` (heads x K x D_l): the same function
+  class as separate query and key projections whenever K <= d / heads, at K x heads instead of d
+  parameters per input channel. A key bias would shift all scores of a query alike (softmax removes it).
+* The normalisation has no affine part: a scale and shift in front of linear maps folds into them.
+* The tokens never need a gradient, so LN(X) is a constant. :class:`_NormAttend` computes
+  ``softmax(query LN(X)^T) LN(X)`` and keeps for the backward pass only the input tokens (which the
+  caller holds anyway, in their stored dtype), the per-token statistics and the small attention
+  weights; LN(X) is rebuilt one layer at a time in backward. Autograd's version would keep a
+  float32 LN(X) for every layer (twice the float16 tokens). The values are applied after the
+  attention (``(A LN(X)) W_v^T``), which scales with K x N x D_l instead of N x D_l x d.
+  ``attention="naive"`` projects every token with plain autograd ops and is the test oracle.
 
 Data contract: input tokens ``(B, T, N_l, D_l)`` per layer (any float dtype; they never require
 grad), output ``(B, T, K, d)`` float32 per modality.
@@ -31,9 +44,55 @@ from mettle.cache import ArraySpec, CacheMeta
 
 from .config import ConfigError, LCDConfig
 
+_EPS = 1e-5
+SHARES = ("none", "stage")
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last axis without affine, in float32 (float64 stays float64, for gradcheck)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    var, mean = torch.var_mean(x, -1, keepdim=True, correction=0)
+    return (x - mean) * torch.rsqrt(var + _EPS)
+
+
+class _NormAttend(torch.autograd.Function):
+    """``(query (h, K, D), x (S, N, D)) -> (z (S, h, K, D), mean_n LN(x) (S, D))``; grad to ``query`` only."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, x: torch.Tensor):  # type: ignore[override]
+        xn = _normalize(x)
+        attn = torch.einsum("hkD,snD->shkn", query, xn).softmax(-1)
+        z = torch.einsum("shkn,snD->shkD", attn, xn)
+        ctx.save_for_backward(query, x, attn)
+        mean = xn.mean(1)
+        ctx.mark_non_differentiable(mean)
+        return z, mean
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor, _dmean: torch.Tensor):  # type: ignore[override]
+        query, x, attn = ctx.saved_tensors
+        xn = _normalize(x)
+        da = torch.einsum("shkD,snD->shkn", dz, xn)
+        ds = attn * (da - (attn * da).sum(-1, keepdim=True))
+        return torch.einsum("shkn,snD->hkD", ds, xn), None
+
+
+class Readout(nn.Module):
+    """Value projection D -> d, output projection and MLP: per layer, or shared by a stage's layers."""
+
+    def __init__(self, in_dim: int, cfg: LCDConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.v = nn.Linear(in_dim, d)
+        if cfg.adapt:
+            hidden = max(1, int(d * cfg.mlp_ratio))
+            self.o = nn.Linear(d, d)
+            self.norm_mlp = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
 
 class LayerDistiller(nn.Module):
-    """One layer's meta-tokens: adaptation (cross-attention + MLP) and preservation (gated mean)."""
+    """One layer's meta-tokens, queries and preservation gate; projections come from a :class:`Readout`."""
 
     def __init__(self, in_dim: int, cfg: LCDConfig) -> None:
         super().__init__()
@@ -44,51 +103,37 @@ class LayerDistiller(nn.Module):
             raise ConfigError(f"lcd.attention={cfg.attention!r} is unknown. Fix: use folded or naive")
         self.cfg, self.heads, self.head_dim = cfg, h, d // h
         self.meta = nn.Parameter(torch.randn(k, d) * 0.02)
-        if cfg.adapt:
-            self.norm_x = nn.LayerNorm(in_dim)
-            self.norm_q = nn.LayerNorm(d)
-            self.q = nn.Linear(d, d)
-            self.k = nn.Linear(in_dim, d, bias=False)  # a key bias shifts all scores of a query alike: no effect
-            self.v = nn.Linear(in_dim, d)
-            self.o = nn.Linear(d, d)
-            hidden = max(1, int(d * cfg.mlp_ratio))
-            self.norm_mlp = nn.LayerNorm(d)
-            self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        if cfg.adapt:  # scores start O(1): unit-variance LN(X) against query rows of norm ~1
+            self.query = nn.Parameter(torch.randn(h, k, in_dim) / math.sqrt(in_dim))
         if cfg.preserve:
-            self.norm_keep = nn.LayerNorm(in_dim)
-            self.keep = nn.Linear(in_dim, d)
             self.gate = nn.Parameter(torch.tensor(float(cfg.gate_init)))
 
-    def _attend_folded(self, q: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+    def _values(self, z: torch.Tensor, v: nn.Linear) -> torch.Tensor:
+        """(S, h, K, D) per-head attended tokens -> (S, K, d) through head h's rows of ``v``."""
         h, dh = self.heads, self.head_dim
-        wk = self.k.weight.view(h, dh, -1)  # (h, dh, D)
-        wv = self.v.weight.view(h, dh, -1)
-        qf = torch.einsum("khj,hjD->hkD", q.view(-1, h, dh), wk) / math.sqrt(dh)  # (h, K, D): once per step
-        scores = torch.einsum("hkD,snD->shkn", qf, xn)
-        z = torch.einsum("shkn,snD->shkD", scores.softmax(-1), xn)  # (S, h, K, D)
-        out = torch.einsum("shkD,hjD->skhj", z, wv) + self.v.bias.view(h, dh)
-        return out.reshape(xn.shape[0], -1, h * dh)
+        out = torch.einsum("shkD,hjD->skhj", z, v.weight.view(h, dh, -1)) + v.bias.view(h, dh)
+        return out.reshape(z.shape[0], z.shape[2], h * dh)
 
-    def _attend_naive(self, q: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
-        s, n = xn.shape[:2]
-        h, dh = self.heads, self.head_dim
-        keys = self.k(xn).view(s, n, h, dh)
-        values = self.v(xn).view(s, n, h, dh)
-        scores = torch.einsum("khj,snhj->shkn", q.view(-1, h, dh), keys) / math.sqrt(dh)
-        return torch.einsum("shkn,snhj->skhj", scores.softmax(-1), values).reshape(s, -1, h * dh)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, readout: Readout) -> torch.Tensor:
         """(S, N, D) tokens of S segments -> (S, K, d) meta-tokens."""
-        x = x.float()
         m = self.meta.unsqueeze(0).expand(x.shape[0], -1, -1)
+        mean = None
         if self.cfg.adapt:
-            xn = self.norm_x(x)
-            q = self.q(self.norm_q(self.meta))  # (K, d): the queries are shared by every segment
-            attend = self._attend_folded if self.cfg.attention == "folded" else self._attend_naive
-            m = m + self.o(attend(q, xn))
-            m = m + self.mlp(self.norm_mlp(m))
+            if self.cfg.attention == "naive" or x.requires_grad:
+                xn = _normalize(x)
+                attn = torch.einsum("hkD,snD->shkn", self.query, xn).softmax(-1)
+                values = readout.v(xn).view(*xn.shape[:2], self.heads, self.head_dim)  # every token projected
+                read = torch.einsum("shkn,snhj->skhj", attn, values).reshape(x.shape[0], -1, self.cfg.dim)
+                mean = xn.mean(1)
+            else:
+                z, mean = _NormAttend.apply(self.query, x)
+                read = self._values(z, readout.v)
+            m = m + readout.o(read)
+            m = m + readout.mlp(readout.norm_mlp(m))
         if self.cfg.preserve:
-            m = m + self.gate * self.keep(self.norm_keep(x.mean(1))).unsqueeze(1)
+            if mean is None:
+                mean = _normalize(x).mean(1)
+            m = m + self.gate * readout.v(mean).unsqueeze(1)
         return m
 
 
@@ -128,15 +173,27 @@ class LCD(nn.Module):
         super().__init__()
         if not arrays:
             raise ConfigError("LCD needs at least one layer. Fix: check lcd.layers")
+        if cfg.share not in SHARES:
+            raise ConfigError(f"lcd.share={cfg.share!r} is unknown. Fix: use one of {', '.join(SHARES)}")
         self.keys = [a.key for a in arrays]
         self.layers = nn.ModuleList(LayerDistiller(a.dim, cfg) for a in arrays)
+        groups: dict[object, int] = {}
+        dims: list[int] = []
+        self.owner = []  # layer i reads through readouts[owner[i]]
+        for i, a in enumerate(arrays):
+            group = (a.stage, a.dim) if cfg.share == "stage" else i
+            if group not in groups:
+                groups[group] = len(dims)
+                dims.append(a.dim)
+            self.owner.append(groups[group])
+        self.readouts = nn.ModuleList(Readout(dim, cfg) for dim in dims)
 
     def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
         first = tokens[self.keys[0]]
         b, t = first.shape[:2]
         total = None
-        for key, layer in zip(self.keys, self.layers):
+        for key, layer, g in zip(self.keys, self.layers, self.owner):
             x = tokens[key]
-            m = layer(x.reshape(b * t, *x.shape[2:]))
+            m = layer(x.reshape(b * t, *x.shape[2:]), self.readouts[g])
             total = m if total is None else total + m
         return (total / len(self.layers)).view(b, t, *total.shape[1:])
