@@ -8,6 +8,10 @@ Nothing is read before an item is asked for. ``__getitems__`` (used by DataLoade
 reads each array once per batch: sorted unique rows (several questions may share a clip), one
 selection per array, which turns a batch of B clips into len(keys) reads instead of B * len(keys).
 
+:class:`BatchedTokens` is the training path (``Cache.iterate``): the same reads, but a batch comes
+out already stacked, ``{"row": (B,), "tokens": {key: (B, T, N, D)}}``, so no per-sample collation
+runs; a batch of distinct rows not yet in memory is read straight into its order (no further copy).
+
 Training reads the same rows every epoch, so decoded rows are kept in memory up to
 ``memory_budget`` bytes (per process; 0 disables it): a cache that fits is read from disk once,
 a larger one keeps its first rows resident and streams the rest. Never more than the budget.
@@ -57,3 +61,40 @@ class TokenDataset(Dataset):
                 fresh[r] = {k: torch.from_numpy(v[pos]) for k, v in data.items()}
                 self._keep(r, fresh[r])
         return [{"row": int(r), "tokens": self._kept.get(int(r)) or fresh[int(r)]} for r in rows]
+
+
+class BatchedTokens(Dataset):
+    """Whole batches of a :class:`TokenDataset` (use with ``batch_sampler`` and :func:`whole_batch`)."""
+
+    def __init__(self, tokens: TokenDataset) -> None:
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitems__(self, indices: Sequence[int]) -> dict:
+        ds = self.tokens
+        rows = np.asarray([ds.rows[i] for i in indices], dtype=np.int64)
+        if len(set(rows.tolist())) == len(rows) and not any(r in ds._kept for r in rows.tolist()):
+            # the common case: distinct rows not in memory, read straight into the batch's own order
+            data = {k: ds.cache.read(k, rows, ds.dtype) for k in ds.keys}
+            for pos, r in enumerate(rows.tolist()):
+                ds._keep(r, {k: torch.from_numpy(v[pos]) for k, v in data.items()})
+            return {"row": torch.from_numpy(rows), "tokens": {k: torch.from_numpy(v) for k, v in data.items()}}
+        unique = np.unique(rows)
+        missing = np.asarray([r for r in unique if r not in ds._kept], dtype=np.int64)
+        data = {k: ds.cache.read(k, missing, ds.dtype) for k in ds.keys} if len(missing) else {}
+        if len(missing):
+            for pos, r in enumerate(missing.tolist()):
+                ds._keep(r, {k: torch.from_numpy(v[pos]) for k, v in data.items()})
+        where = {r: pos for pos, r in enumerate(missing.tolist())}
+        tokens = {}
+        for k in ds.keys:
+            parts = [torch.from_numpy(data[k][where[r]]) if r in where else ds._kept[r][k] for r in rows.tolist()]
+            tokens[k] = torch.stack(parts)
+        return {"row": torch.from_numpy(rows), "tokens": tokens}
+
+
+def whole_batch(batch: dict) -> dict:
+    """DataLoader ``collate_fn`` for :class:`BatchedTokens`: the batch is already stacked."""
+    return batch

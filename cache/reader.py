@@ -48,6 +48,12 @@ class Cache(TokenSource):
         self._datasets: dict = {}
 
     @property
+    def batch_dtype(self) -> str:
+        """What :meth:`iterate` hands out: float16 caches stay float16 (half the bytes to move and keep;
+        the model computes in float32 per layer), float32 and int8 caches come as float32."""
+        return "float16" if self.meta.dtype == "float16" else "float32"
+
+    @property
     def failed(self) -> dict[str, str]:
         return {self.manifest.clips[i].clip_id: s for i, s in enumerate(self.clip_status) if s != OK}
 
@@ -77,6 +83,8 @@ class Cache(TokenSource):
                 seed: int = 0) -> Iterator[dict[str, Any]]:
         """Batches through a DataLoader: one read per array per batch, ``workers`` reader processes.
 
+        Each batch comes out stacked (no per-sample collation) in :attr:`batch_dtype`.
+
         The dataset is kept between calls with the same keys, so rows read in one epoch stay in
         memory for the next (up to ``memory_budget`` bytes; with ``workers`` each worker process
         holds its own copy for the life of the loader only).
@@ -84,17 +92,17 @@ class Cache(TokenSource):
         import torch
         from torch.utils.data import DataLoader
 
-        from .dataset import TokenDataset
+        from .dataset import BatchedTokens, TokenDataset, whole_batch
 
         if not batches:
             return iter(())
         ds = self._datasets.get(tuple(keys))
         if ds is None:  # over every row, kept: later epochs (and other splits) share its memory budget
-            ds = TokenDataset(self, range(self.meta.num_clips), keys, memory_budget=self.memory_budget)
+            ds = TokenDataset(self, range(self.meta.num_clips), keys, dtype=self.batch_dtype,
+                              memory_budget=self.memory_budget)
             self._datasets = {tuple(keys): ds}
-        position = {r: r for b in batches for r in b}
-        loader = DataLoader(ds, batch_sampler=[[position[r] for r in b] for b in batches], num_workers=workers,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        loader = DataLoader(BatchedTokens(ds), batch_sampler=[list(b) for b in batches], num_workers=workers,
+                            collate_fn=whole_batch, persistent_workers=False, pin_memory=torch.cuda.is_available(),
                             generator=torch.Generator().manual_seed(seed))  # never touches the global RNG
         return iter(loader)
 

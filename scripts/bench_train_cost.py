@@ -62,7 +62,8 @@ def write_layout(size: str, path: Path) -> None:
     path.write_text(meta.to_json())
 
 
-def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: str = "") -> dict:
+def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: str = "",
+            sets: dict | None = None) -> dict:
     import numpy as np
 
     from mettle.cache import CacheMeta, plan_cache
@@ -90,13 +91,13 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     task = get_task("ave")
     if mode != "adapter":
         budget = mode.split(":")[1] if mode.startswith("cache") else "full"
-        meta = plan_cache(manifest, records, tokens=budget, dtype="float32")
-        model = MettleModel(meta, manifest, resolve_config("ave", task.head_defaults), task).to(dev)
-        if mode == "end-to-end":
-            forwards = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev, "float32")
+        meta = plan_cache(manifest, records, tokens=budget)  # the default float16 cache
+        model = MettleModel(meta, manifest, resolve_config("ave", task.head_defaults, sets=sets), task).to(dev)
+        if mode == "end-to-end":  # float16 autocast on CUDA, as the live token source runs there
+            forwards = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev, "auto")
                         for m, b in backbones.items()}
-        else:
-            cached = {a.key: torch.randn(batch, 10, a.tokens, a.dim, device=dev) for a in meta.arrays}
+        else:  # what the loader hands the model: the cache's float16 tokens
+            cached = {a.key: torch.randn(batch, 10, a.tokens, a.dim, device=dev).half() for a in meta.arrays}
     else:
         model = AdapterModel(backbones).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,8 +109,9 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if mode == "adapter":
-            logits = model(frames, audio, batch)
+        if mode == "adapter":  # mixed precision on CUDA, the usual way to train such a baseline
+            with torch.autocast("cuda", dtype=torch.float16, enabled=dev.type == "cuda"):
+                logits = model(frames, audio, batch).float()
         else:
             if mode == "end-to-end":
                 tokens = {}
@@ -172,11 +174,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="folder for the table (train_cost.md) and raw results (JSON)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training config override for (a) and (b), e.g. lcd.share=none")
     ap.add_argument("--one", nargs=3, metavar=("MODE", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.steps, args.device, args.layout)))
+        sets = dict(s.split("=", 1) for s in args.set)
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.steps, args.device, args.layout,
+                                 sets)))
         return
     rows = []
     import tempfile
@@ -188,7 +194,8 @@ def main() -> None:
         for batch in args.batches:
             for mode in args.modes:
                 proc = subprocess.run([sys.executable, __file__, "--one", mode, size, str(batch), "--steps",
-                                       str(args.steps), "--device", args.device, "--layout", str(layout)],
+                                       str(args.steps), "--device", args.device, "--layout", str(layout),
+                                       *[f"--set={s}" for s in args.set]],
                                       capture_output=True, text=True)
                 if proc.returncode:
                     tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
@@ -196,7 +203,7 @@ def main() -> None:
                 else:
                     rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(json.dumps(rows[-1]), file=sys.stderr)
-    lines = table(rows, args.device)
+    lines = table(rows, args.device, args.set)
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -204,10 +211,11 @@ def main() -> None:
         (args.out / "train_cost.json").write_text(json.dumps(rows, indent=1))
 
 
-def table(rows: list[dict], device: str) -> list[str]:
+def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
     mem = "peak GPU MiB" if device.startswith("cuda") else "peak RSS MiB (minus idle)"
-    out = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {device}, "
-           f"{time.strftime('%Y-%m-%d')}", "",
+    gpu = f", {torch.cuda.get_device_name(0)}" if device.startswith("cuda") and torch.cuda.is_available() else ""
+    out = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {device}{gpu}, "
+           f"{time.strftime('%Y-%m-%d')}; training config: defaults{''.join(' ' + s for s in sets)}", "",
            f"| size | batch | mode | s/step | s/sample | {mem} | trainable | time vs (a) | memory vs (a) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

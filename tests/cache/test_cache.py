@@ -163,6 +163,25 @@ def test_dataset_batches_and_workers(manifest, tmp_path):
     assert sorted(seen) == list(range(5))
 
 
+@pytest.mark.parametrize("dtype,budget", [("float16", 1 << 30), ("float16", 0), ("float32", 1 << 30)])
+def test_iterate_stacks_batches_in_the_stored_precision(manifest, tmp_path, dtype, budget):
+    """Training batches: given order, repeated rows, kept rows mixed with fresh ones, no collation."""
+    _fill(manifest, tmp_path / "c", dtype=dtype)
+    cache = open_cache(tmp_path / "c")
+    cache.memory_budget = budget
+    keys = ["visual/stage0.block0", "audio/stage1.block0"]
+    batches = [[3, 1], [1, 1, 4], [0, 2, 3, 4], [4, 0]]
+    for epoch in range(2):  # the second epoch comes from kept rows (when the budget allows)
+        for rows, batch in zip(batches, cache.iterate(batches, keys, seed=epoch)):
+            assert batch["row"].tolist() == rows
+            for k in keys:
+                got = batch["tokens"][k]
+                assert got.dtype == getattr(torch, dtype) and got.shape[0] == len(rows)
+                want = np.stack([cache.read(k, [r], dtype)[0] for r in rows])
+                assert np.array_equal(got.numpy(), want)
+    assert (cache._datasets[tuple(keys)]._kept_bytes > 0) == (budget > 0)
+
+
 def test_open_cache_refusals(manifest, tmp_path):
     _fill(manifest, tmp_path / "c")
     with pytest.raises(CacheError, match="backbone.visual = fake_swin, but other is required"):
