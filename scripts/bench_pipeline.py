@@ -43,7 +43,7 @@ def extraction(args) -> dict:
     from mettle.extract.run import extract
     from mettle.manifests import build_manifest
 
-    data = args.work / "toy"
+    data = args.work / f"toy{args.clips}"  # the toy generator refuses a folder made with other parameters
     build_manifest("toy", data_root=str(data), num_clips=args.clips)  # generate first: not part of the timing
     cache = args.work / f"cache-{args.backbones}"
     if cache.exists():

@@ -29,8 +29,6 @@ class SwinV2Backbone(Backbone):
         self.name = name
         self.model = model
         self.image_size = int(model.patch_embed.img_size[0])
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.blocks, self.stage_ends = [], []
         with torch.no_grad():
             probe = self.model.patch_embed(torch.zeros(1, 3, self.image_size, self.image_size))
@@ -56,7 +54,8 @@ class SwinV2Backbone(Backbone):
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
                               antialias=False)
-        return (x - self.mean) / self.std
+        # plain CPU constants, not buffers: preprocessing runs on the CPU (decode threads) wherever the model is
+        return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def _run(self, x: torch.Tensor, take: list[int], stop: int) -> list[torch.Tensor]:
         x = self.model.patch_embed(x)

@@ -80,6 +80,14 @@ def test_batched_equals_one_by_one(name, make):
             torch.testing.assert_close(s[0], t[i], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", [n for n in list_backbones() if n.startswith("test_")])  # same code as full size
+def test_preprocess_stays_on_the_cpu_wherever_the_model_is(name):
+    """Decode threads preprocess on the CPU while the model sits on the GPU ("meta" stands in for it)."""
+    b = create_backbone(name).to("meta")
+    x = b.preprocess(_frames(2) if b.modality == "visual" else _audio(2))
+    assert x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 2
+
+
 def test_random_init_is_reproducible():
     a, b = create_backbone("test_htsat_tiny"), create_backbone("test_htsat_tiny")
     assert state_sha256(a) == state_sha256(b) and a.weights_id == "random-init"
