@@ -20,13 +20,14 @@ Why it is written this way (memory is the point of the tool):
   class as separate query and key projections whenever K <= d / heads, at K x heads instead of d
   parameters per input channel. A key bias would shift all scores of a query alike (softmax removes it).
 * The normalisation has no affine part: a scale and shift in front of linear maps folds into them.
-* The tokens never need a gradient, so LN(X) is a constant. :class:`_NormAttend` computes
-  ``softmax(query LN(X)^T) LN(X)`` and keeps for the backward pass only the input tokens (which the
-  caller holds anyway, in their stored dtype), the per-token statistics and the small attention
-  weights; LN(X) is rebuilt one layer at a time in backward. Autograd's version would keep a
-  float32 LN(X) for every layer (twice the float16 tokens). The values are applied after the
-  attention (``(A LN(X)) W_v^T``), which scales with K x N x D_l instead of N x D_l x d.
-  ``attention="naive"`` projects every token with plain autograd ops and is the test oracle.
+* The tokens never need a gradient, so LN(X) is a constant. :class:`_GroupAttend` computes
+  ``softmax(query LN(X)^T) LN(X) W_v^T`` and keeps for the backward pass only the input tokens
+  (which the caller holds anyway, in their stored dtype), the small attention weights and the
+  parameters; LN(X) and the attended tokens are rebuilt in backward. Autograd's version would keep
+  a float32 LN(X) for every layer (twice the float16 tokens) and the attended tokens (h x K x D_l
+  per segment). The values are applied after the attention, which scales with K x N x D_l instead
+  of N x D_l x d. ``attention="naive"`` projects every token with plain autograd ops: the oracle.
+* The layers of one stage run as one batched computation (see :class:`LCD`).
 
 Data contract: input tokens ``(B, T, N_l, D_l)`` per layer (any float dtype; they never require
 grad), output ``(B, T, K, d)`` float32 per modality.
@@ -55,26 +56,45 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + _EPS)
 
 
-class _NormAttend(torch.autograd.Function):
-    """``(query (h, K, D), x (S, N, D)) -> (z (S, h, K, D), mean_n LN(x) (S, D))``; grad to ``query`` only."""
+class _GroupAttend(torch.autograd.Function):
+    """Attention read-out of L layers of one width at once, keeping no float32 copy of their tokens.
+
+    ``(query (L, h, K, D), weight (d, D), *xs (S, N, D) x L) -> (read (L, S, K, d), mean (L, S, D))``
+    where ``read = softmax(query LN(x)^T) LN(x) W^T`` per head (head h uses rows h*d/h.. of W; the
+    bias is added by the caller) and ``mean`` is the token mean of LN(x) (no gradient). Gradients go
+    to ``query`` and ``weight`` only. Backward keeps the caller's tokens ``xs``, the attention
+    weights (L, S, h, K, N) and the parameters, and rebuilds LN(x) and the attended tokens.
+    """
 
     @staticmethod
-    def forward(ctx, query: torch.Tensor, x: torch.Tensor):  # type: ignore[override]
-        xn = _normalize(x)
-        attn = torch.einsum("hkD,snD->shkn", query, xn).softmax(-1)
-        z = torch.einsum("shkn,snD->shkD", attn, xn)
-        ctx.save_for_backward(query, x, attn)
-        mean = xn.mean(1)
+    def _attend(query: torch.Tensor, xn: torch.Tensor):
+        attn = torch.einsum("lhkD,lsnD->lshkn", query, xn).softmax(-1)
+        return attn, torch.einsum("lshkn,lsnD->lshkD", attn, xn)
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, weight: torch.Tensor, *xs: torch.Tensor):  # type: ignore[override]
+        h = query.shape[1]
+        xn = _normalize(torch.stack(xs))  # (L, S, N, D) float32, transient
+        attn, z = _GroupAttend._attend(query, xn)
+        read = torch.einsum("lshkD,hjD->lskhj", z, weight.view(h, -1, weight.shape[1]))
+        mean = xn.mean(2)
+        ctx.save_for_backward(query, weight, attn, *xs)
         ctx.mark_non_differentiable(mean)
-        return z, mean
+        return read.flatten(3), mean
 
     @staticmethod
-    def backward(ctx, dz: torch.Tensor, _dmean: torch.Tensor):  # type: ignore[override]
-        query, x, attn = ctx.saved_tensors
-        xn = _normalize(x)
-        da = torch.einsum("shkD,snD->shkn", dz, xn)
+    def backward(ctx, dread: torch.Tensor, _dmean: torch.Tensor):  # type: ignore[override]
+        query, weight, attn, *xs = ctx.saved_tensors
+        h = query.shape[1]
+        xn = _normalize(torch.stack(xs))
+        z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
+        w = weight.view(h, -1, weight.shape[1])
+        dread = dread.reshape(*dread.shape[:3], h, -1)  # (L, S, K, h, dh)
+        dweight = torch.einsum("lskhj,lshkD->hjD", dread, z).reshape(weight.shape)
+        dz = torch.einsum("lskhj,hjD->lshkD", dread, w)
+        da = torch.einsum("lshkD,lsnD->lshkn", dz, xn)
         ds = attn * (da - (attn * da).sum(-1, keepdim=True))
-        return torch.einsum("shkn,snD->hkD", ds, xn), None
+        return (torch.einsum("lshkn,lsnD->lhkD", ds, xn), dweight, *([None] * len(xs)))
 
 
 class Readout(nn.Module):
@@ -108,32 +128,22 @@ class LayerDistiller(nn.Module):
         if cfg.preserve:
             self.gate = nn.Parameter(torch.tensor(float(cfg.gate_init)))
 
-    def _values(self, z: torch.Tensor, v: nn.Linear) -> torch.Tensor:
-        """(S, h, K, D) per-head attended tokens -> (S, K, d) through head h's rows of ``v``."""
-        h, dh = self.heads, self.head_dim
-        out = torch.einsum("shkD,hjD->skhj", z, v.weight.view(h, dh, -1)) + v.bias.view(h, dh)
-        return out.reshape(z.shape[0], z.shape[2], h * dh)
-
     def forward(self, x: torch.Tensor, readout: Readout) -> torch.Tensor:
-        """(S, N, D) tokens of S segments -> (S, K, d) meta-tokens."""
+        """(S, N, D) tokens of S segments -> (S, K, d) meta-tokens, with plain autograd operations.
+
+        The reference form (``attention="naive"``, and tokens that require grad): every token is
+        projected by the value map. :class:`LCD` normally runs its layers through :class:`_GroupAttend`.
+        """
         m = self.meta.unsqueeze(0).expand(x.shape[0], -1, -1)
-        mean = None
+        xn = _normalize(x)
         if self.cfg.adapt:
-            if self.cfg.attention == "naive" or x.requires_grad:
-                xn = _normalize(x)
-                attn = torch.einsum("hkD,snD->shkn", self.query, xn).softmax(-1)
-                values = readout.v(xn).view(*xn.shape[:2], self.heads, self.head_dim)  # every token projected
-                read = torch.einsum("shkn,snhj->skhj", attn, values).reshape(x.shape[0], -1, self.cfg.dim)
-                mean = xn.mean(1)
-            else:
-                z, mean = _NormAttend.apply(self.query, x)
-                read = self._values(z, readout.v)
+            attn = torch.einsum("hkD,snD->shkn", self.query, xn).softmax(-1)
+            values = readout.v(xn).view(*xn.shape[:2], self.heads, self.head_dim)  # every token projected
+            read = torch.einsum("shkn,snhj->skhj", attn, values).reshape(x.shape[0], -1, self.cfg.dim)
             m = m + readout.o(read)
             m = m + readout.mlp(readout.norm_mlp(m))
         if self.cfg.preserve:
-            if mean is None:
-                mean = _normalize(x).mean(1)
-            m = m + self.gate * readout.v(mean).unsqueeze(1)
+            m = m + self.gate * readout.v(xn.mean(1)).unsqueeze(1)
         return m
 
 
@@ -167,7 +177,15 @@ def select_layers(meta: CacheMeta, modality: str, spec: str) -> list[ArraySpec]:
 
 
 class LCD(nn.Module):
-    """One modality's LCD over the selected layers; forward returns ``(B, T, K, d)``."""
+    """One modality's LCD over the selected layers; forward returns ``(B, T, K, d)``.
+
+    Layers of one stage (same width and token count) run together: one batched attention per group
+    instead of one per layer, which on a GPU removes most kernel launches (a Swin-V2-L stage has 18
+    blocks). A group is split into chunks whose float32 normalised tokens stay under
+    ``chunk_bytes``, so the transient memory does not grow with the number of layers.
+    """
+
+    chunk_bytes = 16 << 20  # measured: larger chunks were slower on CPU at batch 8 (cache misses)
 
     def __init__(self, arrays: Sequence[ArraySpec], cfg: LCDConfig) -> None:
         super().__init__()
@@ -175,25 +193,53 @@ class LCD(nn.Module):
             raise ConfigError("LCD needs at least one layer. Fix: check lcd.layers")
         if cfg.share not in SHARES:
             raise ConfigError(f"lcd.share={cfg.share!r} is unknown. Fix: use one of {', '.join(SHARES)}")
+        self.cfg = cfg
         self.keys = [a.key for a in arrays]
         self.layers = nn.ModuleList(LayerDistiller(a.dim, cfg) for a in arrays)
-        groups: dict[object, int] = {}
+        owners: dict[object, int] = {}
         dims: list[int] = []
         self.owner = []  # layer i reads through readouts[owner[i]]
         for i, a in enumerate(arrays):
             group = (a.stage, a.dim) if cfg.share == "stage" else i
-            if group not in groups:
-                groups[group] = len(dims)
+            if group not in owners:
+                owners[group] = len(dims)
                 dims.append(a.dim)
-            self.owner.append(groups[group])
+            self.owner.append(owners[group])
         self.readouts = nn.ModuleList(Readout(dim, cfg) for dim in dims)
+        batches: dict[tuple, list[int]] = {}  # layers computed together: one readout, one token shape
+        for i, a in enumerate(arrays):
+            batches.setdefault((self.owner[i], a.tokens, a.dim), []).append(i)
+        self.groups = list(batches.values())
 
     def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
         first = tokens[self.keys[0]]
         b, t = first.shape[:2]
-        total = None
-        for key, layer, g in zip(self.keys, self.layers, self.owner):
-            x = tokens[key]
-            m = layer(x.reshape(b * t, *x.shape[2:]), self.readouts[g])
-            total = m if total is None else total + m
+        xs = [tokens[k].reshape(b * t, *tokens[k].shape[2:]) for k in self.keys]
+        if self.cfg.attention == "naive" or any(x.requires_grad for x in xs):
+            total = sum(layer(x, self.readouts[g]) for x, layer, g in zip(xs, self.layers, self.owner))
+        else:
+            total = 0
+            for group in self.groups:
+                per = xs[group[0]][0].numel() * 4 * b * t  # float32 bytes of one layer's tokens
+                step = max(1, self.chunk_bytes // max(per, 1))
+                for c in range(0, len(group), step):
+                    total = total + self._group(group[c:c + step], xs)
         return (total / len(self.layers)).view(b, t, *total.shape[1:])
+
+    def _group(self, idx: list[int], xs: list[torch.Tensor]) -> torch.Tensor:
+        """Sum over the layers ``idx`` (one readout, one token shape) of their (S, K, d) meta-tokens."""
+        cfg, readout = self.cfg, self.readouts[self.owner[idx[0]]]
+        layers = [self.layers[i] for i in idx]
+        m = torch.stack([layer.meta for layer in layers]).unsqueeze(1)  # (L, 1, K, d)
+        if cfg.adapt:
+            query = torch.stack([layer.query for layer in layers])
+            read, mean = _GroupAttend.apply(query, readout.v.weight, *[xs[i] for i in idx])
+            m = m + readout.o(read + readout.v.bias)
+            m = m + readout.mlp(readout.norm_mlp(m))
+        elif cfg.preserve:
+            with torch.no_grad():
+                mean = torch.stack([_normalize(xs[i]).mean(1) for i in idx])
+        if cfg.preserve:
+            gate = torch.stack([layer.gate for layer in layers]).view(-1, 1, 1, 1)
+            m = m + gate * readout.v(mean).unsqueeze(2)
+        return m.expand(-1, xs[idx[0]].shape[0], -1, -1).sum(0)

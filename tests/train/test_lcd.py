@@ -1,11 +1,13 @@
 """LCD: shapes, the memory-lean attention equals the naive one, no gradient into the tokens, options."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from mettle.cache import ArraySpec
 from mettle.train.config import ConfigError, LCDConfig
-from mettle.train.lcd import LCD, LayerDistiller, Readout, _NormAttend
+from mettle.train.lcd import LCD, LayerDistiller, Readout, _GroupAttend
 
 
 def _arrays():
@@ -51,56 +53,63 @@ def test_float16_tokens_are_accepted():
     assert lcd({"visual/stage0.block0": torch.randn(1, 2, 16, 12).half()}).dtype == torch.float32
 
 
-def test_norm_attend_gradient_matches_finite_differences():
+def test_group_attention_gradient_matches_finite_differences():
     torch.manual_seed(0)
-    query = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(4, 5, 6, dtype=torch.float64) * 2 + 1
-    assert torch.autograd.gradcheck(lambda q: _NormAttend.apply(q, x)[0], (query,))
+    query = torch.randn(2, 2, 3, 6, dtype=torch.float64, requires_grad=True)  # (L, h, K, D)
+    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)  # d = 4: two heads of 2
+    xs = [torch.randn(4, 5, 6, dtype=torch.float64) * 2 + 1 for _ in range(2)]
+    assert torch.autograd.gradcheck(lambda q, w: _GroupAttend.apply(q, w, *xs)[0], (query, weight))
 
 
-def _pair(cfg_kwargs, width=24):
+def _twins(share="stage", **kw):
+    """The same LCD twice: grouped (folded) and per-layer reference (naive), biases made non-zero."""
     torch.manual_seed(0)
-    folded = LayerDistiller(width, LCDConfig(attention="folded", **cfg_kwargs))
-    naive = LayerDistiller(width, LCDConfig(attention="naive", **cfg_kwargs))
-    readout = Readout(width, LCDConfig(**cfg_kwargs))
-    with torch.no_grad():  # make the biases matter
-        for p in [*folded.parameters(), *readout.parameters()]:
+    cfg = dict(meta_tokens=3, dim=16, heads=4, share=share, **kw)
+    folded = LCD(_arrays(), LCDConfig(attention="folded", **cfg))
+    with torch.no_grad():
+        for p in folded.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    naive = LCD(_arrays(), LCDConfig(attention="naive", **cfg))
     naive.load_state_dict(folded.state_dict())
-    return folded, naive, readout
+    return folded, naive
 
 
-def test_folded_attention_equals_naive():
-    folded, naive, readout = _pair(dict(meta_tokens=5, dim=32, heads=4))
-    x = torch.randn(7, 30, 24) * 3
-    a = folded(x, readout)
-    a.sum().backward()
-    grads_a = [p.grad.clone() for p in [*folded.parameters(), *readout.parameters()]]
-    readout.zero_grad()
-    b = naive(x, readout)
-    b.sum().backward()
+@pytest.mark.parametrize("share,chunk", [("stage", 64 << 20), ("none", 64 << 20), ("stage", 1)])
+@pytest.mark.parametrize("kw", [{}, {"adapt": False}, {"preserve": False}])
+def test_grouped_attention_equals_naive(share, chunk, kw):
+    folded, naive = _twins(share, **kw)
+    folded.chunk_bytes = chunk  # 1: every layer its own chunk
+    tokens = _tokens()
+    a, b = folded(tokens), naive(tokens)
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-    for (n, p), g in zip([*naive.named_parameters(), *readout.named_parameters()], grads_a):
-        assert torch.allclose(p.grad, g, atol=1e-4, rtol=1e-4), n
+    w = torch.randn_like(a)
+    (a * w).sum().backward()
+    (b * w).sum().backward()
+    grads = dict(naive.named_parameters())
+    for n, p in folded.named_parameters():
+        assert torch.allclose(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4), n
 
 
-def test_folded_attention_keeps_no_float32_copy_of_the_tokens():
+def test_grouped_attention_keeps_no_float32_copy_of_the_tokens():
     """The memory contract: backward keeps the caller's tokens, not a normalised float32 copy per layer."""
-    folded, naive, readout = _pair(dict(meta_tokens=4, dim=32, heads=4), width=128)
-    x = torch.randn(8, 256, 128).half()
+    arrays = [dataclasses.replace(a, dim=a.dim * 8, grid=(a.grid[0] * 4, a.grid[1] * 4)) for a in _arrays()]
+    tokens = {a.key: torch.randn(2, 4, a.tokens, a.dim).half() for a in arrays}
+    folded, naive = (LCD(arrays, LCDConfig(meta_tokens=3, dim=16, heads=4, attention=a)) for a in ("folded", "naive"))
+    held = {t.data_ptr() for t in tokens.values()}
 
-    def saved_bytes(layer):
+    def saved_bytes(lcd):
         seen = []
 
         def pack(t):
-            if t.data_ptr() != x.data_ptr():
+            if t.data_ptr() not in held:
                 seen.append(t.numel() * t.element_size())
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x, readout).sum().backward()
+            lcd(tokens).sum().backward()
         return sum(seen)
+    f32_tokens = sum(t.numel() * 4 for t in tokens.values())
     lean, plain = saved_bytes(folded), saved_bytes(naive)
-    assert lean < 0.5 * x.numel() * 4 < plain  # the attention weights and small tensors only
+    assert lean < 0.25 * f32_tokens < plain  # attention weights and small tensors only
 
 
 def test_ablation_switches_change_parameters():
