@@ -74,7 +74,8 @@ def extract_shard_task(cfg: ExtractConfig, shard: int) -> ShardStatus:
     forwards = _forwards(cfg, writer)
     with ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode") as pool:
         root = data_root_of(cfg)
-        decodes = submit_decodes(pool, manifest, root, meta.shard_rows(shard))
+        backbones = {m: fw.backbone for m, fw in forwards.items()}
+        decodes = submit_decodes(pool, manifest, root, meta.shard_rows(shard), backbones)
         buffer, status = process_shard(meta, manifest, shard, decodes, forwards, cfg.batch_size, cfg.on_error,
                                        data_root=root)
     _fault_point(writer, buffer, shard)

@@ -76,15 +76,20 @@ class LiveSource(TokenSource):
         token_keys = [k for k in keys if not k.startswith(TARGETS)]
         modalities = [m for m in self.backbones if any(self.meta.array(k).modality == m for k in token_keys)]
         with ThreadPoolExecutor(max(1, self.decode_threads), thread_name_prefix="live-decode") as pool:
-            pending = submit_decodes(pool, self.manifest, self.data_root, batches[0]) if batches else []
+            used = {m: self.backbones[m] for m in modalities}
+            pending = submit_decodes(pool, self.manifest, self.data_root, batches[0], used) if batches else []
             for i, rows in enumerate(batches):
-                media = [f.result() for f in pending]
-                if i + 1 < len(batches):
-                    pending = submit_decodes(pool, self.manifest, self.data_root, batches[i + 1])  # decode ahead
+                decoded = [f.result() for f in pending]
+                if i + 1 < len(batches):  # decode and preprocess ahead
+                    pending = submit_decodes(pool, self.manifest, self.data_root, batches[i + 1], used)
                 tokens: dict[str, torch.Tensor] = {}
                 for m in modalities:
                     fw = self._forward(m, token_keys)
-                    x = torch.cat([fw.backbone.preprocess(c.frames if m == "visual" else c.audio) for c in media])
+                    bad = [(r, c.errors[m]) for r, c in zip(rows, decoded) if m in c.errors]
+                    if bad:
+                        raise ValueError(f"clip {self.manifest.clips[bad[0][0]].clip_id}: {m} preprocessing: "
+                                         f"{bad[0][1]}. Fix: check its media, or extract a cache with --on-error skip")
+                    x = torch.cat([c.inputs[m] for c in decoded])
                     for key, t in fw(x).items():
                         tokens[key] = t.view(len(rows), -1, *t.shape[1:])
                 if TARGETS + "masks" in keys:

@@ -111,6 +111,10 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
     t0 = time.perf_counter()
     writer, manifest, backbones = prepare(cfg, backbones)
     todo = writer.pending_shards(cfg.retry_failed)
+    forwards = None
+    if not (cfg.workers or cfg.scheduler):
+        forwards = make_forwards(writer, backbones, cfg.device, cfg.precision)  # models onto the device
+    setup = time.perf_counter() - t0  # manifest, models, plan: paid once per run, whatever its size
     skipped = writer.meta.num_shards - len(todo)
     if skipped:
         log.info("%d of %d shards already done; extracting %d", skipped, writer.meta.num_shards, len(todo))
@@ -120,7 +124,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
         del backbones  # workers load their own
         statuses = run_distributed(cfg, writer, todo, progress)
     else:
-        statuses = run_local(cfg, writer, manifest, backbones, todo, progress)
+        statuses = run_local(cfg, writer, manifest, forwards, todo, progress)
     seconds = time.perf_counter() - t0
     written = sum(s.bytes for s in statuses)
     n_clips = sum(len(s.clips) for s in statuses)
@@ -129,28 +133,31 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
                "device": ",".join(devices), "peak_memory": max((s.peak_memory for s in statuses), default=0),
                "decode_s": sum(s.decode_s for s in statuses), "forward_s": sum(s.forward_s for s in statuses),
                "write_s": sum(s.write_s for s in statuses), "workers": len({s.worker for s in statuses}),
-               "mb_per_second": written / 1e6 / seconds if seconds else 0.0}
+               "mb_per_second": written / 1e6 / seconds if seconds else 0.0, "setup_s": setup,
+               "clips_per_second_after_setup": n_clips / (seconds - setup) if seconds > setup else 0.0}
     done = writer.finish(profile) if todo or not writer.done else writer.read_done()
     return ExtractSummary(writer.root, writer.meta.num_clips, done["clips_ok"], done["failures"], len(todo), skipped,
                           written, done["bytes_on_disk"], seconds, profile)
 
 
-def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, backbones: dict, todo: list[int],
-              progress: bool) -> list[ShardStatus]:
-    """Single process: decode ahead (threads), forward here, write behind (one thread)."""
-    forwards = make_forwards(writer, backbones, cfg.device, cfg.precision)
+def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, forwards: dict[str, TokenForward],
+              todo: list[int], progress: bool) -> list[ShardStatus]:
+    """Single process: decode and preprocess ahead (threads), forward here, write behind (one thread)."""
+    backbones = {m: fw.backbone for m, fw in forwards.items()}
     root = data_root_of(cfg)
     n_clips = sum(len(writer.meta.shard_rows(k)) for k in todo)
     statuses: list[ShardStatus] = []
     bar = tqdm(total=n_clips, desc="extract", unit="clip", disable=not progress or not todo, smoothing=0.1)
     with ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode") as decode_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
-        queued = submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(todo[0])) if todo else []
+        queued = []
+        if todo:
+            queued = submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(todo[0]), backbones)
         write = None
         for i, shard in enumerate(todo):
             decodes = queued
             if i + 1 < len(todo):  # decode the next shard while this one runs through the backbones
-                queued = submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(todo[i + 1]))
+                queued = submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(todo[i + 1]), backbones)
             try:
                 buffer, status = process_shard(writer.meta, manifest, shard, decodes, forwards, cfg.batch_size,
                                                cfg.on_error, on_clip=bar.update, data_root=root)

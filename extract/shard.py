@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -32,9 +32,35 @@ class ExtractError(RuntimeError):
     """Extraction stopped on a bad clip (``--on-error fail``); the message names the clip and the fix."""
 
 
-def submit_decodes(pool: Executor, manifest: Manifest, data_root: Path, rows: Sequence[int]) -> list[Future]:
-    """Start decoding the clips at ``rows`` (in that order) on ``pool``."""
-    return [pool.submit(read_clip, manifest.clips[r], data_root, manifest.frame_rule) for r in rows]
+@dataclass
+class Decoded:
+    """One clip decoded and preprocessed off the main thread: per modality the model input
+    ``(T, ...)`` float32 on the CPU, or the reason preprocessing refused the media."""
+
+    inputs: dict[str, torch.Tensor]
+    errors: dict[str, str]
+
+
+def _decode(clip, data_root: Path, frame_rule: str, preprocess: Mapping[str, Callable]) -> Decoded:
+    media = read_clip(clip, data_root, frame_rule)  # MediaError propagates to the caller's .result()
+    inputs, errors = {}, {}
+    for modality, fn in preprocess.items():
+        try:
+            inputs[modality] = fn(media.frames if modality == "visual" else media.audio)
+        except ValueError as e:
+            errors[modality] = str(e)
+    return Decoded(inputs, errors)
+
+
+def submit_decodes(pool: Executor, manifest: Manifest, data_root: Path, rows: Sequence[int],
+                   backbones: Mapping[str, Any]) -> list[Future]:
+    """Start decoding and preprocessing the clips at ``rows`` (in that order) on ``pool``.
+
+    Each future gives a :class:`Decoded` (or raises :class:`MediaError`). Preprocessing (resizing
+    frames, tiling audio) runs here too, so the thread that drives the backbones only runs them.
+    """
+    preprocess = {m: b.preprocess for m, b in backbones.items()}
+    return [pool.submit(_decode, manifest.clips[r], data_root, manifest.frame_rule, preprocess) for r in rows]
 
 
 @dataclass
@@ -101,24 +127,23 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
     for local, fut in enumerate(decodes):
         t0 = time.perf_counter()
         try:
-            media = fut.result()
+            decoded = fut.result()
         except MediaError as e:
-            media = None
+            decoded = None
             fail(local, str(e))
-        if media is not None and "masks" in meta.targets:
+        if decoded is not None and "masks" in meta.targets:
             try:
                 buffer.put_target("masks", local, read_masks(manifest.clips[rows[local]], data_root))
             except MediaError as e:
-                media = None
+                decoded = None
                 fail(local, str(e))
         timing["decode"] += time.perf_counter() - t0
-        if media is not None:
-            for modality, fw in forwards.items():
-                try:
-                    x = fw.backbone.preprocess(media.frames if modality == "visual" else media.audio)
-                except ValueError as e:
-                    fail(local, f"{modality} preprocessing: {e}")
+        if decoded is not None:
+            for modality in forwards:
+                if modality in decoded.errors:
+                    fail(local, f"{modality} preprocessing: {decoded.errors[modality]}")
                     continue
+                x = decoded.inputs[modality]
                 if len(x) != meta.num_segments:
                     fail(local, f"{len(x)} {modality} segments decoded, the cache holds {meta.num_segments}")
                     continue

@@ -5,7 +5,9 @@ Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48]
        [--device cpu] [--work DIR] [--out DIR]
 
 1. ``mettle-extract`` on the toy dataset (decode + forward + write, clips/s) against the backbones'
-   forward alone on inputs of the same shapes, same device and batch size (clips/s).
+   forward alone on inputs of the same shapes, same device and batch size (clips/s). The ratio uses
+   extraction after its setup (manifest, building the models and moving them to the device, the
+   cache plan: paid once per run, negligible on a real dataset); the figure with setup is shown too.
 2. One epoch of the training data path (``Cache.iterate`` over the train split in shuffled batches
    of 16, in-memory row cache off) against reading the cache's token files once, sequentially (MB/s),
    cold (page cache dropped, when this process may) and warm.
@@ -73,8 +75,11 @@ def extraction(args) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     forward = time.perf_counter() - t0
+    steady = pipeline - summary.profile["setup_s"]  # without loading the models and planning (once per run)
     return {"clips": args.clips, "pipeline_s": pipeline, "pipeline_clips_per_s": args.clips / pipeline,
-            "forward_s": forward, "forward_clips_per_s": args.clips / forward, "ratio": forward / pipeline,
+            "steady_s": steady, "steady_clips_per_s": args.clips / steady,
+            "forward_s": forward, "forward_clips_per_s": args.clips / forward, "ratio": forward / steady,
+            "ratio_with_setup": forward / pipeline,
             "profile": summary.profile, "cache": str(cache)}
 
 
@@ -166,9 +171,11 @@ def main() -> None:
     lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {args.device}, "
              f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones}, {args.clips} toy clips, batch {args.batch_size}",
              "", "| extraction | clips/s |", "| --- | --- |",
-             f"| mettle-extract (decode + forward + write) | {ex['pipeline_clips_per_s']:.2f} |",
+             f"| mettle-extract (decode + forward + write), after setup | {ex['steady_clips_per_s']:.2f} |",
              f"| backbone forward alone | {ex['forward_clips_per_s']:.2f} |",
-             f"| ratio | {100 * ex['ratio']:.0f} % |", "",
+             f"| ratio | {100 * ex['ratio']:.0f} % |",
+             f"| mettle-extract including setup ({ex['pipeline_s'] - ex['steady_s']:.1f} s: models, plan) | "
+             f"{ex['pipeline_clips_per_s']:.2f} ({100 * ex['ratio_with_setup']:.0f} %) |", "",
              "| training data path | raw sequential read MB/s | one epoch through Cache.iterate MB/s | ratio |",
              "| --- | --- | --- | --- |"]
     for name, result in ((f"this {args.backbones} cache", dp), (f"full-size layout, {args.data_clips} clips", full)):

@@ -100,7 +100,7 @@ def test_htsat_full_size_shapes():
     assert sum(p.numel() for p in b.parameters()) == 30_241_687  # + 1.05 M STFT kernels = the official 31.3 M
     assert len(b.model.state_dict()) + 3 == 200  # the official checkpoint's key count
     x = b.preprocess(_audio(1))
-    assert x.shape == (1, 320000)
+    assert x.shape == (1, 32000)  # tiled to 10 s inside the model
     taps = b.forward_tokens(x, [0, -1])
     assert [tuple(t.shape) for t in taps] == [(1, 4096, 96), (1, 64, 768)]
 
