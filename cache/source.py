@@ -6,8 +6,9 @@ backbones on the fly (end-to-end Mettle). Both describe their tokens with the sa
 :class:`CacheMeta` (a live source plans one in memory), so keys, grids and dims agree.
 
 Contract of :meth:`TokenSource.iterate`: for each batch of manifest rows (in the given order) yield
-``{"row": LongTensor (B,), "tokens": {key: Tensor (B, T, N, D)}}`` on the CPU, float16 or float32
-(a cache hands out its stored float precision; consumers compute in float32). Tokens never require
+``{"row": LongTensor (B,), "tokens": {key: Tensor (B, T, N, D)}}``, float16 or float32 (a cache
+hands out its stored float precision; consumers compute in float32), on the CPU (a cache) or on the
+device the source computes on (the live backbones: their tokens stay where training runs). Tokens never require
 grad: nothing back-propagates into a source.
 """
 

@@ -90,7 +90,7 @@ class LiveSource(TokenSource):
                         raise ValueError(f"clip {self.manifest.clips[bad[0][0]].clip_id}: {m} preprocessing: "
                                          f"{bad[0][1]}. Fix: check its media, or extract a cache with --on-error skip")
                     x = torch.cat([c.inputs[m] for c in decoded])
-                    for key, t in fw(x).items():
+                    for key, t in fw(x, on_device=True).items():  # the trainer runs on the same device
                         tokens[key] = t.view(len(rows), -1, *t.shape[1:])
                 if TARGETS + "masks" in keys:
                     tokens[TARGETS + "masks"] = torch.from_numpy(

@@ -51,15 +51,19 @@ class TokenForward:
         ctx = torch.autocast(self.device.type, dtype=torch.float16) if autocast else nullcontext()
         with torch.no_grad(), ctx:  # not inference_mode: live tokens feed autograd graphs (as inputs)
             outs = self.backbone.forward_tokens(x, self.indices)
-        return [pool_tokens(t.float(), a.source_grid, a.grid) for t, a in zip(outs, self.arrays)]
+        # pooled in float32; unpooled blocks keep the backbone's dtype (float16 under autocast)
+        return [t if a.grid == a.source_grid else pool_tokens(t.float(), a.source_grid, a.grid)
+                for t, a in zip(outs, self.arrays)]
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, on_device: bool = False) -> dict[str, torch.Tensor]:
+        """Tokens of the arrays for input batch ``x``, on the CPU (for the cache), or left on the model's
+        device with ``on_device`` (end-to-end training consumes them there: no round trip)."""
         x = x.to(self.device, non_blocking=True)
         outs = self._forward(x, self.autocast)
         if self._check_autocast:
             self._check_autocast = False
             exact = self._forward(x, False)
-            err = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(outs, exact))
+            err = max(float((a.float() - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(outs, exact))
             self.autocast_error = err
             if err > AUTOCAST_TOLERANCE:
                 log.warning("%s: float16 autocast is off by %.2g (relative) from float32; using float32",
@@ -67,4 +71,4 @@ class TokenForward:
                 self.autocast, outs = False, exact
             else:
                 log.info("%s: float16 autocast within %.2g of float32", self.backbone.name, err)
-        return {a.key: t.cpu() for a, t in zip(self.arrays, outs)}
+        return {a.key: t if on_device else t.cpu() for a, t in zip(self.arrays, outs)}

@@ -117,7 +117,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
                 tokens = {}
                 for m, fw in forwards.items():
                     x = fw.backbone.preprocess(frames if m == "visual" else audio)
-                    tokens.update({k: v.view(batch, 10, *v.shape[1:]).to(dev) for k, v in fw(x).items()})
+                    tokens.update({k: v.view(batch, 10, *v.shape[1:]) for k, v in fw(x, on_device=True).items()})
             else:
                 tokens = cached
             logits = model(tokens)
