@@ -68,6 +68,7 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
               help="backbone compute: auto = float16 autocast on CUDA when within tolerance [auto]")
 @click.option("--batch-size", type=int, help="segments per backbone forward [32]")
 @click.option("--decode-threads", type=int, help="threads decoding media ahead of the backbones [2]")
+@click.option("--audio-tile", type=int, help="seconds HTS-AT tiles each 1-s segment to [10; 5 for AVSBench]")
 @click.option("--workers", type=int, help="start a local dask cluster of N worker processes")
 @click.option("--scheduler", help="join a running dask cluster at ADDRESS instead")
 @click.option("--limit", type=int, help="only the first N clips of the manifest (a smaller cache of its own)")

@@ -48,6 +48,7 @@ class ExtractConfig:
     overwrite: bool = False
     retry_failed: bool = False
     on_error: str = "fail"
+    audio_tile: int | None = None  # seconds each 1-s audio segment is tiled to; None: the dataset's protocol
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,8 +83,23 @@ def weights_for(cfg: ExtractConfig, modality: str, name: str) -> str | None:
     return cfg.audio_weights
 
 
+AUDIO_TILE = {"avsbench-s4": 5, "avsbench-ms3": 5, "toy-avs": 5}  # the reference protocols; others tile to 10 s
+
+
+def audio_tile_for(cfg: ExtractConfig) -> int:
+    """Seconds HTS-AT tiles each 1-s segment to: ``cfg.audio_tile`` or the dataset's reference protocol."""
+    from .backbones.htsat import MAX_TILE, TILE
+
+    tile = cfg.audio_tile if cfg.audio_tile is not None else AUDIO_TILE.get(cfg.dataset, TILE)
+    if not isinstance(tile, int) or not 1 <= tile <= MAX_TILE:
+        raise BackboneError(f"--audio-tile {tile!r}: HTS-AT takes 1 to {MAX_TILE} seconds. Fix: pass e.g. 10 "
+                            "(AVE, LLP, MUSIC-AVQA) or 5 (AVSBench)")
+    return tile
+
+
 def load_backbones(cfg: ExtractConfig) -> dict[str, Backbone]:
     """Build the frozen backbones of ``cfg`` (modality -> backbone), weights loaded and fingerprinted."""
+    tile = audio_tile_for(cfg)
     out = {}
     for modality, name in parse_backbones(cfg.backbones).items():
         weights = weights_for(cfg, modality, name)
@@ -91,4 +107,6 @@ def load_backbones(cfg: ExtractConfig) -> dict[str, Backbone]:
             flag = "--visual-weights" if modality == "visual" or cfg.audio_weights is None else "--audio-weights"
             raise BackboneError(f"{flag} {weights}: no such file. Fix: pass the path of the weights file")
         out[modality] = create_backbone(name, weights=weights, random_init=cfg.random_init)
+        if hasattr(out[modality], "tile"):
+            out[modality].tile = tile
     return out

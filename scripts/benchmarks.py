@@ -1,13 +1,13 @@
 """Run the whole benchmark set and write its tables into one folder (for BENCHMARKS.md).
 
-Usage: python scripts/benchmarks.py --out DIR [--work DIR] [--device cuda] [--quick]
+Usage: python scripts/benchmarks.py --out DIR [--work DIR] [--device cuda] [--quick] [--extended]
 
 Runs, each as its own process: training cost per step (full-size and tiny architectures, batch 1
-and 8, cache vs end-to-end vs adapter baseline, and the LCD without stage sharing); extraction and
-data-path throughput (full-size random-init backbones on a smaller toy, a full-size-layout cache of
-random tokens, and the tiny backbones); cache sizes per preset and dtype. On one H100/H200
-class GPU the set is sized to finish in a few minutes; on a CPU use ``--quick`` (full-size at batch 1
-only, no full-size adapter at batch 8).
+and 8, cache vs end-to-end vs adapter baseline; with ``--extended`` also the LCD without stage
+sharing and at width 128); extraction and data-path throughput (full-size random-init backbones on
+the toy dataset, a full-size-layout cache of random tokens, and the tiny backbones); cache sizes per
+preset and dtype. On one H100/H200 class GPU the default set takes about 7 minutes (the full-size
+runs build Swin-V2-L on the CPU in each process); on a CPU use ``--quick`` (full-size at batch 1 only).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="scratch folder for toy data and caches (default: OUT/work)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="CPU-sized: skip the heaviest full-size runs")
+    ap.add_argument("--extended", action="store_true", help="also other LCD widths and sharing (a few minutes more)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or args.out / "work"
@@ -35,17 +36,20 @@ def main() -> None:
     runs = [  # the headline figures first, so a run cut short still has them
         ([py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches, "--device", args.device,
           "--steps", "2" if args.quick else "3", "--out", args.out / "train_full"], None),
-        ([py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", "12", "--device", args.device,
+        ([py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", "12" if args.quick else "48",
+          "--device", args.device,
           "--work", work, "--out", args.out, "--data-clips", "16" if args.quick else "64"], None),
         ([py, HERE / "bench_pipeline.py", "--backbones", "tiny", "--device", args.device, "--work", work,
           "--out", args.out, "--data-clips", "0"], None),
         ([py, HERE / "bench_train_cost.py", "--sizes", "tiny", "--batches", "1", "8", "--device", args.device,
           "--out", args.out / "train_tiny"], None),
-        ([py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches, "--device", args.device,
-          "--steps", "2" if args.quick else "3", "--modes", "cache:last-grid", "cache:full", "end-to-end",
-          "--set", "lcd.share=none", "--out", args.out / "train_full_unshared"], None),
         ([py, HERE / "cache_sizes.py"], "cache_sizes.md"),
     ]
+    if args.extended:  # the LCD's width and sharing against the same end-to-end baseline
+        for name, sets in (("train_full_unshared", ["lcd.share=none"]), ("train_full_d128", ["lcd.dim=128"])):
+            runs.append(([py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches,
+                          "--device", args.device, "--steps", "2", "--modes", "cache:last-grid", "end-to-end",
+                          *[f"--set={x}" for x in sets], "--out", args.out / name], None))
     for cmd, capture in runs:
         t0 = time.perf_counter()
         proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)

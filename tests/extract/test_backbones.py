@@ -227,3 +227,21 @@ def test_swinv2_local_weights_file(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(BackboneError, match="could not load the weights file .* pass --visual-weights FILE"):
         _timm_swinv2("local", "swinv2_large_window12_192", path, False, **arch)
+
+
+def test_audio_tile_follows_the_dataset_protocol():
+    """HTS-AT tiles each second to 10 s (AVE, LLP, MUSIC-AVQA) or 5 s (AVSBench); the cache records it."""
+    from mettle.extract.config import ExtractConfig, load_backbones
+
+    def audio(dataset, tile=None):
+        return load_backbones(ExtractConfig(dataset=dataset, cache="-", backbones="tiny", audio_tile=tile))["audio"]
+    assert audio("ave").tile == 10 and audio("toy-avs").tile == 5 and audio("ave", 3).tile == 3
+    assert audio("toy-avs").record().preprocess["tile"] == 5
+    with pytest.raises(BackboneError, match="--audio-tile 11"):
+        audio("ave", 11)
+    b = audio("toy-avs")
+    wave = b.preprocess(_audio(2))
+    tiled = b.forward_tokens(wave, [-1])[0]
+    torch.testing.assert_close(tiled, b.forward_tokens(wave.repeat(1, 5), [-1])[0])  # the tiling is in the model
+    b.tile = 10
+    assert not torch.allclose(tiled, b.forward_tokens(wave, [-1])[0])

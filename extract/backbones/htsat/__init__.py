@@ -9,12 +9,16 @@ from ..base import Backbone, BlockInfo, RANDOM_INIT
 from .model import HTSAT, HTSATConfig, load_official_checkpoint
 
 SEGMENT_SAMPLES = 32000
-TILE = 10  # each 1-s segment is repeated to 10 s, as the reference loaders do
+TILE = 10  # each 1-s segment is repeated to 10 s, as the reference loaders do (5 s for AVSBench)
+MAX_TILE = 10  # HTS-AT's input window is 10.24 s
 
 
 class HTSATBackbone(Backbone):
-    """Frozen HTS-AT. Input batch: (B, 32000) 1-s segments at 32 kHz, each tiled to 10 s on the model's
-    device (tiling there moves a tenth of the bytes to the GPU and keeps queued inputs small)."""
+    """Frozen HTS-AT. Input batch: (B, 32000) 1-s segments at 32 kHz, each tiled to ``tile`` seconds
+    (10; the AVS reference uses 5) on the model's device (tiling there moves a tenth of the bytes to
+    the GPU and keeps queued inputs small). ``tile`` is part of the preprocessing the cache records."""
+
+    tile = TILE
 
     modality = "audio"
 
@@ -36,7 +40,7 @@ class HTSATBackbone(Backbone):
     def preprocess_spec(self) -> dict:
         from . import frontend as fe
 
-        return {"input": "1-s mono segments at 32 kHz", "tile": TILE, "sample_rate": fe.SAMPLE_RATE,
+        return {"input": "1-s mono segments at 32 kHz", "tile": self.tile, "sample_rate": fe.SAMPLE_RATE,
                 "n_fft": fe.N_FFT, "hop": fe.HOP, "mel_bins": fe.MEL_BINS, "fmin": fe.FMIN, "fmax": fe.FMAX,
                 "frames": fe.TARGET_FRAMES, "image": "4 time chunks of 256 stacked along frequency, 256 x 256"}
 
@@ -49,7 +53,7 @@ class HTSATBackbone(Backbone):
 
     def _run(self, x: torch.Tensor, take: list[int], stop: int) -> list[torch.Tensor]:
         if x.shape[-1] == SEGMENT_SAMPLES:
-            x = x.repeat(1, TILE)
+            x = x.repeat(1, self.tile)
         out, _ = self.model.run_blocks(x, set(take), stop)
         return out
 
