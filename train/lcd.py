@@ -40,6 +40,7 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mettle.cache import ArraySpec, CacheMeta
 
@@ -52,8 +53,11 @@ SHARES = ("none", "stage")
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the last axis without affine, in float32 (float64 stays float64, for gradcheck)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    var, mean = torch.var_mean(x, -1, keepdim=True, correction=0)
-    return (x - mean) * torch.rsqrt(var + _EPS)
+    return nn.functional.layer_norm(x, x.shape[-1:], eps=_EPS)
+
+
+def _stacked(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)  # one layer: a view, no copy
 
 
 class _GroupAttend(torch.autograd.Function):
@@ -74,7 +78,7 @@ class _GroupAttend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, weight: torch.Tensor, *xs: torch.Tensor):  # type: ignore[override]
         h = query.shape[1]
-        xn = _normalize(torch.stack(xs))  # (L, S, N, D) float32, transient
+        xn = _normalize(_stacked(xs))  # (L, S, N, D) float32, transient
         attn, z = _GroupAttend._attend(query, xn)
         read = torch.einsum("lshkD,hjD->lskhj", z, weight.view(h, -1, weight.shape[1]))
         mean = xn.mean(2)
@@ -86,7 +90,7 @@ class _GroupAttend(torch.autograd.Function):
     def backward(ctx, dread: torch.Tensor, _dmean: torch.Tensor):  # type: ignore[override]
         query, weight, attn, *xs = ctx.saved_tensors
         h = query.shape[1]
-        xn = _normalize(torch.stack(xs))
+        xn = _normalize(_stacked(xs))
         z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
         w = weight.view(h, -1, weight.shape[1])
         dread = dread.reshape(*dread.shape[:3], h, -1)  # (L, S, K, h, dh)
@@ -227,19 +231,34 @@ class LCD(nn.Module):
         return (total / len(self.layers)).view(b, t, *total.shape[1:])
 
     def _group(self, idx: list[int], xs: list[torch.Tensor]) -> torch.Tensor:
-        """Sum over the layers ``idx`` (one readout, one token shape) of their (S, K, d) meta-tokens."""
+        """Sum over the layers ``idx`` (one readout, one token shape) of their (S, K, d) meta-tokens.
+
+        The part after the attention (output projection, MLP, preservation) works on K meta-tokens
+        per segment and layer, cheap to compute but, kept for backward, as large as the float16
+        tokens themselves (several (L, S, K, d) float32 activations); it is recomputed in backward.
+        """
         cfg, readout = self.cfg, self.readouts[self.owner[idx[0]]]
         layers = [self.layers[i] for i in idx]
-        m = torch.stack([layer.meta for layer in layers]).unsqueeze(1)  # (L, 1, K, d)
+        read = mean = gate = None
         if cfg.adapt:
             query = torch.stack([layer.query for layer in layers])
             read, mean = _GroupAttend.apply(query, readout.v.weight, *[xs[i] for i in idx])
-            m = m + readout.o(read + readout.v.bias)
-            m = m + readout.mlp(readout.norm_mlp(m))
         elif cfg.preserve:
             with torch.no_grad():
                 mean = torch.stack([_normalize(xs[i]).mean(1) for i in idx])
         if cfg.preserve:
             gate = torch.stack([layer.gate for layer in layers]).view(-1, 1, 1, 1)
-            m = m + gate * readout.v(mean).unsqueeze(2)
-        return m.expand(-1, xs[idx[0]].shape[0], -1, -1).sum(0)
+        meta = torch.stack([layer.meta for layer in layers])  # (L, K, d)
+        segments = xs[idx[0]].shape[0]
+
+        def finish(meta, read, mean, gate):
+            m = meta.unsqueeze(1)  # (L, 1, K, d)
+            if read is not None:
+                m = m + readout.o(read + readout.v.bias)
+                m = m + readout.mlp(readout.norm_mlp(m))
+            if gate is not None:
+                m = m + gate * readout.v(mean).unsqueeze(2)
+            return m.expand(-1, segments, -1, -1).sum(0)
+        if torch.is_grad_enabled():
+            return checkpoint(finish, meta, read, mean, gate, use_reentrant=False)
+        return finish(meta, read, mean, gate)
