@@ -40,7 +40,6 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mettle.cache import ArraySpec, CacheMeta
 
@@ -99,6 +98,30 @@ class _GroupAttend(torch.autograd.Function):
         da = torch.einsum("lshkD,lsnD->lshkn", dz, xn)
         ds = attn * (da - (attn * da).sum(-1, keepdim=True))
         return (torch.einsum("lshkn,lsnD->lhkD", ds, xn), dweight, *([None] * len(xs)))
+
+
+class _Recompute(torch.autograd.Function):
+    """``fn(*inputs)`` without keeping its intermediate activations: it runs again in backward.
+
+    ``torch.utils.checkpoint`` does the same, but its first call imports torch._dynamo and sympy
+    (892 modules, +150 MB resident, measured), a fixed cost larger than what it saves here. ``fn``
+    must be deterministic; the parameters it closes over get their gradients from the
+    recomputation's backward. At least one input must require grad (here: the meta-tokens).
+    """
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):  # type: ignore[override]
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = ctx.fn(*inputs)
+        torch.autograd.backward(out, grad)
+        return (None, *[None if x is None or not x.requires_grad else x.grad for x in inputs])
 
 
 class Readout(nn.Module):
@@ -260,5 +283,5 @@ class LCD(nn.Module):
                 m = m + gate * readout.v(mean).unsqueeze(2)
             return m.expand(-1, segments, -1, -1).sum(0)
         if torch.is_grad_enabled():
-            return checkpoint(finish, meta, read, mean, gate, use_reentrant=False)
+            return _Recompute.apply(finish, meta, read, mean, gate)
         return finish(meta, read, mean, gate)
