@@ -104,7 +104,8 @@ class _Recompute(torch.autograd.Function):
     """``fn(*inputs)`` without keeping its intermediate activations: it runs again in backward.
 
     ``torch.utils.checkpoint`` does the same, but its first call imports torch._dynamo and sympy
-    (892 modules, +150 MB resident, measured), a fixed cost larger than what it saves here. ``fn``
+    (892 modules, +150 MB resident, measured), a fixed cost larger than what it saves here; so does
+    any backward given explicit gradient tensors, hence the scalar product below. ``fn``
     must be deterministic; the parameters it closes over get their gradients from the
     recomputation's backward. At least one input must require grad (here: the meta-tokens).
     """
@@ -118,9 +119,8 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
-        with torch.enable_grad():
-            out = ctx.fn(*inputs)
-        torch.autograd.backward(out, grad)
+        with torch.enable_grad():  # the same gradients as backward(out, grad), which would import sympy
+            (ctx.fn(*inputs) * grad).sum().backward()
         return (None, *[None if x is None or not x.requires_grad else x.grad for x in inputs])
 
 
