@@ -88,7 +88,7 @@ class LiveSource(TokenSource):
                     bad = [(r, c.errors[m]) for r, c in zip(rows, decoded) if m in c.errors]
                     if bad:
                         raise ValueError(f"clip {self.manifest.clips[bad[0][0]].clip_id}: {m} preprocessing: "
-                                         f"{bad[0][1]}. Fix: check its media, or extract a cache with --on-error skip")
+                                         f"{bad[0][1]}. Fix: check or replace that clip's media")
                     x = torch.cat([c.inputs[m] for c in decoded])
                     for key, t in fw(x, on_device=True).items():  # the trainer runs on the same device
                         tokens[key] = t.view(len(rows), -1, *t.shape[1:])
