@@ -107,7 +107,8 @@ class _Recompute(torch.autograd.Function):
     (892 modules, +150 MB resident, measured), a fixed cost larger than what it saves here; so does
     any backward given explicit gradient tensors, hence the scalar product below. ``fn``
     must be deterministic; the parameters it closes over get their gradients from the
-    recomputation's backward. At least one input must require grad (here: the meta-tokens).
+    recomputation's backward, so drive training with ``loss.backward()`` (as mettle-train does), not
+    ``torch.autograd.grad``. At least one input must require grad (here: the meta-tokens).
     """
 
     @staticmethod
