@@ -81,18 +81,9 @@ class BatchedTokens(Dataset):
             for pos, r in enumerate(rows.tolist()):
                 ds._keep(r, {k: torch.from_numpy(v[pos]) for k, v in data.items()})
             return {"row": torch.from_numpy(rows), "tokens": {k: torch.from_numpy(v) for k, v in data.items()}}
-        unique = np.unique(rows)
-        missing = np.asarray([r for r in unique if r not in ds._kept], dtype=np.int64)
-        data = {k: ds.cache.read(k, missing, ds.dtype) for k in ds.keys} if len(missing) else {}
-        if len(missing):
-            for pos, r in enumerate(missing.tolist()):
-                ds._keep(r, {k: torch.from_numpy(v[pos]) for k, v in data.items()})
-        where = {r: pos for pos, r in enumerate(missing.tolist())}
-        tokens = {}
-        for k in ds.keys:
-            parts = [torch.from_numpy(data[k][where[r]]) if r in where else ds._kept[r][k] for r in rows.tolist()]
-            tokens[k] = torch.stack(parts)
-        return {"row": torch.from_numpy(rows), "tokens": tokens}
+        items = ds.__getitems__(indices)  # repeated or kept rows: the per-item path, then one stack per key
+        return {"row": torch.from_numpy(rows), "tokens": {k: torch.stack([it["tokens"][k] for it in items])
+                                                          for k in ds.keys}}
 
 
 def whole_batch(batch: dict) -> dict:
