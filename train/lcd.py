@@ -70,15 +70,11 @@ class _GroupAttend(torch.autograd.Function):
     """
 
     @staticmethod
-    def _attend(query: torch.Tensor, xn: torch.Tensor):
-        attn = torch.einsum("lhkD,lsnD->lshkn", query, xn).softmax(-1)
-        return attn, torch.einsum("lshkn,lsnD->lshkD", attn, xn)
-
-    @staticmethod
     def forward(ctx, query: torch.Tensor, weight: torch.Tensor, *xs: torch.Tensor):  # type: ignore[override]
         h = query.shape[1]
         xn = _normalize(_stacked(xs))  # (L, S, N, D) float32, transient
-        attn, z = _GroupAttend._attend(query, xn)
+        attn = torch.einsum("lhkD,lsnD->lshkn", query, xn).softmax(-1)
+        z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
         read = torch.einsum("lshkD,hjD->lskhj", z, weight.view(h, -1, weight.shape[1]))
         mean = xn.mean(2)
         ctx.save_for_backward(query, weight, attn, *xs)
