@@ -17,6 +17,7 @@ from mettle.manifests.options import parse_overrides
 from .backbones import BackboneError, get_backbone_spec, list_backbones
 from .config import BACKBONE_SETS, ExtractConfig
 from .media import MediaError
+from .media.pool import DecodeWorkersError
 from .shard import ExtractError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
 @click.option("--precision", type=click.Choice(["auto", "float32", "float16"]),
               help="backbone compute: auto = float16 autocast on CUDA when within tolerance [auto]")
 @click.option("--batch-size", type=int, help="segments per backbone forward [32]")
-@click.option("--decode-threads", type=int, help="threads decoding media ahead of the backbones [2]")
+@click.option("--decode-threads", type=int, help="threads preprocessing (and, with 0 processes, decoding) [2]")
+@click.option("--decode-processes", type=int, help="processes decoding media ahead of the backbones; 0: in the "
+              "threads [one per CPU, at most 8]")
 @click.option("--audio-tile", type=int, help="seconds HTS-AT tiles each 1-s segment to [10; 5 for AVSBench]")
 @click.option("--workers", type=int, help="start a local dask cluster of N worker processes")
 @click.option("--scheduler", help="join a running dask cluster at ADDRESS instead")
@@ -80,7 +83,7 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
 @click.option("--list-backbones", "list_backbones_", is_flag=True, help="list registered backbones and sets, and exit")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-@clean_errors(CacheError, BackboneError, MediaError, ExtractError, ValueError)
+@clean_errors(CacheError, BackboneError, MediaError, ExtractError, DecodeWorkersError, ValueError)
 def main(info, list_backbones_, quiet, verbose, config_file, overrides, format_, **options) -> None:
     """Extract DATASET's per-block backbone tokens into a cache (resumes by default)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")

@@ -42,6 +42,7 @@ class ExtractConfig:
     precision: str = "auto"
     batch_size: int = 32
     decode_threads: int = 2
+    decode_processes: int | None = None  # None: one per CPU (at most 8); 0: decode in the threads
     workers: int = 0
     scheduler: str | None = None
     limit: int | None = None
@@ -52,6 +53,16 @@ class ExtractConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def decode_processes_of(cfg: ExtractConfig) -> int:
+    """Processes decoding media for a local run (``cfg.decode_processes``, or one per CPU up to 8)."""
+    from .media.pool import default_processes
+
+    n = default_processes() if cfg.decode_processes is None else cfg.decode_processes
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"--decode-processes {n!r} must be 0 (decode in threads) or more")
+    return n
 
 
 def parse_backbones(spec: str) -> dict[str, str]:

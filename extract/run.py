@@ -1,7 +1,8 @@
 """``extract(cfg)``: manifest -> backbones -> cache, resumable, local or on dask workers.
 
-Local runs overlap the three stages: a thread pool decodes the next shard's clips while the
-current one runs through the backbones, and a writer thread writes the previous shard.
+Local runs overlap the three stages: worker processes decode the next shard's clips (threads
+preprocess them) while the current one runs through the backbones, and a writer thread writes
+the previous shard.
 Distributed runs (``workers`` / ``scheduler``) hand whole shards to dask workers (see
 ``distributed.py``); either way the cache is the same, row for row.
 """
@@ -21,8 +22,9 @@ from mettle.cache import OK, CacheWriter, ShardStatus, create_cache, default_pre
 from mettle.cache.runtime import resolve_device
 from mettle.manifests import Manifest, build_manifest, get_dataset
 
-from .config import ExtractConfig, load_backbones
+from .config import ExtractConfig, decode_processes_of, load_backbones
 from .media import MASK_SIZE, MISSING
+from .media.pool import MediaPool
 from .shard import process_shard, submit_decodes
 from .tokens import TokenForward
 
@@ -111,10 +113,13 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
     t0 = time.perf_counter()
     writer, manifest, backbones = prepare(cfg, backbones)
     todo = writer.pending_shards(cfg.retry_failed)
-    forwards = None
+    forwards, media_pool = None, None
     if not (cfg.workers or cfg.scheduler):
         forwards = make_forwards(writer, backbones, cfg.device, cfg.precision)  # models onto the device
-    setup = time.perf_counter() - t0  # manifest, models, plan: paid once per run, whatever its size
+        processes = decode_processes_of(cfg)
+        if todo and processes:
+            media_pool = MediaPool(processes).start()
+    setup = time.perf_counter() - t0  # manifest, models, plan, decode processes: paid once per run
     skipped = writer.meta.num_shards - len(todo)
     if skipped:
         log.info("%d of %d shards already done; extracting %d", skipped, writer.meta.num_shards, len(todo))
@@ -124,7 +129,11 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
         del backbones  # workers load their own
         statuses = run_distributed(cfg, writer, todo, progress)
     else:
-        statuses = run_local(cfg, writer, manifest, forwards, todo, progress)
+        try:
+            statuses = run_local(cfg, writer, manifest, forwards, todo, progress, media_pool)
+        finally:
+            if media_pool is not None:
+                media_pool.close()
     seconds = time.perf_counter() - t0
     written = sum(s.bytes for s in statuses)
     n_clips = sum(len(s.clips) for s in statuses)
@@ -141,28 +150,33 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
 
 
 def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, forwards: dict[str, TokenForward],
-              todo: list[int], progress: bool) -> list[ShardStatus]:
-    """Single process: decode and preprocess ahead (threads), forward here, write behind (one thread)."""
+              todo: list[int], progress: bool, media_pool: MediaPool | None = None) -> list[ShardStatus]:
+    """One process drives the backbones: the next shard's clips are decoded (``media_pool``'s processes,
+    or threads) and preprocessed (threads) while this shard runs through the backbones here, and a
+    writer thread writes the previous shard."""
     backbones = {m: fw.backbone for m, fw in forwards.items()}
     root = data_root_of(cfg)
     n_clips = sum(len(writer.meta.shard_rows(k)) for k in todo)
     statuses: list[ShardStatus] = []
+    threads = max(1, cfg.decode_threads, media_pool.processes if media_pool is not None else 0)
+
+    def submit(shard: int) -> list:
+        return submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(shard), backbones, media_pool)
+
     bar = tqdm(total=n_clips, desc="extract", unit="clip", disable=not progress or not todo, smoothing=0.1)
-    with ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode") as decode_pool, \
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
-        queued = []
-        if todo:
-            queued = submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(todo[0]), backbones)
+        queued = submit(todo[0]) if todo else []
         write = None
         for i, shard in enumerate(todo):
             decodes = queued
-            if i + 1 < len(todo):  # decode the next shard while this one runs through the backbones
-                queued = submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(todo[i + 1]), backbones)
             try:
+                if i + 1 < len(todo):  # decode the next shard while this one runs through the backbones
+                    queued = submit(todo[i + 1])
                 buffer, status = process_shard(writer.meta, manifest, shard, decodes, forwards, cfg.batch_size,
                                                cfg.on_error, on_clip=bar.update, data_root=root)
             except BaseException:
-                for f in queued:
+                for f in (*decodes, *queued):
                     f.cancel()
                 if write is not None:
                     write.result()  # finished shards stay finished

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from mettle.cache.runtime import peak_memory
 from mettle.manifests import Manifest
 
 from .media import MediaError, read_clip, read_masks
+from .media.pool import MediaPool
 from .tokens import TokenForward
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,10 @@ class Decoded:
     errors: dict[str, str]
 
 
-def _decode(clip, data_root: Path, frame_rule: str, preprocess: Mapping[str, Callable]) -> Decoded:
-    media = read_clip(clip, data_root, frame_rule)  # MediaError propagates to the caller's .result()
+def _decode(clip, data_root: Path, frame_rule: str, preprocess: Mapping[str, Callable],
+            media_pool: MediaPool | None) -> Decoded:
+    read = media_pool.read if media_pool is not None else read_clip
+    media = read(clip, data_root, frame_rule)  # MediaError propagates to the caller's .result()
     inputs, errors = {}, {}
     for modality, fn in preprocess.items():
         try:
@@ -53,25 +57,33 @@ def _decode(clip, data_root: Path, frame_rule: str, preprocess: Mapping[str, Cal
 
 
 def submit_decodes(pool: Executor, manifest: Manifest, data_root: Path, rows: Sequence[int],
-                   backbones: Mapping[str, Any]) -> list[Future]:
-    """Start decoding and preprocessing the clips at ``rows`` (in that order) on ``pool``.
+                   backbones: Mapping[str, Any], media_pool: MediaPool | None = None) -> list[Future]:
+    """Start decoding and preprocessing the clips at ``rows`` (in that order) on the threads of ``pool``.
 
-    Each future gives a :class:`Decoded` (or raises :class:`MediaError`). Preprocessing (resizing
-    frames, tiling audio) runs here too, so the thread that drives the backbones only runs them.
+    Each future gives a :class:`Decoded` (or raises :class:`MediaError`). The media are decoded by
+    ``media_pool``'s processes when one is given (see ``media/pool.py``: PyAV holds the GIL), else in
+    the thread; preprocessing (resizing frames, tiling audio: torch operators, which release the
+    GIL) runs in the thread, so the thread that drives the backbones only runs them.
     """
     preprocess = {m: b.preprocess for m, b in backbones.items()}
-    return [pool.submit(_decode, manifest.clips[r], data_root, manifest.frame_rule, preprocess) for r in rows]
+    return [pool.submit(_decode, manifest.clips[r], data_root, manifest.frame_rule, preprocess, media_pool)
+            for r in rows]
 
 
 @dataclass
 class _Pending:
-    """Preprocessed segments of one modality waiting for a full batch."""
+    """One modality's segments on their way through the backbone.
 
-    parts: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (local row, (T, ...))
+    Inputs wait until a full batch is there (a batch may join the end of one clip and the start of
+    the next: the backbone then always runs ``batch_size`` segments but at a shard's end); tokens wait
+    until every segment of their clip has come out.
+    """
 
-    @property
-    def segments(self) -> int:
-        return sum(len(x) for _, x in self.parts)
+    inputs: list[torch.Tensor] = field(default_factory=list)  # preprocessed (n, ...) not yet run
+    queued: int = 0  # segments in ``inputs``
+    clips: deque = field(default_factory=deque)  # (local row, segments) whose tokens are not all handed over
+    outs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # key -> tokens run, not handed over
+    ready: int = 0  # segments in ``outs``
 
 
 def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[Future],
@@ -99,30 +111,40 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
             log.warning("clip %s failed: %s", clip_ids[local], reason)
             status[clip_ids[local]] = reason
 
-    def flush(modality: str) -> None:
+    def flush(modality: str, final: bool = False) -> None:
+        """Run the whole batches queued for ``modality`` (with ``final``, the rest too) and hand the
+        tokens of every clip now complete to the buffer."""
         p = pending[modality]
-        if not p.parts:
+        n = p.queued if final else p.queued - p.queued % batch_size
+        if n == 0:
             return
         t0 = time.perf_counter()
-        x = torch.cat([t for _, t in p.parts])
-        outs: dict[str, list[torch.Tensor]] = {}
-        for s in range(0, len(x), batch_size):
-            for key, t in forwards[modality](x[s:s + batch_size]).items():
-                outs.setdefault(key, []).append(t)
+        x = torch.cat(p.inputs) if len(p.inputs) > 1 else p.inputs[0]
+        p.inputs = [x[n:].clone()] if n < len(x) else []
+        p.queued -= n
+        for s in range(0, n, batch_size):
+            for key, t in forwards[modality](x[s:min(s + batch_size, n)]).items():
+                p.outs.setdefault(key, []).append(t)
+        p.ready += n
         timing["forward"] += time.perf_counter() - t0
-        joined = {key: torch.cat(chunks) if len(chunks) > 1 else chunks[0] for key, chunks in outs.items()}
+        take, done = 0, []
+        while p.clips and take + p.clips[0][1] <= p.ready:
+            done.append(p.clips.popleft())
+            take += done[-1][1]
+        if not done:
+            return
+        joined = {key: torch.cat(chunks) if len(chunks) > 1 else chunks[0] for key, chunks in p.outs.items()}
+        p.outs = {key: [t[take:]] for key, t in joined.items()} if take < p.ready else {}
+        p.ready -= take
         offset = 0
-        for local, part in p.parts:
-            n = len(part)
+        for local, count in done:
             for key, out in joined.items():
-                tokens = out[offset:offset + n]
                 try:
-                    buffer.put(key, local, slice(0, n), tokens.numpy())
+                    buffer.put(key, local, slice(0, count), out[offset:offset + count].numpy())
                 except CacheError as e:
                     fail(local, f"{key}: {e}")
                     break
-            offset += n
-        p.parts.clear()
+            offset += count
 
     for local, fut in enumerate(decodes):
         t0 = time.perf_counter()
@@ -147,13 +169,16 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
                 if len(x) != meta.num_segments:
                     fail(local, f"{len(x)} {modality} segments decoded, the cache holds {meta.num_segments}")
                     continue
-                pending[modality].parts.append((local, x))
-                if pending[modality].segments >= batch_size:
+                p = pending[modality]
+                p.inputs.append(x)
+                p.queued += len(x)
+                p.clips.append((local, len(x)))
+                if p.queued >= batch_size:
                     flush(modality)
         if on_clip is not None:
             on_clip()
     for modality in forwards:
-        flush(modality)
+        flush(modality, final=True)
     for local, cid in enumerate(clip_ids):
         if status[cid] != OK:
             buffer.clear(local)

@@ -15,8 +15,11 @@ class MediaError(RuntimeError):
     """
 
     def __init__(self, clip_id: str, path: str | Path, reason: str, fix: str = "check or re-download the file"):
-        self.clip_id, self.path, self.reason = clip_id, Path(path), reason
+        self.clip_id, self.path, self.reason, self.fix = clip_id, Path(path), reason, fix
         super().__init__(f"clip {clip_id}: {path}: {reason}. Fix: {fix}")
+
+    def __reduce__(self):  # rebuilt from its fields: it travels back from decode worker processes
+        return type(self), (self.clip_id, self.path, self.reason, self.fix)
 
 
 def open_container(clip_id: str, path: Path):

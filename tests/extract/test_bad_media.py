@@ -23,7 +23,7 @@ def _drop_extracted(root, clip):
 
 
 @pytest.mark.slow
-def test_bad_media_matrix(toy_root, tmp_path):
+def test_bad_media_matrix(toy_root, tmp_path, caplog):
     root = tmp_path / "toy"
     shutil.copytree(toy_root, root)
     clips = build_manifest("toy", data_root=str(root), num_clips=12, frames=True).clips
@@ -73,9 +73,12 @@ def test_bad_media_matrix(toy_root, tmp_path):
     video[c.clip_id].unlink()
     expect[c.clip_id] = "no frames folder or video found"
 
-    summary = extract(ExtractConfig(dataset="toy", cache=str(tmp_path / "cache"), data_root=str(root),
-                                    manifest_options={"num_clips": 12, "frames": True}, backbones="tiny",
-                                    device="cpu", shard_clips=4, on_error="skip"), progress=False)
+    with caplog.at_level("WARNING", logger="mettle"):  # decoded in worker processes: their records come back
+        summary = extract(ExtractConfig(dataset="toy", cache=str(tmp_path / "cache"), data_root=str(root),
+                                        manifest_options={"num_clips": 12, "frames": True}, backbones="tiny",
+                                        device="cpu", shard_clips=4, on_error="skip", decode_processes=2),
+                          progress=False)
+    assert any(clips[4].clip_id in r.getMessage() and "zero-padded" in r.getMessage() for r in caplog.records)
     cache = open_cache(tmp_path / "cache")
     status = dict(zip([c.clip_id for c in cache.manifest.clips], cache.clip_status))
     for clip_id, want in expect.items():

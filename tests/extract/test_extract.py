@@ -41,9 +41,10 @@ def _same(a, b):
 
 @pytest.fixture(scope="module")
 def clean(toy_root, tmp_path_factory):
-    """One uninterrupted single-process float32 extraction, the reference for the others."""
+    """One uninterrupted single-process float32 extraction (media decoded by 2 worker processes), the
+    reference for the others."""
     path = tmp_path_factory.mktemp("clean") / "cache"
-    summary = extract(_cfg(toy_root, path, dtype="float32"), progress=False)
+    summary = extract(_cfg(toy_root, path, dtype="float32", decode_processes=2), progress=False)
     assert summary.clips_ok == 12 and not summary.failures
     return path
 
@@ -54,13 +55,13 @@ def test_cached_tokens_are_the_backbone_tokens(clean, toy_root):
     assert {m: b.name for m, b in cache.meta.backbones.items()} == {"visual": "test_swinv2_tiny",
                                                                     "audio": "test_htsat_tiny"}
     backbones = load_backbones(_cfg(toy_root, clean))
-    row = 5
-    media = read_clip(cache.manifest.clips[row], toy_root, cache.manifest.frame_rule)
-    for modality, b in backbones.items():
-        fw = TokenForward(b, [a for a in cache.meta.arrays if a.modality == modality], torch.device("cpu"))
-        live = fw(b.preprocess(media.frames if modality == "visual" else media.audio))
-        for key, tokens in live.items():
-            np.testing.assert_allclose(cache.read(key, [row])[0], tokens.numpy(), rtol=1e-5, atol=1e-5)
+    for row in (4, 5):  # batches of 8 segments: each of a shard's two clips spans two forward batches
+        media = read_clip(cache.manifest.clips[row], toy_root, cache.manifest.frame_rule)
+        for modality, b in backbones.items():
+            fw = TokenForward(b, [a for a in cache.meta.arrays if a.modality == modality], torch.device("cpu"))
+            live = fw(b.preprocess(media.frames if modality == "visual" else media.audio))
+            for key, tokens in live.items():
+                np.testing.assert_allclose(cache.read(key, [row])[0], tokens.numpy(), rtol=1e-5, atol=1e-5)
     last = cache.meta.array("visual/stage3.block0")
     assert last.grid == last.source_grid == (6, 6)
     assert cache.meta.array("audio/stage0.block0").grid == (8, 8)
@@ -97,8 +98,8 @@ def test_two_dask_workers_equal_one_process(clean, toy_root, tmp_path):
     _same(_arrays(tmp_path / "cache"), _arrays(clean))
 
 
-def test_hdf5_storage_holds_the_same_tokens(clean, toy_root, tmp_path):
-    extract(_cfg(toy_root, tmp_path / "h5", dtype="float32", format="hdf5"), progress=False)
+def test_hdf5_storage_holds_the_same_tokens(clean, toy_root, tmp_path):  # and media decoded in threads
+    extract(_cfg(toy_root, tmp_path / "h5", dtype="float32", format="hdf5", decode_processes=0), progress=False)
     assert (tmp_path / "h5" / "tokens.h5").is_file() and len(list((tmp_path / "h5" / "shards").glob("*.h5"))) == 6
     _same(_arrays(tmp_path / "h5"), _arrays(clean))
 

@@ -1,0 +1,122 @@
+"""Decode clips' media in worker processes.
+
+Why processes: PyAV does a clip's per-frame work (packet decode calls, resampling, array
+conversion: some 400 audio frames and 80 video packets for a 10-s toy clip, ~40 ms) in Python
+that holds the GIL. Measured on the toy clips, two decode threads were no faster than one, and
+they stall the thread that drives the backbones, whose every operator call needs the GIL too.
+Worker processes decode in parallel and leave the parent's GIL alone; the parent receives the
+uint8 frames and float32 audio of :class:`~.clip.ClipMedia` (a few MB a clip) by pickling.
+
+Workers are spawned, not forked (a forked child of a process that has run torch's OpenMP pool can
+hang), and import no torch. A worker's log records (a short sound track, a skipped packet) are sent
+back with the media and re-emitted in the parent, where logging is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from mettle.manifests import Clip
+
+from .clip import ClipMedia, read_clip
+
+_records: list[tuple[str, int, str]] = []  # in a worker: (logger, level, message) since the last clip
+
+
+class _Collect(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _records.append((record.name, record.levelno, record.getMessage()))
+
+
+def _init_worker() -> None:
+    root = logging.getLogger("mettle")
+    root.handlers[:] = [_Collect()]
+    root.setLevel(logging.DEBUG)
+    root.propagate = False
+
+
+def _read(clip: Clip, data_root: Path, frame_rule: str) -> tuple[ClipMedia, list[tuple[str, int, str]]]:
+    _records.clear()
+    try:
+        return read_clip(clip, data_root, frame_rule), list(_records)
+    finally:
+        _records.clear()
+
+
+def _ready() -> int:
+    import importlib
+    import time
+
+    importlib.import_module("av")  # most of a worker's start-up: paid before the first clip
+    time.sleep(0.05)  # long enough that the start-up tasks spread over all the workers
+    return os.getpid()
+
+
+def default_processes() -> int:
+    """One decode process per CPU this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+class DecodeWorkersError(RuntimeError):
+    """The decode worker processes died or could not start; the message says what to do."""
+
+
+_BROKEN = ("the decode worker processes stopped ({}). Fix: when a script calls extract(), put the call under "
+           "`if __name__ == \"__main__\":` (spawned workers import the main script); if they ran out of memory, "
+           "pass fewer --decode-processes; --decode-processes 0 decodes in threads instead")
+
+
+class MediaPool:
+    """``processes`` spawned workers running :func:`~.clip.read_clip`; use as a context manager.
+
+    ``read(clip, data_root, frame_rule)`` blocks until that clip is decoded and returns its
+    :class:`ClipMedia` (or raises its :class:`~.errors.MediaError`); call it from as many threads as
+    there are processes to keep them all busy.
+    """
+
+    def __init__(self, processes: int) -> None:
+        if processes < 1:
+            raise ValueError(f"--decode-processes {processes} must be >= 1 (0 decodes in threads instead)")
+        self.processes = processes
+        self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_worker)
+
+    def __enter__(self) -> MediaPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> MediaPool:
+        """Start every worker now and wait until each has imported PyAV (otherwise the first clips pay it)."""
+        pids: set[int] = set()
+        try:
+            for _ in range(8):  # the executor starts workers as tasks find none idle: ask until all have answered
+                pids.update(f.result() for f in [self._pool.submit(_ready) for _ in range(2 * self.processes)])
+                if len(pids) >= self.processes:
+                    break
+        except BrokenProcessPool as e:
+            self.close()
+            raise DecodeWorkersError(_BROKEN.format(e)) from None
+        return self
+
+    def read(self, clip: Clip, data_root: Path, frame_rule: str) -> ClipMedia:
+        try:
+            media, records = self._pool.submit(_read, clip, data_root, frame_rule).result()
+        except BrokenProcessPool as e:
+            raise DecodeWorkersError(_BROKEN.format(e)) from None
+        for name, level, message in records:
+            logging.getLogger(name).log(level, "%s", message)
+        return media
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
