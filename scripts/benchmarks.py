@@ -37,7 +37,7 @@ def main() -> None:
         ([py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches, "--device", args.device,
           "--steps", "2" if args.quick else "3", "--out", args.out / "train_full"], None),
         ([py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", "12" if args.quick else "48",
-          "--device", args.device,
+          "--device", args.device, "--repeats", "1" if args.quick else "3",
           "--work", work, "--out", args.out, "--data-clips", "16" if args.quick else "64"], None),
         ([py, HERE / "bench_pipeline.py", "--backbones", "tiny", "--device", args.device, "--work", work,
           "--out", args.out, "--data-clips", "0"], None),
