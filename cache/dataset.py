@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .format import TARGETS
+
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
@@ -64,10 +66,24 @@ class TokenDataset(Dataset):
 
 
 class BatchedTokens(Dataset):
-    """Whole batches of a :class:`TokenDataset` (use with ``batch_sampler`` and :func:`whole_batch`)."""
+    """Whole batches of a :class:`TokenDataset` (use with ``batch_sampler`` and :func:`whole_batch`).
 
-    def __init__(self, tokens: TokenDataset) -> None:
+    With ``pinned`` (CUDA only) a batch of fresh rows is read straight into page-locked tensors, so
+    that its copy to the GPU needs no staging copy; the loader should then not pin again.
+    """
+
+    def __init__(self, tokens: TokenDataset, pinned: bool = False) -> None:
         self.tokens = tokens
+        self.pinned = pinned
+
+    def _read(self, key: str, rows: np.ndarray) -> np.ndarray:
+        ds = self.tokens
+        if not self.pinned or key.startswith(TARGETS):
+            return ds.cache.read(key, rows, ds.dtype)
+        spec = ds.cache.meta.array(key)
+        batch = torch.empty((len(rows), *ds.cache.meta.shape(spec)[1:]), dtype=getattr(torch, ds.dtype),
+                            pin_memory=True)
+        return ds.cache.read(key, rows, ds.dtype, into=batch.numpy())
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -77,7 +93,7 @@ class BatchedTokens(Dataset):
         rows = np.asarray([ds.rows[i] for i in indices], dtype=np.int64)
         if len(set(rows.tolist())) == len(rows) and not any(r in ds._kept for r in rows.tolist()):
             # the common case: distinct rows not in memory, read straight into the batch's own order
-            data = {k: ds.cache.read(k, rows, ds.dtype) for k in ds.keys}
+            data = {k: self._read(k, rows) for k in ds.keys}
             for pos, r in enumerate(rows.tolist()):
                 ds._keep(r, {k: torch.from_numpy(v[pos]) for k, v in data.items()})
             return {"row": torch.from_numpy(rows), "tokens": {k: torch.from_numpy(v) for k, v in data.items()}}

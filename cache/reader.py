@@ -58,15 +58,25 @@ class Cache(TokenSource):
         return {self.manifest.clips[i].clip_id: s for i, s in enumerate(self.clip_status) if s != OK}
 
     # ------------------------------------------------------------------ arrays
-    def read(self, key: str, rows: Sequence[int] | slice, out: str = "float32") -> np.ndarray:
+    def read(self, key: str, rows: Sequence[int] | slice, out: str = "float32",
+             into: np.ndarray | None = None) -> np.ndarray:
         """Tokens ``(len(rows), segments, tokens, dim)`` of array ``key``, decoded to numpy dtype ``out``
-        (or a ``targets/<name>`` array as stored)."""
+        (or a ``targets/<name>`` array as stored). With ``into`` (an array of that shape and dtype
+        ``out``, e.g. a pinned tensor's numpy view) the result is written there and returned; an
+        unscaled cache read in its stored dtype goes straight from the file into it."""
         self.meta.check_key(key)  # names the valid keys when this one is unknown
         if key.startswith(TARGETS):
-            return self.store.read(key, rows)  # targets are stored as they are used (uint8 masks)
-        codes = self.store.read(key, rows)
+            return self.store.read(key, rows, into)  # targets are stored as they are used (uint8 masks)
+        direct = into is not None and not self._dtype.scaled and into.dtype == np.dtype(self.meta.dtype)
+        codes = self.store.read(key, rows, into if direct else None)
+        if direct:
+            return codes
         scale = self.store.read(key + SCALE, rows) if self._dtype.scaled else None
-        return decode(codes, scale, out)
+        tokens = decode(codes, scale, out)
+        if into is None:
+            return tokens
+        into[...] = tokens
+        return into
 
     def dataset(self, splits: str | Iterable[str] | None = "train", keys: Sequence[str] | None = None,
                 dtype: str = "float32", include_failed: bool = False):
@@ -101,8 +111,12 @@ class Cache(TokenSource):
             ds = TokenDataset(self, range(self.meta.num_clips), keys, dtype=self.batch_dtype,
                               memory_budget=self.memory_budget)
             self._datasets = {tuple(keys): ds}
-        loader = DataLoader(BatchedTokens(ds), batch_sampler=[list(b) for b in batches], num_workers=workers,
-                            collate_fn=whole_batch, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        pin = torch.cuda.is_available()  # page-locked batches copy to the GPU asynchronously, and faster
+        # in this process, batches are read straight into page-locked memory; worker processes cannot
+        # hand that over, so with workers the loader copies each batch into it (one more copy)
+        loader = DataLoader(BatchedTokens(ds, pinned=pin and not workers), batch_sampler=[list(b) for b in batches],
+                            num_workers=workers, collate_fn=whole_batch, persistent_workers=False,
+                            pin_memory=pin and bool(workers),
                             generator=torch.Generator().manual_seed(seed))  # never touches the global RNG
         return iter(loader)
 

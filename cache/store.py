@@ -99,17 +99,18 @@ class ZarrStore:
                 self._arrays[key] = None
         return self._arrays[key]
 
-    def read(self, name: str, rows: Sequence[int] | slice) -> np.ndarray:
+    def read(self, name: str, rows: Sequence[int] | slice, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows of array ``name``; into ``out`` when given (read straight into it on the fast path)."""
         fast = self._fast(name) if not isinstance(rows, slice) else None
-        if fast is not None:
-            return fast.read(np.asarray(rows, dtype=np.int64))
+        if fast is not None and (out is None or out.dtype == fast.dtype):
+            return fast.read(np.asarray(rows, dtype=np.int64), out)
         arr = self._array(name)
         if isinstance(rows, slice):
-            return arr[rows]
+            return _into(arr[rows], out)
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and np.all(np.diff(rows) == 1):
-            return arr[int(rows[0]):int(rows[-1]) + 1]  # one contiguous read
-        return arr.oindex[rows]
+            return _into(arr[int(rows[0]):int(rows[-1]) + 1], out)  # one contiguous read
+        return _into(arr.oindex[rows], out)
 
     def __getstate__(self):
         return {"path": self.path, "meta": self.meta}
@@ -172,17 +173,19 @@ class H5Store:
             self._pid = os.getpid()
         return self._file
 
-    def read(self, name: str, rows: Sequence[int] | slice) -> np.ndarray:
+    def read(self, name: str, rows: Sequence[int] | slice, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows of array ``name``; into ``out`` when given."""
         ds = self._open()[name]
         if isinstance(rows, slice):
-            return ds[rows]
+            return _into(ds[rows], out)
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and np.all(np.diff(rows) == 1):
-            return ds[int(rows[0]):int(rows[-1]) + 1]
+            return _into(ds[int(rows[0]):int(rows[-1]) + 1], out)
         order = np.argsort(rows)
         uniq, inverse = np.unique(rows[order], return_inverse=True)
         data = ds[uniq]  # h5py fancy indexing wants increasing, unique indices
-        out = np.empty((len(rows), *data.shape[1:]), data.dtype)
+        if out is None:
+            out = np.empty((len(rows), *data.shape[1:]), data.dtype)
         out[order] = data[inverse]
         return out
 
@@ -191,6 +194,13 @@ class H5Store:
 
     def __setstate__(self, state):
         self.__init__(state["root"], state["meta"])
+
+
+def _into(data: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return data
+    out[...] = data  # shape mismatches raise here
+    return out
 
 
 STORES = {"zarr": ZarrStore, "hdf5": H5Store}

@@ -80,8 +80,14 @@ class FastShardReader:
                 self._index[shard] = None  # never written: reads as the fill value
         return self._index[shard]
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` as ``(len(rows), ...)``, into ``out`` when given (C-contiguous, this array's
+        dtype and that shape: e.g. the numpy view of a pinned tensor, so nothing is copied again)."""
+        shape = (len(rows), *self.shape[1:])
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out is {out.dtype} {out.shape}, the rows are {self.dtype} {shape} (C-contiguous)")
         for shard in np.unique(rows // self.rows_per_shard):
             picks = np.flatnonzero(rows // self.rows_per_shard == shard)
             index = self._shard_index(int(shard))

@@ -230,6 +230,25 @@ def test_create_cache_resume_refuse_overwrite(manifest, tmp_path):
     assert create_cache(half, meta, manifest).pending_shards() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("storage,dtype", [("zarr", "float16"), ("zarr", "int8"), ("hdf5", "float16"),
+                                           ("zarr-general", "float32")])
+def test_reads_into_a_given_array(manifest, tmp_path, storage, dtype, monkeypatch):
+    """``into`` (how training reads batches into page-locked memory) holds what a plain read returns."""
+    _fill(manifest, tmp_path / "c", storage=storage.split("-")[0], dtype=dtype)
+    cache = open_cache(tmp_path / "c")
+    if storage == "zarr-general":  # zarr's own read path, not the direct shard reader
+        monkeypatch.setattr(cache.store, "_fast", lambda name: None)
+    out = cache.batch_dtype
+    for key in ("visual/stage2.block1", "audio/stage0.block0"):
+        for rows in ([4, 0, 2], [1, 2, 3], [3]):
+            want = cache.read(key, rows, out)
+            into = np.full(want.shape, np.nan, dtype=out)
+            got = cache.read(key, rows, out, into=into)
+            assert got is into and np.array_equal(got, want), (key, rows)
+    with pytest.raises(ValueError):
+        cache.read("audio/stage0.block0", [0, 1], out, into=np.empty((3, 1), out))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_direct_shard_reads_equal_zarr(manifest, tmp_path, dtype):
     import zarr
