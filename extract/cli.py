@@ -70,7 +70,7 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
 @click.option("--batch-size", type=int, help="segments per backbone forward [32]")
 @click.option("--decode-threads", type=int, help="threads preprocessing (and, with 0 processes, decoding) [2]")
 @click.option("--decode-processes", type=int, help="processes decoding media ahead of the backbones; 0: in the "
-              "threads [one per CPU, at most 8]")
+              "threads [on a GPU one per CPU, at most 8; on the CPU 0]")
 @click.option("--audio-tile", type=int, help="seconds HTS-AT tiles each 1-s segment to [10; 5 for AVSBench]")
 @click.option("--workers", type=int, help="start a local dask cluster of N worker processes")
 @click.option("--scheduler", help="join a running dask cluster at ADDRESS instead")

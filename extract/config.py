@@ -42,7 +42,7 @@ class ExtractConfig:
     precision: str = "auto"
     batch_size: int = 32
     decode_threads: int = 2
-    decode_processes: int | None = None  # None: one per CPU (at most 8); 0: decode in the threads
+    decode_processes: int | None = None  # None: by device (see decode_processes_of); 0: decode in threads
     workers: int = 0
     scheduler: str | None = None
     limit: int | None = None
@@ -55,11 +55,20 @@ class ExtractConfig:
         return asdict(self)
 
 
-def decode_processes_of(cfg: ExtractConfig) -> int:
-    """Processes decoding media for a local run (``cfg.decode_processes``, or one per CPU up to 8)."""
+def decode_processes_of(cfg: ExtractConfig, device_type: str) -> int:
+    """Processes decoding media for a local run: ``cfg.decode_processes``, or by default one per CPU
+    (at most 8) when the backbones run on a GPU, and none (threads) when they run on the CPU.
+
+    Why the default depends on the device: PyAV holds the GIL, so decoding threads cannot keep up
+    with a GPU (two were no faster than one), while on the CPU the backbones already keep every core
+    busy and worker processes only add their copies (toy clips, 2 cores, median of 3: 82 % of the
+    pure forward decoding in threads, 77 % in 2 processes).
+    """
     from .media.pool import default_processes
 
-    n = default_processes() if cfg.decode_processes is None else cfg.decode_processes
+    n = cfg.decode_processes
+    if n is None:
+        n = default_processes() if device_type != "cpu" else 0
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"--decode-processes {n!r} must be 0 (decode in threads) or more")
     return n

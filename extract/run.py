@@ -1,8 +1,9 @@
 """``extract(cfg)``: manifest -> backbones -> cache, resumable, local or on dask workers.
 
-Local runs overlap the three stages: worker processes decode the next shard's clips (threads
-preprocess them) while the current one runs through the backbones, and a writer thread writes
-the previous shard.
+Local runs overlap the three stages: the next shard's clips are decoded (by worker processes
+when the backbones run on a GPU, else by threads; see ``config.decode_processes_of``) and
+preprocessed (threads) while the current one runs through the backbones, and a writer thread
+writes the previous shard.
 Distributed runs (``workers`` / ``scheduler``) hand whole shards to dask workers (see
 ``distributed.py``); either way the cache is the same, row for row.
 """
@@ -116,7 +117,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
     forwards, media_pool = None, None
     if not (cfg.workers or cfg.scheduler):
         forwards = make_forwards(writer, backbones, cfg.device, cfg.precision)  # models onto the device
-        processes = decode_processes_of(cfg)
+        processes = decode_processes_of(cfg, resolve_device(cfg.device).type)
         if todo and processes:
             media_pool = MediaPool(processes).start()
     setup = time.perf_counter() - t0  # manifest, models, plan, decode processes: paid once per run

@@ -47,3 +47,20 @@ def test_a_dead_worker_is_a_clean_error(toy_root):
 def test_refuses_zero_processes():
     with pytest.raises(ValueError, match="--decode-processes 0 .*threads"):
         MediaPool(0)
+
+
+def test_decode_processes_default_by_device(monkeypatch):
+    from mettle.extract.config import ExtractConfig, decode_processes_of
+    from mettle.extract.media import pool
+
+    import os
+
+    assert pool.default_processes() == min(8, len(os.sched_getaffinity(0)))
+    monkeypatch.setattr(pool, "default_processes", lambda: 6)
+    cfg = ExtractConfig(dataset="toy", cache="-")
+    assert decode_processes_of(cfg, "cuda") == 6 and decode_processes_of(cfg, "cpu") == 0
+    cfg.decode_processes = 3
+    assert decode_processes_of(cfg, "cpu") == 3 == decode_processes_of(cfg, "cuda")
+    cfg.decode_processes = -1
+    with pytest.raises(ValueError, match="--decode-processes -1"):
+        decode_processes_of(cfg, "cpu")
