@@ -182,6 +182,27 @@ def test_iterate_stacks_batches_in_the_stored_precision(manifest, tmp_path, dtyp
     assert (cache._datasets[tuple(keys)]._kept_bytes > 0) == (budget > 0)
 
 
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_batch_memory_is_reused_only_when_nothing_holds_it(manifest, tmp_path, budget):
+    truth = _fill(manifest, tmp_path / "c", dtype="float16")[1]
+    cache = open_cache(tmp_path / "c")
+    cache.memory_budget = budget
+    key = "visual/stage2.block1"
+    batches = [[3, 1], [0, 2], [4, 1], [2, 0], [1, 3], [0, 4]]
+    held = list(cache.iterate(batches, [key], seed=1))  # every batch kept: none may be overwritten
+    for rows, batch in zip(batches, held):
+        assert np.array_equal(batch["tokens"][key].numpy(), truth[key][rows].astype(np.float16))
+    del held
+    cache = open_cache(tmp_path / "c")
+    cache.memory_budget = budget
+    pointers = set()
+    for rows, batch in zip(batches, cache.iterate(batches, [key], seed=1)):  # each dropped after use
+        assert np.array_equal(batch["tokens"][key].numpy(), truth[key][rows].astype(np.float16))
+        pointers.add(batch["tokens"][key].data_ptr())
+    if budget == 0:  # a few arrays serve every batch (with a budget, kept rows hold on to theirs)
+        assert len(pointers) <= 3
+
+
 def test_open_cache_refusals(manifest, tmp_path):
     _fill(manifest, tmp_path / "c")
     with pytest.raises(CacheError, match="backbone.visual = fake_swin, but other is required"):
