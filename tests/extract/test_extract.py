@@ -69,7 +69,7 @@ def test_cached_tokens_are_the_backbone_tokens(clean, toy_root):
 
 
 @pytest.mark.slow
-def test_killed_extraction_resumes_to_the_same_cache(clean, toy_root, tmp_path):
+def test_killed_extraction_resumes_to_the_same_cache(clean, toy_root, tmp_path, monkeypatch):
     path = tmp_path / "cache"
     args = ["--dataset", "toy", "--data-root", str(toy_root), "--cache", str(path), "--set", "num_clips=12",
             "--set", "frames=true", "--backbones", "tiny", "--shard-clips", "2", "--batch-size", "8", "--device", "cpu", "--dtype",
@@ -89,6 +89,10 @@ def test_killed_extraction_resumes_to_the_same_cache(clean, toy_root, tmp_path):
     summary = extract(_cfg(toy_root, path, dtype="float32"), progress=False)
     assert summary.shards_skipped == done_before and summary.shards_done_now == 6 - done_before
     _same(_arrays(path), _arrays(clean))
+    with monkeypatch.context() as m:  # a rerun with nothing left to do never moves a model to a device
+        m.setattr("mettle.extract.run.TokenForward", None)
+        again = extract(_cfg(toy_root, path, dtype="float32"), progress=False)
+    assert again.shards_done_now == 0 and again.shards_skipped == 6
 
 
 @pytest.mark.slow
