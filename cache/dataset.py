@@ -66,6 +66,10 @@ class TokenDataset(Dataset):
         return [{"row": int(r), "tokens": self._kept.get(int(r)) or fresh[int(r)]} for r in rows]
 
 
+def _references(arrays: list[np.ndarray]) -> list[int]:
+    return [sys.getrefcount(a) for a in arrays]
+
+
 class _Recycled:
     """Batch arrays handed out again once nothing uses them.
 
@@ -73,20 +77,23 @@ class _Recycled:
     loader about a quarter of its speed (64-clip full-size cache, batches of 16: 70-76 % of a raw read
     with fresh arrays, about 100 % when the memory was reused). Whether an array is still in use is
     its reference count: every tensor made from it (a batch a consumer holds, a row the dataset keeps)
-    holds a reference to it. Up to ``per_shape`` arrays of each shape are kept.
+    holds a reference to it. What count means "free" is measured once on an array nothing else holds,
+    through the same function (the interpreter's own references differ between Python versions).
+    Up to ``per_key`` arrays of each key and shape are kept.
     """
 
-    def __init__(self, per_shape: int = 3) -> None:
-        self.per_shape = per_shape
+    def __init__(self, per_key: int = 3) -> None:
+        self.per_key = per_key
         self._arrays: dict[tuple, list[np.ndarray]] = {}
+        self._free = _references([np.empty(0)])[0]
 
-    def get(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        pool = self._arrays.setdefault((shape, dtype), [])
-        for a in pool:
-            if sys.getrefcount(a) <= 3:  # the pool's list, this loop's name and getrefcount's argument
+    def get(self, key: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        pool = self._arrays.setdefault((key, shape, dtype), [])
+        for a, refs in zip(pool, _references(pool)):
+            if refs <= self._free:
                 return a
         a = np.empty(shape, dtype)
-        if len(pool) < self.per_shape:
+        if len(pool) < self.per_key:
             pool.append(a)
         return a
 
@@ -112,7 +119,7 @@ class BatchedTokens(Dataset):
         if self.pinned:
             into = torch.empty(shape, dtype=getattr(torch, ds.dtype), pin_memory=True).numpy()
         else:
-            into = self._recycled.get(shape, ds.dtype)
+            into = self._recycled.get(key, shape, ds.dtype)
         return ds.cache.read(key, rows, ds.dtype, into=into)
 
     def __len__(self) -> int:

@@ -67,6 +67,8 @@ class Cache(TokenSource):
         self.meta.check_key(key)  # names the valid keys when this one is unknown
         if key.startswith(TARGETS):
             return self.store.read(key, rows, into)  # targets are stored as they are used (uint8 masks)
+        if into is not None and into.dtype != np.dtype(out):
+            raise ValueError(f"into is {into.dtype}, the tokens are asked for as {out}")
         direct = into is not None and not self._dtype.scaled and into.dtype == np.dtype(self.meta.dtype)
         codes = self.store.read(key, rows, into if direct else None)
         if direct:
@@ -112,11 +114,11 @@ class Cache(TokenSource):
                               memory_budget=self.memory_budget)
             self._datasets = {tuple(keys): ds}
         pin = torch.cuda.is_available()  # page-locked batches copy to the GPU asynchronously, and faster
-        # in this process, batches are read straight into page-locked memory; worker processes cannot
-        # hand that over, so with workers the loader copies each batch into it (one more copy)
+        # in this process, fresh rows are read straight into page-locked memory, which the loader's
+        # pinning then leaves as it is; it copies the rest (rows kept in memory, int8 tokens decoded,
+        # targets, and whatever worker processes hand over)
         loader = DataLoader(BatchedTokens(ds, pinned=pin and not workers), batch_sampler=[list(b) for b in batches],
-                            num_workers=workers, collate_fn=whole_batch, persistent_workers=False,
-                            pin_memory=pin and bool(workers),
+                            num_workers=workers, collate_fn=whole_batch, persistent_workers=False, pin_memory=pin,
                             generator=torch.Generator().manual_seed(seed))  # never touches the global RNG
         return iter(loader)
 

@@ -116,8 +116,8 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
     todo = writer.pending_shards(cfg.retry_failed)
     forwards, media_pool = {}, None
     if todo and not (cfg.workers or cfg.scheduler):  # nothing moves to the device when all is done
+        processes = decode_processes_of(cfg, resolve_device(cfg.device).type)  # checked before models move
         forwards = make_forwards(writer, backbones, cfg.device, cfg.precision)  # models onto the device
-        processes = decode_processes_of(cfg, resolve_device(cfg.device).type)
         if processes:
             media_pool = MediaPool(processes).start()
     setup = time.perf_counter() - t0  # manifest, models, plan, decode processes: paid once per run

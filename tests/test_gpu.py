@@ -38,12 +38,13 @@ def test_training_batches_are_read_into_page_locked_memory(toy48_cache):
     cache = open_cache(toy48_cache)
     keys = cache.keys()[:3]
     for workers in (0, 1):
-        batch = next(iter(cache.iterate([[5, 2, 9]], keys, workers=workers)))
-        for k in keys:
-            t = batch["tokens"][k]
-            assert t.is_pinned(), (k, workers)
-            assert np.array_equal(t.numpy(), cache.read(k, [5, 2, 9], cache.batch_dtype))
-            assert torch.equal(t.to("cuda", non_blocking=True).cpu(), t)
+        for epoch in range(2):  # the second epoch's rows come from memory (stacked, then pinned by the loader)
+            batch = next(iter(cache.iterate([[5, 2, 9]], keys, workers=workers, seed=epoch)))
+            for k in keys:
+                t = batch["tokens"][k]
+                assert t.is_pinned(), (k, workers, epoch)
+                assert np.array_equal(t.numpy(), cache.read(k, [5, 2, 9], cache.batch_dtype))
+                assert torch.equal(t.to("cuda", non_blocking=True).cpu(), t)
 
 
 def test_cuda_lcd_equals_naive_and_cpu():

@@ -8,8 +8,9 @@ Worker processes decode in parallel and leave the parent's GIL alone; the parent
 uint8 frames and float32 audio of :class:`~.clip.ClipMedia` (a few MB a clip) by pickling.
 
 Workers are spawned, not forked (a forked child of a process that has run torch's OpenMP pool can
-hang), and import no torch. A worker's log records (a short sound track, a skipped packet) are sent
-back with the media and re-emitted in the parent, where logging is configured.
+hang), import no torch and ignore Ctrl-C (the parent handles it). A worker's log records (a short
+sound track, a skipped packet) are sent back with the media or the error and re-emitted in the
+parent, where logging is configured.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -24,6 +27,7 @@ from pathlib import Path
 from mettle.manifests import Clip
 
 from .clip import ClipMedia, read_clip
+from .errors import MediaError
 
 _records: list[tuple[str, int, str]] = []  # in a worker: (logger, level, message) since the last clip
 
@@ -34,16 +38,22 @@ class _Collect(logging.Handler):
 
 
 def _init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it shuts the pool down
     root = logging.getLogger("mettle")
     root.handlers[:] = [_Collect()]
     root.setLevel(logging.DEBUG)
     root.propagate = False
 
 
-def _read(clip: Clip, data_root: Path, frame_rule: str) -> tuple[ClipMedia, list[tuple[str, int, str]]]:
+def _read(clip: Clip, data_root: Path, frame_rule: str
+          ) -> tuple[ClipMedia | None, MediaError | None, list[tuple[str, int, str]]]:
+    """(media, None, log records) or (None, the clip's MediaError, log records): the records come back
+    either way, since what was logged before an error helps to read it."""
     _records.clear()
     try:
-        return read_clip(clip, data_root, frame_rule), list(_records)
+        return read_clip(clip, data_root, frame_rule), None, list(_records)
+    except MediaError as e:
+        return None, e, list(_records)
     finally:
         _records.clear()
 
@@ -67,7 +77,7 @@ def default_processes() -> int:
 
 
 class DecodeWorkersError(RuntimeError):
-    """The decode worker processes died or could not start; the message says what to do."""
+    """The decode worker processes could not start; the message says what to do."""
 
 
 _BROKEN = ("the decode worker processes stopped ({}). Fix: when a script calls extract(), put the call under "
@@ -81,14 +91,24 @@ class MediaPool:
     ``read(clip, data_root, frame_rule)`` blocks until that clip is decoded and returns its
     :class:`ClipMedia` (or raises its :class:`~.errors.MediaError`); call it from as many threads as
     there are processes to keep them all busy.
+
+    A worker that dies while decoding (FFmpeg crashing on a damaged file) takes the clips then in
+    flight with it: the pool is replaced, and each of those clips is decoded again alone in a fresh
+    process, so that only the clip that crashes its decoder twice fails, with a MediaError naming
+    it (``--on-error skip`` records it and goes on).
     """
 
     def __init__(self, processes: int) -> None:
         if processes < 1:
             raise ValueError(f"--decode-processes {processes} must be >= 1 (0 decodes in threads instead)")
         self.processes = processes
-        self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker)
+        self._lock = threading.Lock()
+        self._pool = self._new(processes)
+
+    @staticmethod
+    def _new(processes: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker)
 
     def __enter__(self) -> MediaPool:
         return self
@@ -107,16 +127,38 @@ class MediaPool:
         except BrokenProcessPool as e:
             self.close()
             raise DecodeWorkersError(_BROKEN.format(e)) from None
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def read(self, clip: Clip, data_root: Path, frame_rule: str) -> ClipMedia:
+        pool = self._pool
         try:
-            media, records = self._pool.submit(_read, clip, data_root, frame_rule).result()
-        except BrokenProcessPool as e:
-            raise DecodeWorkersError(_BROKEN.format(e)) from None
+            media, error, records = pool.submit(_read, clip, data_root, frame_rule).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:  # the first thread to see it replaces the pool
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._new(self.processes)
+            media, error, records = self._read_alone(clip, data_root, frame_rule)
         for name, level, message in records:
             logging.getLogger(name).log(level, "%s", message)
+        if error is not None:
+            raise error
         return media
+
+    @staticmethod
+    def _read_alone(clip: Clip, data_root: Path, frame_rule: str):
+        alone = MediaPool._new(1)
+        try:
+            return alone.submit(_read, clip, data_root, frame_rule).result()
+        except BrokenProcessPool:
+            error = MediaError(clip.clip_id, data_root, "the media decoder crashed on this clip (its process died, "
+                               "twice)", "re-encode or re-download the clip's media; --on-error skip leaves it out")
+            return None, error, []
+        finally:
+            alone.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

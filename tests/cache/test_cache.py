@@ -268,6 +268,8 @@ def test_reads_into_a_given_array(manifest, tmp_path, storage, dtype, monkeypatc
             assert got is into and np.array_equal(got, want), (key, rows)
     with pytest.raises(ValueError):
         cache.read("audio/stage0.block0", [0, 1], out, into=np.empty((3, 1), out))
+    with pytest.raises(ValueError, match="into is float64, the tokens are asked for as"):
+        cache.read("audio/stage0.block0", [0, 1], out, into=np.empty((2, 1), np.float64))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mettle.extract.media import MediaError, read_clip
-from mettle.extract.media.pool import DecodeWorkersError, MediaPool
+from mettle.extract.media.pool import MediaPool
 from mettle.manifests import build_manifest
 
 
@@ -32,16 +32,55 @@ def test_worker_processes_decode_what_this_process_decodes(toy_root, tmp_path):
         assert err.value.clip_id == missing.clip_id
 
 
-def test_a_dead_worker_is_a_clean_error(toy_root):
+def test_a_worker_killed_mid_clip_costs_nothing(toy_root):
     import os
     import signal
 
     clip = build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True).clips[0]
     with MediaPool(1).start() as pool:
-        pid = next(iter(pool._pool._processes))
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(DecodeWorkersError, match="decode worker processes stopped.*--decode-processes 0"):
+        os.kill(next(iter(pool._pool._processes)), signal.SIGKILL)
+        media = pool.read(clip, toy_root, "linspace")  # the pool is replaced, the clip decoded again alone
+        assert np.array_equal(media.frames, read_clip(clip, toy_root).frames)
+        assert np.array_equal(pool.read(clip, toy_root, "linspace").audio, media.audio)  # the new pool works
+
+
+class _Broken:
+    """An executor whose every task dies with its process, as when FFmpeg crashes on a file."""
+
+    def submit(self, *args):
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        f = Future()
+        f.set_exception(BrokenProcessPool("a process died"))
+        return f
+
+    def shutdown(self, **kw):
+        pass
+
+
+def test_a_clip_that_crashes_its_decoder_twice_is_a_media_error(toy_root, monkeypatch):
+    clip = build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True).clips[2]
+    with MediaPool(1) as pool:
+        monkeypatch.setattr(pool, "_pool", _Broken())
+        media = pool.read(clip, toy_root, "linspace")  # crashed once (with the pool), fine alone
+        assert np.array_equal(media.audio, read_clip(clip, toy_root).audio)
+        monkeypatch.setattr(pool, "_pool", _Broken())
+        monkeypatch.setattr(MediaPool, "_new", staticmethod(lambda n: _Broken()))
+        with pytest.raises(MediaError, match=f"clip {clip.clip_id}: .*decoder crashed on this clip.*--on-error skip"):
             pool.read(clip, toy_root, "linspace")
+
+
+def test_a_worker_hands_a_clip_error_back_with_its_records(toy_root):
+    """The worker's function returns a clip's MediaError (the parent re-emits the clip's log records,
+    then raises it) instead of raising it, which would lose what was logged before it."""
+    from mettle.extract.media import pool as pool_module
+
+    clip = build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True).clips[0]
+    media, error, records = pool_module._read(clip, toy_root, "linspace")
+    assert media is not None and error is None and records == []
+    got, error, records = pool_module._read(replace(clip, media={"video": "nowhere/x"}), toy_root, "linspace")
+    assert got is None and isinstance(error, MediaError) and error.clip_id == clip.clip_id and records == []
 
 
 def test_refuses_zero_processes():
