@@ -175,7 +175,7 @@ def _data_path_once(cache_path: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", default="tiny")
-    ap.add_argument("--clips", type=int, default=48)
+    ap.add_argument("--clips", type=int, default=48, help="toy clips to extract (0: no extraction)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3, help="extraction runs (each against its own pure forward)")
@@ -185,20 +185,22 @@ def main() -> None:
                     help="clips of the full-size synthetic cache the data path is also measured on (0: skip)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    ex = extraction(args)
-    dp = data_path(Path(ex["cache"]))
+    ex = extraction(args) if args.clips else None  # --clips 0: the data path on the full-size layout only
+    dp = data_path(Path(ex["cache"])) if ex else None
     full = data_path(full_size_cache(args.work, args.data_clips)) if args.data_clips else None
     lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {args.device}, "
              f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones}, {args.clips} toy clips, batch {args.batch_size}",
-             "", "| extraction | clips/s |", "| --- | --- |",
-             f"| mettle-extract (decode + forward + write), after setup | {ex['steady_clips_per_s']:.2f} |",
-             f"| backbone forward alone | {ex['forward_clips_per_s']:.2f} |",
-             f"| ratio (median of {len(ex['ratios'])}) | {100 * ex['ratio']:.0f} % (runs: "
-             f"{'/'.join(f'{100 * x:.0f}' for x in ex['ratios'])} %) |",
-             f"| mettle-extract including setup ({ex['pipeline_s'] - ex['steady_s']:.1f} s: models, plan, decode processes) | "
-             f"{ex['pipeline_clips_per_s']:.2f} ({100 * ex['ratio_with_setup']:.0f} %) |", "",
-             "| training data path | raw sequential read MB/s | one epoch through Cache.iterate MB/s | ratio |",
-             "| --- | --- | --- | --- |"]
+             ""]
+    if ex:
+        lines += ["| extraction | clips/s |", "| --- | --- |",
+                  f"| mettle-extract (decode + forward + write), after setup | {ex['steady_clips_per_s']:.2f} |",
+                  f"| backbone forward alone | {ex['forward_clips_per_s']:.2f} |",
+                  f"| ratio (median of {len(ex['ratios'])}) | {100 * ex['ratio']:.0f} % (runs: "
+                  f"{'/'.join(f'{100 * x:.0f}' for x in ex['ratios'])} %) |",
+                  f"| mettle-extract including setup ({ex['pipeline_s'] - ex['steady_s']:.1f} s: models, plan, "
+                  f"decode processes) | {ex['pipeline_clips_per_s']:.2f} ({100 * ex['ratio_with_setup']:.0f} %) |", ""]
+    lines += ["| training data path | raw sequential read MB/s | one epoch through Cache.iterate MB/s | ratio |",
+              "| --- | --- | --- | --- |"]
     for name, result in ((f"this {args.backbones} cache", dp), (f"full-size layout, {args.data_clips} clips", full)):
         for state in ("cold", "warm"):
             r = result[state] if result else None
