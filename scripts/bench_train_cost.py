@@ -133,7 +133,9 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     return {"mode": mode, "size": size, "batch": batch, "seconds_per_step": statistics.median(times),
             "seconds_per_sample": statistics.median(times) / batch, "trainable": count_parameters(model),
             "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
-            "peak_rss": peak_rss, "peak_rss_minus_idle": peak_rss - idle}
+            "peak_rss": peak_rss, "peak_rss_minus_idle": peak_rss - idle,
+            "token_bytes": sum(t.numel() * t.element_size() for t in cached.values()) if mode.startswith("cache")
+            else None}
 
 
 class AdapterModel(nn.Module):
@@ -234,6 +236,22 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
             tr = mr = "-"
         out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | {r['seconds_per_step']:.3f} | "
                    f"{r['seconds_per_sample']:.3f} | {mtxt} | {r['trainable']:,} | {tr} | {mr} |")
+    floors = []
+    for r in rows:  # what no implementation of (a) can go below, against (b) as measured
+        e2e = next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]
+                    and b["mode"] == "end-to-end" and "error" not in b), None)
+        if r["mode"] != "cache:last-grid" or "error" in r or e2e is None or not r.get("token_bytes"):
+            continue
+        floor = 16 * r["trainable"] + r["token_bytes"]
+        em = e2e["peak_gpu"] if e2e["peak_gpu"] is not None else e2e["peak_rss_minus_idle"]
+        floors.append(f"| {r['size']} | {r['batch']} | {16 * r['trainable'] / 2**20:.1f} | "
+                      f"{r['token_bytes'] / 2**20:.1f} | {floor / 2**20:.1f} | {em / floor:.1f}x |")
+    if floors:
+        out += ["", "The floor of (a): its trainable parameters at 16 bytes each (float32 weights, gradients and "
+                "AdamW's two moments) plus the batch's float16 `last-grid` tokens; (b)'s memory over it is the most "
+                "any implementation of (a) could reach in this configuration.", "",
+                "| size | batch | trainable state MiB | tokens MiB | floor MiB | (b) / floor |",
+                "| --- | --- | --- | --- | --- | --- |", *floors]
     return out
 
 
