@@ -127,6 +127,5 @@ def load_backbones(cfg: ExtractConfig) -> dict[str, Backbone]:
             flag = "--visual-weights" if modality == "visual" or cfg.audio_weights is None else "--audio-weights"
             raise BackboneError(f"{flag} {weights}: no such file. Fix: pass the path of the weights file")
         out[modality] = create_backbone(name, weights=weights, random_init=cfg.random_init)
-        if hasattr(out[modality], "tile"):
-            out[modality].tile = tile
+        out[modality].set_preprocess({"tile": tile})
     return out

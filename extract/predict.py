@@ -88,8 +88,7 @@ def predict(run_dir: str | Path, videos: Sequence[str | Path], visual_weights: s
     for m, rec in meta.backbones.items():
         weights = visual_weights if m == "visual" else (audio_weights or (visual_weights if "+fbank" in rec.name else None))
         b = create_backbone(rec.name, weights=weights, random_init=random_init)
-        if hasattr(b, "tile"):  # preprocess new videos as the training cache was
-            b.tile = int(rec.preprocess.get("tile", b.tile))
+        b.set_preprocess(dict(rec.preprocess))  # preprocess new videos as the training cache was
         if b.weights_id != rec.weights_id:
             raise BackboneError(f"the run was trained on {m} tokens of {rec.name} with weights {rec.weights_id[:16]}, "
                                 f"these are {b.weights_id[:16]}. Fix: pass the same weights file "

@@ -69,6 +69,11 @@ class Backbone(nn.Module):
         """Turn one clip's decoded media (ClipMedia.frames or .audio) into a model batch of T segments."""
         raise NotImplementedError
 
+    def set_preprocess(self, spec: dict) -> None:
+        """Adopt the adjustable options of a preprocessing spec (as :meth:`preprocess_spec` records it):
+        a dataset's protocol when extracting, a cache's record when predicting on new media. The
+        rest of a spec is fixed by the backbone; by default nothing is adjustable."""
+
     def _run(self, x: torch.Tensor, take: list[int], stop: int) -> list[torch.Tensor]:
         """Outputs (B, N, D) of blocks ``take`` (sorted), computing no block past ``stop``."""
         raise NotImplementedError

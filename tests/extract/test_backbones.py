@@ -243,5 +243,11 @@ def test_audio_tile_follows_the_dataset_protocol():
     wave = b.preprocess(_audio(2))
     tiled = b.forward_tokens(wave, [-1])[0]
     torch.testing.assert_close(tiled, b.forward_tokens(wave.repeat(1, 5), [-1])[0])  # the tiling is in the model
-    b.tile = 10
-    assert not torch.allclose(tiled, b.forward_tokens(wave, [-1])[0])
+    b.set_preprocess(dict(b.record().preprocess, tile=10))  # as mettle-predict restores a cache's record
+    assert b.tile == 10 and not torch.allclose(tiled, b.forward_tokens(wave, [-1])[0])
+    with pytest.raises(BackboneError, match="audio tile 0: .*--audio-tile"):
+        b.set_preprocess({"tile": 0})
+    visual = load_backbones(ExtractConfig(dataset="ave", cache="-", backbones="tiny"))["visual"]
+    spec = visual.preprocess_spec()
+    visual.set_preprocess(dict(spec, tile=5))  # nothing of a frame's preprocessing is adjustable
+    assert visual.preprocess_spec() == spec

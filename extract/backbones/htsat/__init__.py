@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..base import Backbone, BlockInfo, RANDOM_INIT
+from ..base import RANDOM_INIT, Backbone, BackboneError, BlockInfo
 from .model import HTSAT, HTSATConfig, load_official_checkpoint
 
 SEGMENT_SAMPLES = 32000
@@ -43,6 +43,14 @@ class HTSATBackbone(Backbone):
         return {"input": "1-s mono segments at 32 kHz", "tile": self.tile, "sample_rate": fe.SAMPLE_RATE,
                 "n_fft": fe.N_FFT, "hop": fe.HOP, "mel_bins": fe.MEL_BINS, "fmin": fe.FMIN, "fmax": fe.FMAX,
                 "frames": fe.TARGET_FRAMES, "image": "4 time chunks of 256 stacked along frequency, 256 x 256"}
+
+    def set_preprocess(self, spec: dict) -> None:
+        """``tile``: the seconds each 1-s segment is repeated to (1 to 10)."""
+        tile = spec.get("tile", self.tile)
+        if not isinstance(tile, int) or isinstance(tile, bool) or not 1 <= tile <= MAX_TILE:
+            raise BackboneError(f"{self.name}: audio tile {tile!r}: HTS-AT takes 1 to {MAX_TILE} seconds. Fix: pass "
+                                "e.g. --audio-tile 10 (AVE, LLP, MUSIC-AVQA) or 5 (AVSBench)")
+        self.tile = tile
 
     def preprocess(self, media: np.ndarray) -> torch.Tensor:
         """(T, 32000) float32 segments, checked (the model tiles each second to ten)."""
