@@ -82,9 +82,10 @@ def _extraction_once(args, cfg, backbones) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(-(-segs // args.batch_size)):
+    for start in range(0, segs, args.batch_size):  # the same batches as extraction: full ones, then the rest
+        n = min(args.batch_size, segs - start)
         for m, b in backbones.items():
-            b.forward_tokens(inputs[m], indices[m])
+            b.forward_tokens(inputs[m][:n], indices[m])
     if dev.type == "cuda":
         torch.cuda.synchronize()
     forward = time.perf_counter() - t0

@@ -83,6 +83,21 @@ def test_a_worker_hands_a_clip_error_back_with_its_records(toy_root):
     assert got is None and isinstance(error, MediaError) and error.clip_id == clip.clip_id and records == []
 
 
+def test_workers_that_cannot_start_are_a_clean_error(monkeypatch):
+    import multiprocessing
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mettle.extract.media.pool import DecodeWorkersError
+
+    def dying(n):  # as when the workers fail to import the main script
+        return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=sys.exit,
+                                   initargs=(3,))
+    monkeypatch.setattr(MediaPool, "_new", staticmethod(dying))
+    with pytest.raises(DecodeWorkersError, match="decode worker processes stopped.*__main__.*--decode-processes 0"):
+        MediaPool(1).start()
+
+
 def test_refuses_zero_processes():
     with pytest.raises(ValueError, match="--decode-processes 0 .*threads"):
         MediaPool(0)
