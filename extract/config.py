@@ -108,13 +108,9 @@ AUDIO_TILE = {"avsbench-s4": 5, "avsbench-ms3": 5, "toy-avs": 5}  # the referenc
 
 def audio_tile_for(cfg: ExtractConfig) -> int:
     """Seconds HTS-AT tiles each 1-s segment to: ``cfg.audio_tile`` or the dataset's reference protocol."""
-    from .backbones.htsat import MAX_TILE, TILE
+    from .backbones.htsat import TILE, check_tile
 
-    tile = cfg.audio_tile if cfg.audio_tile is not None else AUDIO_TILE.get(cfg.dataset, TILE)
-    if not isinstance(tile, int) or not 1 <= tile <= MAX_TILE:
-        raise BackboneError(f"--audio-tile {tile!r}: HTS-AT takes 1 to {MAX_TILE} seconds. Fix: pass e.g. 10 "
-                            "(AVE, LLP, MUSIC-AVQA) or 5 (AVSBench)")
-    return tile
+    return check_tile(cfg.audio_tile if cfg.audio_tile is not None else AUDIO_TILE.get(cfg.dataset, TILE))
 
 
 def load_backbones(cfg: ExtractConfig) -> dict[str, Backbone]:

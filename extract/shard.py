@@ -80,10 +80,18 @@ class _Pending:
     """
 
     inputs: list[torch.Tensor] = field(default_factory=list)  # preprocessed (n, ...) not yet run
-    queued: int = 0  # segments in ``inputs``
     clips: deque = field(default_factory=deque)  # (local row, segments) whose tokens are not all handed over
     outs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # key -> tokens run, not handed over
-    ready: int = 0  # segments in ``outs``
+
+    @property
+    def queued(self) -> int:
+        """Segments in ``inputs``."""
+        return sum(len(x) for x in self.inputs)
+
+    @property
+    def ready(self) -> int:
+        """Segments in ``outs`` (every key holds the same segments)."""
+        return sum(len(t) for t in next(iter(self.outs.values()), []))
 
 
 def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[Future],
@@ -115,27 +123,25 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
         """Run the whole batches queued for ``modality`` (with ``final``, the rest too) and hand the
         tokens of every clip now complete to the buffer."""
         p = pending[modality]
-        n = p.queued if final else p.queued - p.queued % batch_size
+        queued = p.queued
+        n = queued if final else queued - queued % batch_size
         if n == 0:
             return
         t0 = time.perf_counter()
         x = torch.cat(p.inputs) if len(p.inputs) > 1 else p.inputs[0]
         p.inputs = [x[n:].clone()] if n < len(x) else []
-        p.queued -= n
         for s in range(0, n, batch_size):
             for key, t in forwards[modality](x[s:min(s + batch_size, n)]).items():
                 p.outs.setdefault(key, []).append(t)
-        p.ready += n
         timing["forward"] += time.perf_counter() - t0
-        take, done = 0, []
-        while p.clips and take + p.clips[0][1] <= p.ready:
+        ready, take, done = p.ready, 0, []
+        while p.clips and take + p.clips[0][1] <= ready:
             done.append(p.clips.popleft())
             take += done[-1][1]
         if not done:
             return
         joined = {key: torch.cat(chunks) if len(chunks) > 1 else chunks[0] for key, chunks in p.outs.items()}
-        p.outs = {key: [t[take:]] for key, t in joined.items()} if take < p.ready else {}
-        p.ready -= take
+        p.outs = {key: [t[take:]] for key, t in joined.items()} if take < ready else {}
         offset = 0
         for local, count in done:
             for key, out in joined.items():
@@ -171,7 +177,6 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
                     continue
                 p = pending[modality]
                 p.inputs.append(x)
-                p.queued += len(x)
                 p.clips.append((local, len(x)))
                 if p.queued >= batch_size:
                     flush(modality)

@@ -13,6 +13,14 @@ TILE = 10  # each 1-s segment is repeated to 10 s, as the reference loaders do (
 MAX_TILE = 10  # HTS-AT's input window is 10.24 s
 
 
+def check_tile(tile, what: str = "--audio-tile") -> int:
+    """``tile`` if HTS-AT can take it (an int, 1 to 10 seconds), else a BackboneError naming ``what``."""
+    if not isinstance(tile, int) or isinstance(tile, bool) or not 1 <= tile <= MAX_TILE:
+        raise BackboneError(f"{what} {tile!r}: HTS-AT takes 1 to {MAX_TILE} seconds. Fix: pass e.g. --audio-tile 10 "
+                            "(AVE, LLP, MUSIC-AVQA) or 5 (AVSBench)")
+    return tile
+
+
 class HTSATBackbone(Backbone):
     """Frozen HTS-AT. Input batch: (B, 32000) 1-s segments at 32 kHz, each tiled to ``tile`` seconds
     (10; the AVS reference uses 5) on the model's device (tiling there moves a tenth of the bytes to
@@ -46,11 +54,7 @@ class HTSATBackbone(Backbone):
 
     def set_preprocess(self, spec: dict) -> None:
         """``tile``: the seconds each 1-s segment is repeated to (1 to 10)."""
-        tile = spec.get("tile", self.tile)
-        if not isinstance(tile, int) or isinstance(tile, bool) or not 1 <= tile <= MAX_TILE:
-            raise BackboneError(f"{self.name}: audio tile {tile!r}: HTS-AT takes 1 to {MAX_TILE} seconds. Fix: pass "
-                                "e.g. --audio-tile 10 (AVE, LLP, MUSIC-AVQA) or 5 (AVSBench)")
-        self.tile = tile
+        self.tile = check_tile(spec.get("tile", self.tile), f"{self.name}: audio tile")
 
     def preprocess(self, media: np.ndarray) -> torch.Tensor:
         """(T, 32000) float32 segments, checked (the model tiles each second to ten)."""
