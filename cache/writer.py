@@ -18,7 +18,7 @@ import numpy as np
 
 from mettle.manifests import Manifest
 
-from .dtypes import decode, encode, get_dtype
+from .dtypes import check_peak, decode, encode, get_dtype
 from .errors import CacheError
 from .format import (DONE_FILE, H5_FILE, H5_SHARD_DIR, MANIFEST_FILE, META_FILE, OK, STATUS_DIR, TARGETS, ZARR_DIR,
                      CacheMeta, shard_name, write_json_atomic)
@@ -32,13 +32,23 @@ class ShardBuffer:
 
     ``put`` encodes float tokens into the storage dtype as they arrive, so the buffer costs the
     stored size, not float32. Rows of failed clips stay zero.
+
+    ``recycle``: a buffer of the same cache whose write has finished; its arrays are taken over
+    when the row counts match (a shard is hundreds of MB: fresh memory costs a page fault per 4 KB
+    on first write, which measured slower than the copy itself). Its rows then hold the old
+    shard's values, so the filler must put every row of every clip it keeps and :meth:`clear` the
+    others, as ``extract.shard.process_shard`` does.
     """
 
-    def __init__(self, meta: CacheMeta, shard: int) -> None:
+    def __init__(self, meta: CacheMeta, shard: int, recycle: "ShardBuffer | None" = None) -> None:
         self.meta, self.shard = meta, shard
         self.rows = meta.shard_rows(shard)
         self.dtype = get_dtype(meta.dtype)
         n, t = len(self.rows), meta.num_segments
+        if recycle is not None and recycle.meta == meta and len(recycle.rows) == n:
+            self.codes, self.scales, self.targets = recycle.codes, recycle.scales, recycle.targets
+            recycle.codes, recycle.scales, recycle.targets = {}, {}, {}  # one owner at a time
+            return
         self.codes = {a.key: np.zeros((n, t, a.tokens, a.dim), self.dtype.numpy) for a in meta.arrays}
         self.scales = {a.key: np.zeros((n, t, a.tokens), np.float32) for a in meta.arrays} if self.dtype.scaled else {}
         self.targets = {name: np.full((n, *spec["shape"]), spec.get("missing", 0), spec["dtype"])
@@ -47,8 +57,17 @@ class ShardBuffer:
     def put(self, key: str, local_row: int, segments: slice, tokens: np.ndarray) -> None:
         """Store float tokens ``(segments, N, D)`` of one clip; raises CacheError (e.g. float16 overflow)."""
         codes, scale = encode(tokens, self.dtype)
+        self.put_codes(key, local_row, segments, codes, scale)
+
+    def put_codes(self, key: str, local_row: int, segments: slice, codes: np.ndarray, scale: np.ndarray | None,
+                  peak: float | None = None) -> None:
+        """Store tokens already encoded (``dtypes.encode_tensor``, e.g. on the GPU): codes ``(segments, N, D)``
+        in the storage dtype, scales ``(segments, N)`` for int8. With ``peak`` (the largest ``|x|`` of these
+        tokens) the values are checked first, as :meth:`put` does: CacheError, nothing stored."""
+        if peak is not None:
+            check_peak(peak, self.dtype)
         self.codes[key][local_row, segments] = codes
-        if scale is not None:
+        if self.scales:
             self.scales[key][local_row, segments] = scale
 
     def put_target(self, name: str, local_row: int, value: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""A direct reader for the one Zarr layout mettle writes: uncompressed chunks in sharded files.
+"""A direct reader and writer for the one Zarr layout mettle writes: uncompressed chunks in sharded files.
 
 Zarr's general read path costs about 1-2 ms of Python per chunk, which for one clip of one block
 (tens of KB) is far slower than the disk. Our arrays always have the same simple layout (see
@@ -6,15 +6,17 @@ Zarr's general read path costs about 1-2 ms of Python per chunk, which for one c
 (``bytes`` codec, little endian) and, at the end of the file, an index of (offset, nbytes) uint64
 pairs per chunk followed by a CRC32C. For exactly that layout this module reads the index once per
 shard file and the chunk bytes with ``preadv`` straight into the output rows, neighbouring clips in
-one call.
+one call. Writing is the mirror image: a whole shard's rows, then its index, in one file.
 Anything else (another codec, a compressor, index at the start) is declined, and the caller uses
-zarr; a test checks both paths return the same arrays.
+zarr; tests check both paths read and write the same arrays.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +24,20 @@ import numpy as np
 _MISSING = np.uint64(2**64 - 1)
 
 
-class FastShardReader:
-    """Reads rows (clips) of one sharded, uncompressed Zarr v3 array straight from its shard files."""
+@dataclass(frozen=True)
+class ShardLayout:
+    """The one array layout this module reads and writes directly (else ``ValueError``): sharded,
+    chunks of one whole row, raw little-endian bytes, index (+ CRC32C) at the end."""
 
-    def __init__(self, array_dir: Path) -> None:
-        meta = json.loads((array_dir / "zarr.json").read_text())
+    dir: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill: float
+    rows_per_shard: int
+
+    @classmethod
+    def of(cls, array_dir: Path) -> "ShardLayout":
+        meta = json.loads((Path(array_dir) / "zarr.json").read_text())
         codecs = meta["codecs"]
         if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
             raise ValueError("not a sharded array")
@@ -36,17 +47,63 @@ class FastShardReader:
         if inner != ["bytes"] or cfg["codecs"][0].get("configuration", {}).get("endian", "little") != "little" \
                 or index != ["bytes", "crc32c"] or cfg.get("index_location", "end") != "end" \
                 or meta["chunk_key_encoding"]["configuration"].get("separator", "/") != "/":
-            raise ValueError("a layout this reader does not handle")
+            raise ValueError("a layout this module does not handle")
         chunk = cfg["chunk_shape"]
         shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
         shape = meta["shape"]
         if chunk[0] != 1 or list(chunk[1:]) != list(shape[1:]) or list(shard[1:]) != list(shape[1:]):
             raise ValueError("chunks are not whole rows")
-        self.dir, self.shape = array_dir, tuple(shape)
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.fill = meta["fill_value"] or 0
-        self.rows_per_shard = shard[0]
-        self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+        return cls(Path(array_dir), tuple(shape), np.dtype(meta["data_type"]).newbyteorder("<"),
+                   meta["fill_value"] or 0, shard[0])
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def shard_path(self, shard: int) -> Path:
+        return self.dir / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
+
+
+def write_shard_file(layout: ShardLayout, shard: int, data: np.ndarray) -> int:
+    """Write rows ``shard * rows_per_shard ...`` (all of that shard's rows that exist) as one shard file.
+
+    Zarr's own write path ran at 0.2-0.5 GB/s into memory here, against 1.8 GB/s for writing the
+    same bytes, which a GPU extraction outruns. The file is what zarr writes for this layout: the
+    rows back to back, then per chunk (offset, nbytes) as little-endian uint64 (chunks past the
+    array's end marked missing), then the CRC32C of that index. Written beside, then renamed: a
+    reader never sees half a shard. Returns the bytes of data written.
+    """
+    import google_crc32c  # zarr's own dependency for this checksum
+
+    first = shard * layout.rows_per_shard
+    rows = min(layout.rows_per_shard, layout.shape[0] - first)
+    want = (rows, *layout.shape[1:])
+    if data.shape != want:
+        raise ValueError(f"shard {shard} of {layout.dir} holds rows of shape {want}; got {data.shape}")
+    data = np.ascontiguousarray(data, dtype=layout.dtype)
+    index = np.full((layout.rows_per_shard, 2), _MISSING, dtype="<u8")
+    index[:rows, 0] = np.arange(rows, dtype=np.uint64) * np.uint64(layout.row_bytes)
+    index[:rows, 1] = layout.row_bytes
+    raw = index.tobytes()
+    path = layout.shard_path(shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(data).cast("B"))
+        f.write(raw)
+        f.write(np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes())
+    os.replace(tmp, path)
+    return data.nbytes
+
+
+class FastShardReader:
+    """Reads rows (clips) of one sharded, uncompressed Zarr v3 array straight from its shard files."""
+
+    def __init__(self, array_dir: Path) -> None:
+        layout = ShardLayout.of(array_dir)
+        self.layout = layout
+        self.dir, self.shape, self.dtype, self.fill = layout.dir, layout.shape, layout.dtype, layout.fill
+        self.rows_per_shard, self.row_bytes = layout.rows_per_shard, layout.row_bytes
         self._index: dict[int, np.ndarray | None] = {}
         self._files: dict[int, int] = {}  # shard -> open descriptor (pread/preadv keep no position)
 
@@ -65,7 +122,7 @@ class FastShardReader:
         self.close()
 
     def _shard_path(self, shard: int) -> Path:
-        return self.dir / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
+        return self.layout.shard_path(shard)
 
     def _shard_index(self, shard: int) -> np.ndarray | None:
         if shard not in self._index:

@@ -168,14 +168,14 @@ def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, forwa
     with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
         queued = submit(todo[0]) if todo else []
-        write = None
+        write, written, spare = None, None, None  # a shard being written, its buffer; a written one to refill
         for i, shard in enumerate(todo):
             decodes = queued
             try:
                 if i + 1 < len(todo):  # decode the next shard while this one runs through the backbones
                     queued = submit(todo[i + 1])
                 buffer, status = process_shard(writer.meta, manifest, shard, decodes, forwards, cfg.batch_size,
-                                               cfg.on_error, on_clip=bar.update, data_root=root)
+                                               cfg.on_error, on_clip=bar.update, data_root=root, recycle=spare)
             except BaseException:
                 for f in (*decodes, *queued):
                     f.cancel()
@@ -184,7 +184,8 @@ def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, forwa
                 raise
             if write is not None:
                 statuses.append(write.result())
-            write = write_pool.submit(writer.write_shard, buffer, status)
+                spare = written
+            write, written = write_pool.submit(writer.write_shard, buffer, status), buffer
             failed = sum(v != OK for v in status.clips.values())
             bar.set_postfix(shard=f"{shard + 1}/{writer.meta.num_shards}", failed=failed)
         if write is not None:

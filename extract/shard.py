@@ -1,8 +1,10 @@
 """One shard, the unit of extraction: decode its clips, run the backbones in batches, fill a buffer.
 
-Clips are decoded by a thread pool ahead of the forward pass (PyAV releases the GIL), segments of
-consecutive clips are batched together (``batch_size`` segments per forward), and the tokens are
-encoded into a :class:`ShardBuffer` as they come. The shard is then written whole by the caller.
+Clips are decoded ahead of the forward pass (worker processes or threads, see ``media/pool.py``),
+segments of consecutive clips are batched together (``batch_size`` segments per forward), tokens are
+encoded into the storage dtype on the backbone's device and copied to the host while the next batch
+runs, and clips are put into a :class:`ShardBuffer` as they complete. The shard is then written
+whole by the caller.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mettle.manifests import Manifest
 
 from .media import MediaError, read_clip, read_masks
 from .media.pool import MediaPool
-from .tokens import TokenForward
+from .tokens import InFlight, TokenForward
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,15 @@ def submit_decodes(pool: Executor, manifest: Manifest, data_root: Path, rows: Se
 
 
 @dataclass
+class _Batch:
+    """One forward batch's encoded tokens and how many of its segments were handed over."""
+
+    tokens: InFlight
+    size: int
+    used: int = 0
+
+
+@dataclass
 class _Pending:
     """One modality's segments on their way through the backbone.
 
@@ -81,7 +92,7 @@ class _Pending:
 
     inputs: list[torch.Tensor] = field(default_factory=list)  # preprocessed (n, ...) not yet run
     clips: deque = field(default_factory=deque)  # (local row, segments) whose tokens are not all handed over
-    outs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # key -> tokens run, not handed over
+    batches: deque = field(default_factory=deque)  # _Batch run (or running), not all handed over
 
     @property
     def queued(self) -> int:
@@ -90,22 +101,23 @@ class _Pending:
 
     @property
     def ready(self) -> int:
-        """Segments in ``outs`` (every key holds the same segments)."""
-        return sum(len(t) for t in next(iter(self.outs.values()), []))
+        """Segments run and not handed over."""
+        return sum(b.size - b.used for b in self.batches)
 
 
 def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[Future],
                   forwards: Mapping[str, TokenForward], batch_size: int, on_error: str = "fail",
-                  on_clip: Callable[[], None] | None = None, data_root: Path | None = None
-                  ) -> tuple[ShardBuffer, ShardStatus]:
+                  on_clip: Callable[[], None] | None = None, data_root: Path | None = None,
+                  recycle: ShardBuffer | None = None) -> tuple[ShardBuffer, ShardStatus]:
     """Fill one shard's buffer. Returns it with the shard's status (per clip ``ok`` or the error).
 
     With ``on_error="fail"`` the first bad clip raises :class:`ExtractError`; with ``"skip"`` its
-    rows stay zero and its status holds the reason.
+    rows are zero and its status holds the reason. ``recycle``: a written shard's buffer to reuse
+    (see :class:`ShardBuffer`: every row is put or cleared here).
     """
     t_start = time.perf_counter()
     rows = meta.shard_rows(shard)
-    buffer = ShardBuffer(meta, shard)
+    buffer = ShardBuffer(meta, shard, recycle)
     clip_ids = [manifest.clips[r].clip_id for r in rows]
     status = {cid: OK for cid in clip_ids}
     pending = {m: _Pending() for m in forwards}
@@ -119,39 +131,54 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
             log.warning("clip %s failed: %s", clip_ids[local], reason)
             status[clip_ids[local]] = reason
 
+    def hand_over(p: _Pending) -> None:
+        """Put the tokens of every clip whose segments have all been run into the buffer."""
+        ready, take = p.ready, 0
+        while p.clips and take + p.clips[0][1] <= ready:
+            local, count = p.clips.popleft()
+            take += count
+            seg = 0
+            while seg < count:  # a clip's segments may lie in two (or more) batches
+                b = p.batches[0]
+                t0 = time.perf_counter()
+                tokens = b.tokens.wait()
+                timing["forward"] += time.perf_counter() - t0
+                m = min(count - seg, b.size - b.used)
+                part = slice(b.used, b.used + m)
+                for key, e in tokens.items():
+                    if status[clip_ids[local]] != OK:
+                        break
+                    try:
+                        buffer.put_codes(key, local, slice(seg, seg + m), e.codes[part].numpy(),
+                                         None if e.scale is None else e.scale[part].numpy(), float(e.peak[part].max()))
+                    except CacheError as err:
+                        fail(local, f"{key}: {err}")
+                b.used += m
+                seg += m
+                if b.used == b.size:
+                    p.batches.popleft()
+
     def flush(modality: str, final: bool = False) -> None:
-        """Run the whole batches queued for ``modality`` (with ``final``, the rest too) and hand the
-        tokens of every clip now complete to the buffer."""
+        """Start the whole batches queued for ``modality`` (with ``final``, the rest too), then hand over
+        the clips completed by earlier batches while the device runs these (with ``final``, all)."""
         p = pending[modality]
         queued = p.queued
         n = queued if final else queued - queued % batch_size
-        if n == 0:
-            return
-        t0 = time.perf_counter()
-        x = torch.cat(p.inputs) if len(p.inputs) > 1 else p.inputs[0]
-        p.inputs = [x[n:].clone()] if n < len(x) else []
-        for s in range(0, n, batch_size):
-            for key, t in forwards[modality](x[s:min(s + batch_size, n)]).items():
-                p.outs.setdefault(key, []).append(t)
-        timing["forward"] += time.perf_counter() - t0
-        ready, take, done = p.ready, 0, []
-        while p.clips and take + p.clips[0][1] <= ready:
-            done.append(p.clips.popleft())
-            take += done[-1][1]
-        if not done:
-            return
-        joined = {key: torch.cat(chunks) if len(chunks) > 1 else chunks[0] for key, chunks in p.outs.items()}
-        p.outs = {key: [t[take:]] for key, t in joined.items()} if take < ready else {}
-        offset = 0
-        for local, count in done:
-            for key, out in joined.items():
-                try:
-                    buffer.put(key, local, slice(0, count), out[offset:offset + count].numpy())
-                except CacheError as e:
-                    fail(local, f"{key}: {e}")
-                    break
-            offset += count
+        started = []
+        if n:
+            t0 = time.perf_counter()
+            x = torch.cat(p.inputs) if len(p.inputs) > 1 else p.inputs[0]
+            p.inputs = [x[n:].clone()] if n < len(x) else []
+            for s in range(0, n, batch_size):
+                size = min(batch_size, n - s)
+                started.append(_Batch(forwards[modality].encoded(x[s:s + size], storage), size))
+            timing["forward"] += time.perf_counter() - t0
+        hand_over(p)
+        p.batches.extend(started)
+        if final:
+            hand_over(p)
 
+    storage = buffer.dtype
     for local, fut in enumerate(decodes):
         t0 = time.perf_counter()
         try:

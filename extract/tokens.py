@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from mettle.cache import ArraySpec, pool_tokens
+from mettle.cache.dtypes import Encoded, StorageDtype, encode_tensor
 
 from .backbones import Backbone
 
@@ -32,7 +33,8 @@ class TokenForward:
             the first batch's tokens stay within ``AUTOCAST_TOLERANCE`` of float32, else float32).
 
     ``__call__(x)`` takes a preprocessed batch ``(B, ...)`` and returns ``{key: (B, n, d) float32}``
-    on the CPU, in ``arrays`` order.
+    on the CPU, in ``arrays`` order. :meth:`encoded` is the extractor's form: tokens encoded into the
+    storage dtype on the device and copied to the host without waiting.
     """
 
     def __init__(self, backbone: Backbone, arrays: Sequence[ArraySpec], device: torch.device,
@@ -72,3 +74,31 @@ class TokenForward:
             else:
                 log.info("%s: float16 autocast within %.2g of float32", self.backbone.name, err)
         return {a.key: t if on_device else t.cpu() for a, t in zip(self.arrays, outs)}
+
+    def encoded(self, x: torch.Tensor, storage: StorageDtype) -> "InFlight":
+        """Tokens of batch ``x`` encoded into ``storage`` where the backbone runs (``dtypes.encode_tensor``),
+        then copied to the host without blocking. The caller overlaps the next batch with the wait:
+        on a GPU the host only ever sees the stored bytes and does no per-value work."""
+        encoded = {key: encode_tensor(t, storage) for key, t in self(x, on_device=True).items()}
+        if self.device.type != "cuda":
+            return InFlight(encoded, None)
+        # to("cpu", non_blocking=True) from CUDA lands in page-locked memory: an asynchronous copy
+        host = {key: Encoded(*(None if t is None else t.to("cpu", non_blocking=True) for t in (e.codes, e.scale, e.peak)))
+                for key, e in encoded.items()}
+        event = torch.cuda.Event()
+        event.record()
+        return InFlight(host, event)
+
+
+class InFlight:
+    """One batch's encoded tokens on their way to the host: :meth:`wait` returns them once the copies
+    are done (``{key: Encoded}`` of CPU tensors, ``TokenForward.arrays`` order)."""
+
+    def __init__(self, tokens: dict[str, Encoded], event: "torch.cuda.Event | None") -> None:
+        self._tokens, self._event = tokens, event
+
+    def wait(self) -> dict[str, Encoded]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._tokens

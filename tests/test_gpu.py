@@ -69,3 +69,30 @@ def test_cuda_training_follows_cpu(small_toy_cache):
     a, b = (torch.tensor(r.step_losses) for r in runs)
     assert len(a) == 5 and torch.allclose(a, b, atol=5e-3, rtol=5e-3), (a, b)  # cuDNN may use TF32
     assert runs[1].peak_memory > 0
+
+
+@pytest.mark.parametrize("storage", ["float16", "int8"])
+def test_tokens_encoded_on_the_gpu_reach_the_host_as_the_cpu_encodes_them(storage, small_toy_cache):
+    """``TokenForward.encoded`` on CUDA: encoded next to the backbone, copied into page-locked host memory
+    without blocking; after ``wait`` the codes are what the CPU encoder makes of the same tokens."""
+    from mettle.cache.dtypes import encode, get_dtype
+    from mettle.extract.backbones import create_backbone
+    from mettle.extract.tokens import TokenForward
+
+    backbone = create_backbone("test_swinv2_tiny", random_init=True)
+    arrays = [a for a in open_cache(small_toy_cache).meta.arrays if a.modality == "visual"]
+    fw = TokenForward(backbone, arrays, torch.device("cuda"), precision="float32")
+    x = backbone.preprocess(np.random.default_rng(0).integers(0, 256, (6, 112, 112, 3), dtype=np.uint8))
+    dtype = get_dtype(storage)
+    flights = [fw.encoded(x, dtype) for _ in range(3)]  # several batches in flight at once
+    want = fw(x)
+    for flight in flights:
+        got = flight.wait()
+        assert list(got) == [a.key for a in arrays]
+        for key, e in got.items():
+            assert e.codes.device.type == "cpu" and e.codes.is_pinned()
+            codes, scale = encode(want[key].numpy(), dtype)
+            assert np.abs(e.codes.numpy().astype(np.int32) - codes.astype(np.int32)).max() <= (storage == "int8"), key
+            assert np.allclose(e.peak.numpy(), np.abs(want[key].numpy()).reshape(6, -1).max(1), rtol=1e-4), key
+            if scale is not None:
+                assert np.allclose(e.scale.numpy(), scale, rtol=1e-5), key

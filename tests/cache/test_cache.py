@@ -296,3 +296,33 @@ def test_direct_shard_reads_equal_zarr(manifest, tmp_path, dtype):
     with pytest.raises(FileNotFoundError):
         FastShardReader(tmp_path / "nope")
     assert cache.store._fast("targets/none") is None  # anything unreadable falls back to zarr
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_direct_shard_writes_equal_zarr(manifest, tmp_path, dtype, monkeypatch):
+    """Shard files written straight (``zarr_fast.write_shard_file``) are byte for byte what zarr writes,
+    and zarr reads them back as the rows written (the last shard is partial: 5 clips, 2 per shard)."""
+    import zarr
+
+    from mettle.cache import store as store_module
+    from mettle.cache.store import stored_arrays
+
+    meta, truth = _fill(manifest, tmp_path / "direct", dtype=dtype, shard_clips=2)
+    monkeypatch.setattr(store_module.ZarrStore, "_layout", lambda self, name: None)  # zarr's own writer
+    _fill(manifest, tmp_path / "zarr", dtype=dtype, shard_clips=2)
+    names = [n for n, _, _ in stored_arrays(meta)]
+    assert len(names) > 4
+    for name in names:
+        files = sorted(p.relative_to(tmp_path / "zarr") for p in (tmp_path / "zarr" / "tokens.zarr" / name).rglob("*")
+                       if p.is_file())
+        assert len(files) == 1 + meta.num_shards, (name, files)  # zarr.json + one file per shard
+        for f in files:
+            assert (tmp_path / "direct" / f).read_bytes() == (tmp_path / "zarr" / f).read_bytes(), f
+    for key, want in truth.items():
+        got = zarr.open_array(str(tmp_path / "direct" / "tokens.zarr" / key), mode="r")[:]
+        scale = zarr.open_array(str(tmp_path / "direct" / "tokens.zarr" / (key + ".scale")), mode="r")[:] \
+            if dtype == "int8" else None
+        assert np.allclose(decode(got, scale), want, rtol=2e-3, atol=np.abs(want).max() / 127), key
+    layout = store_module.ShardLayout.of(tmp_path / "direct" / "tokens.zarr" / names[0])
+    with pytest.raises(ValueError, match="holds rows of shape"):
+        store_module.write_shard_file(layout, 2, np.zeros((2, *layout.shape[1:]), layout.dtype))  # shard 2 has 1 row

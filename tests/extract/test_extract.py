@@ -108,18 +108,36 @@ def test_hdf5_storage_holds_the_same_tokens(clean, toy_root, tmp_path):  # and m
     _same(_arrays(tmp_path / "h5"), _arrays(clean))
 
 
-@pytest.fixture
-def broken_toy(toy_root, tmp_path):
-    """The toy dataset with one clip's media gone (row 3)."""
+def _break_clip(toy_root, tmp_path, row):
+    """A copy of the toy dataset with the media of clip ``row`` gone; returns (root, clip id)."""
     from mettle.manifests import build_manifest
 
     root = tmp_path / "toy"
     shutil.copytree(toy_root, root)
-    clip = build_manifest("toy", data_root=str(root), num_clips=12, frames=True).clips[3]
+    clip = build_manifest("toy", data_root=str(root), num_clips=12, frames=True).clips[row]
     shutil.rmtree(root / clip.media["frames"])
     for f in root.glob(clip.media["video"] + ".*"):
         f.unlink()
     return root, clip.clip_id
+
+
+@pytest.fixture
+def broken_toy(toy_root, tmp_path):
+    """The toy dataset with one clip's media gone (row 3)."""
+    return _break_clip(toy_root, tmp_path, 3)
+
+
+def test_recycled_shard_buffers_hold_no_stale_rows(clean, toy_root, tmp_path):
+    """Shards are filled into the buffers of shards already written: every row is overwritten, and a
+    failed clip's rows are zero, not the tokens of the shard the buffer held before."""
+    root, bad = _break_clip(toy_root, tmp_path, 4)  # shard 2: the first to refill shard 0's buffer
+    summary = extract(_cfg(root, tmp_path / "c", dtype="float32", on_error="skip"), progress=False)
+    assert list(summary.failures) == [bad]
+    got, want = _arrays(tmp_path / "c"), _arrays(clean)
+    for key in want:
+        assert not got[key][4].any() and want[key][4].any(), key
+        want[key][4] = 0
+    _same(got, want)
 
 
 def test_bad_clip_fail_or_skip(broken_toy, tmp_path):
