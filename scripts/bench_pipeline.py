@@ -2,7 +2,7 @@
 sequential read of the same bytes.
 
 Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48] [--batch-size 32]
-       [--device cpu] [--repeats 3] [--work DIR] [--out DIR]
+       [--device cpu] [--repeats 3] [--work DIR] [--out DIR] [--trace]
 
 1. ``mettle-extract`` on the toy dataset (decode + forward + write, clips/s) against the backbones'
    forward alone on inputs of the same shapes, same device, batch size and precision (float16
@@ -55,7 +55,38 @@ def extraction(args) -> dict:
     backbones = load_backbones(cfg)  # built once (Swin-V2-L takes a while), used by every run
     build = time.perf_counter() - t0
     runs = sorted((_extraction_once(args, cfg, backbones) for _ in range(args.repeats)), key=lambda r: r["ratio"])
+    if args.trace and args.out:
+        _trace(args, cfg, backbones)
     return dict(runs[(len(runs) - 1) // 2], ratios=[r["ratio"] for r in runs], build_s=build)  # even: the lower
+
+
+def _trace(args, cfg, backbones) -> None:
+    """One more extraction (not in the figures) under torch.profiler: where the driving thread's time
+    goes, operator by operator, and how busy the GPU was; written to OUT/extraction_trace_<backbones>.txt."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mettle.extract.run import extract
+
+    if Path(cfg.cache).exists():
+        shutil.rmtree(cfg.cache)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        summary = extract(cfg, progress=False, backbones=backbones)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    lines = [f"extraction of {args.clips} clips under the profiler: {wall:.2f} s wall ({summary.profile['setup_s']:.2f} s "
+             f"setup); device kernels {device_us / 1e6:.2f} s ({100 * device_us / 1e6 / wall:.0f} % of the wall time)",
+             "profile: " + json.dumps({k: round(v, 3) for k, v in summary.profile.items() if isinstance(v, float)}), "",
+             events.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if args.device.startswith("cuda"):
+        lines += ["", events.table(sort_by="self_device_time_total", row_limit=15)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"extraction_trace_{args.backbones}.txt").write_text("\n".join(lines) + "\n")
 
 
 def _extraction_once(args, cfg, backbones) -> dict:
@@ -201,6 +232,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="extraction runs (each against its own pure forward)")
     ap.add_argument("--work", type=Path, default=Path("bench_work"))
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--trace", action="store_true",
+                    help="also profile one extraction (torch.profiler; needs --out): where the time goes")
     ap.add_argument("--data-clips", type=int, default=64,
                     help="clips of the full-size synthetic cache the data path is also measured on (0: skip)")
     args = ap.parse_args()
