@@ -55,7 +55,7 @@ def _forwards(cfg: ExtractConfig, writer: CacheWriter):
             if b.weights_id != want:
                 raise CacheError(f"this worker loaded {m} weights {b.weights_id[:16]}, the cache was started with "
                                  f"{want[:16]}. Fix: give every worker the same weights files")
-        _WORKER_MODELS[key] = make_forwards(writer, backbones, _worker_device(cfg.device), cfg.precision)
+        _WORKER_MODELS[key] = make_forwards(writer, backbones, _worker_device(cfg.device), cfg)
     return _WORKER_MODELS[key]
 
 

@@ -102,9 +102,13 @@ def prepare(cfg: ExtractConfig, backbones=None) -> tuple[CacheWriter, Manifest, 
     return writer, manifest, backbones
 
 
-def make_forwards(writer: CacheWriter, backbones: dict, device: str, precision: str) -> dict[str, TokenForward]:
+def make_forwards(writer: CacheWriter, backbones: dict, device: str, cfg: ExtractConfig) -> dict[str, TokenForward]:
+    """One :class:`TokenForward` per modality on ``device``, with ``cfg``'s precision and CUDA graphs."""
     dev = resolve_device(device)
-    return {m: TokenForward(b, [a for a in writer.meta.arrays if a.modality == m], dev, precision)
+    if cfg.cuda_graphs and dev.type != "cuda":
+        log.warning("--cuda-graphs: the backbones run on %s, not a CUDA device; running without graphs", dev)
+    graph_batch = cfg.batch_size if cfg.cuda_graphs and dev.type == "cuda" else None
+    return {m: TokenForward(b, [a for a in writer.meta.arrays if a.modality == m], dev, cfg.precision, graph_batch)
             for m, b in backbones.items()}
 
 
@@ -117,7 +121,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
     forwards, media_pool = {}, None
     if todo and not (cfg.workers or cfg.scheduler):  # nothing moves to the device when all is done
         processes = decode_processes_of(cfg, resolve_device(cfg.device).type)  # checked before models move
-        forwards = make_forwards(writer, backbones, cfg.device, cfg.precision)  # models onto the device
+        forwards = make_forwards(writer, backbones, cfg.device, cfg)  # models onto the device
         if processes:
             media_pool = MediaPool(processes).start()
     setup = time.perf_counter() - t0  # manifest, models, plan, decode processes: paid once per run

@@ -16,6 +16,7 @@ from mettle.cache import ArraySpec, pool_tokens
 from mettle.cache.dtypes import Encoded, StorageDtype, encode_tensor
 
 from .backbones import Backbone
+from .graphs import GraphedEncode, capture
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ class TokenForward:
         device: where the backbone runs.
         precision: ``float32``, ``float16`` (autocast), or ``auto`` (float16 autocast on CUDA when
             the first batch's tokens stay within ``AUTOCAST_TOLERANCE`` of float32, else float32).
+        graph_batch: on CUDA, :meth:`encoded` runs batches of this many segments as one CUDA graph
+            (``graphs.py``; captured at the first such batch after the precision check, and checked
+            against the eager run). None: always eager.
 
     ``__call__(x)`` takes a preprocessed batch ``(B, ...)`` and returns ``{key: (B, n, d) float32}``
     on the CPU, in ``arrays`` order. :meth:`encoded` is the extractor's form: tokens encoded into the
@@ -38,7 +42,7 @@ class TokenForward:
     """
 
     def __init__(self, backbone: Backbone, arrays: Sequence[ArraySpec], device: torch.device,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", graph_batch: int | None = None) -> None:
         if precision not in ("auto", "float32", "float16"):
             raise ValueError(f"--precision {precision!r} is unknown. Fix: use auto, float32 or float16")
         self.backbone = backbone.to(device)
@@ -48,9 +52,12 @@ class TokenForward:
         self.autocast = precision == "float16" or (precision == "auto" and device.type == "cuda")
         self._check_autocast = precision == "auto" and self.autocast
         self.autocast_error: float | None = None
+        self.graph_batch = graph_batch if device.type == "cuda" else None
+        self.graphs: dict[tuple, GraphedEncode | None] = {}  # (storage, shape, dtype) -> graph, None: eager
 
     def _forward(self, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
-        ctx = torch.autocast(self.device.type, dtype=torch.float16) if autocast else nullcontext()
+        # no autocast cast cache: frozen weights never use it, and a CUDA graph capture cannot hold it
+        ctx = torch.autocast(self.device.type, dtype=torch.float16, cache_enabled=False) if autocast else nullcontext()
         with torch.no_grad(), ctx:  # not inference_mode: live tokens feed autograd graphs (as inputs)
             outs = self.backbone.forward_tokens(x, self.indices)
         # pooled in float32; unpooled blocks keep the backbone's dtype (float16 under autocast)
@@ -79,7 +86,11 @@ class TokenForward:
         """Tokens of batch ``x`` encoded into ``storage`` where the backbone runs (``dtypes.encode_tensor``),
         then copied to the host without blocking. The caller overlaps the next batch with the wait:
         on a GPU the host only ever sees the stored bytes and does no per-value work."""
-        encoded = {key: encode_tensor(t, storage) for key, t in self(x, on_device=True).items()}
+        graph = self._graph(x, storage)
+        if graph is not None:
+            encoded = graph(x)  # the graph's own outputs: copied below, before the next replay overwrites them
+        else:
+            encoded = {key: encode_tensor(t, storage) for key, t in self(x, on_device=True).items()}
         if self.device.type != "cuda":
             return InFlight(encoded, None)
         # to("cpu", non_blocking=True) from CUDA lands in page-locked memory: an asynchronous copy
@@ -88,6 +99,20 @@ class TokenForward:
         event = torch.cuda.Event()
         event.record()
         return InFlight(host, event)
+
+
+    def _graph(self, x: torch.Tensor, storage: StorageDtype) -> GraphedEncode | None:
+        """The CUDA graph for batches like ``x`` (captured on first use), or None: run eagerly."""
+        if self.graph_batch is None or len(x) != self.graph_batch or self._check_autocast:
+            return None
+        key = (storage.name, tuple(x.shape), x.dtype)
+        if key not in self.graphs:
+            def run(inp: torch.Tensor) -> dict[str, Encoded]:
+                outs = self._forward(inp.to(self.device, non_blocking=True), self.autocast)
+                return {a.key: encode_tensor(t, storage) for a, t in zip(self.arrays, outs)}
+
+            self.graphs[key] = capture(run, x, self.device, self.backbone.name)
+        return self.graphs[key]
 
 
 class InFlight:

@@ -2,7 +2,7 @@
 sequential read of the same bytes.
 
 Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48] [--batch-size 32]
-       [--device cpu] [--repeats 3] [--work DIR] [--out DIR] [--trace]
+       [--device cpu] [--repeats 3] [--work DIR] [--out DIR] [--trace] [--cuda-graphs]
 
 1. ``mettle-extract`` on the toy dataset (decode + forward + write, clips/s) against the backbones'
    forward alone on inputs of the same shapes, same device, batch size and precision (float16
@@ -50,7 +50,7 @@ def extraction(args) -> dict:
     build_manifest("toy", data_root=str(data), num_clips=args.clips)  # generate first: not part of the timing
     cfg = ExtractConfig(dataset="toy", cache=str(args.work / f"cache-{args.backbones}"), data_root=str(data),
                         manifest_options={"num_clips": args.clips}, backbones=args.backbones, random_init=True,
-                        device=args.device, batch_size=args.batch_size)
+                        device=args.device, batch_size=args.batch_size, cuda_graphs=args.cuda_graphs)
     t0 = time.perf_counter()
     backbones = load_backbones(cfg)  # built once (Swin-V2-L takes a while), used by every run
     build = time.perf_counter() - t0
@@ -86,7 +86,7 @@ def _trace(args, cfg, backbones) -> None:
     if args.device.startswith("cuda"):
         lines += ["", events.table(sort_by="self_device_time_total", row_limit=15)]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"extraction_trace_{args.backbones}.txt").write_text("\n".join(lines) + "\n")
+    (args.out / f"extraction_trace_{args.backbones}{'-graphs' if args.cuda_graphs else ''}.txt").write_text("\n".join(lines) + "\n")
 
 
 def _extraction_once(args, cfg, backbones) -> dict:
@@ -232,6 +232,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="extraction runs (each against its own pure forward)")
     ap.add_argument("--work", type=Path, default=Path("bench_work"))
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="extract with --cuda-graphs (the pure forward stays eager); tables get a -graphs suffix")
     ap.add_argument("--trace", action="store_true",
                     help="also profile one extraction (torch.profiler; needs --out): where the time goes")
     ap.add_argument("--data-clips", type=int, default=64,
@@ -239,10 +241,11 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ex = extraction(args) if args.clips else None  # --clips 0: the data path on the full-size layout only
-    dp = data_path(Path(ex["cache"])) if ex else None
+    dp = data_path(Path(ex["cache"])) if ex and not args.cuda_graphs else None  # graphs: extraction only
     full = data_path(full_size_cache(args.work, args.data_clips)) if args.data_clips else None
     lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {args.device}, "
-             f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones}, {args.clips} toy clips, batch {args.batch_size}",
+             f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones}, {args.clips} toy clips, batch {args.batch_size}"
+             + ("; extraction with --cuda-graphs" if args.cuda_graphs else ""),
              ""]
     if ex:
         lines += ["| extraction | clips/s |", "| --- | --- |",
@@ -268,8 +271,9 @@ def main() -> None:
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"pipeline_{args.backbones}.md").write_text("\n".join(lines) + "\n")
-        (args.out / f"pipeline_{args.backbones}.json").write_text(json.dumps({"extraction": ex, "data_path": dp, "data_path_full": full},
+        name = f"pipeline_{args.backbones}{'-graphs' if args.cuda_graphs else ''}"
+        (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+        (args.out / f"{name}.json").write_text(json.dumps({"extraction": ex, "data_path": dp, "data_path_full": full},
                                                                             indent=1, default=str))
 
 

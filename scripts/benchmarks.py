@@ -5,8 +5,9 @@ Usage: python scripts/benchmarks.py --out DIR [--work DIR] [--device cuda] [--qu
 Runs, each as its own process: training cost per step (full-size and tiny architectures, batch 1
 and 8, cache vs end-to-end vs adapter baseline; with ``--extended`` also the LCD without stage
 sharing and at width 128); extraction and data-path throughput (full-size random-init backbones on
-the toy dataset, with a torch.profiler table of one more extraction, a full-size-layout cache of
-random tokens, and the tiny backbones); cache sizes per preset and dtype. On one H100/H200 class GPU the default set takes about 7 minutes (the full-size
+the toy dataset, eager and with ``--cuda-graphs``, each with a torch.profiler table of one more
+extraction; a full-size-layout cache of random tokens; the tiny backbones); cache sizes per preset
+and dtype. On one H100/H200 class GPU the default set takes about 7 minutes (the full-size
 runs build Swin-V2-L on the CPU in each process); on a CPU use ``--quick`` (full-size at batch 1 only).
 """
 
@@ -39,6 +40,9 @@ def main() -> None:
         ([py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", "12" if args.quick else "48",
           "--device", args.device, "--repeats", "1" if args.quick else "3",
           "--work", work, "--out", args.out, "--data-clips", "16" if args.quick else "64", "--trace"], None),
+        ([py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", "12" if args.quick else "48",
+          "--device", args.device, "--repeats", "1" if args.quick else "3", "--work", work, "--out", args.out,
+          "--data-clips", "0", "--cuda-graphs", "--trace"], None),
         ([py, HERE / "bench_pipeline.py", "--backbones", "tiny", "--device", args.device, "--work", work,
           "--out", args.out, "--data-clips", "0"], None),
         ([py, HERE / "bench_train_cost.py", "--sizes", "tiny", "--batches", "1", "8", "--device", args.device,
