@@ -8,7 +8,7 @@
   values) is stored as int8 codes plus one float32 scale ``max|x| / 127``; decode is
   ``codes * scale``. Error per value is at most half a step (``scale / 2``).
 
-Contract: tokens are ``(..., N, D)`` float arrays; scales are ``(..., N)`` float32.
+Contract: tokens are ``(..., N, D)`` float arrays (at least 2-D); scales are ``(..., N)`` float32.
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ class ZarrStore:
         the layout ``zarr_fast`` knows are written straight to their shard file; others (the
         compressed masks) through zarr."""
         rows = self.meta.shard_rows(shard)
+        self._handles()  # once, here: the pool's threads must not each reset the handles of a fresh store
 
         def one(name: str, data: np.ndarray) -> int:
             layout = self._layout(name)

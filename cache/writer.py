@@ -31,7 +31,7 @@ class ShardBuffer:
     """One shard's rows of every array, in memory, filled clip by clip and written at once.
 
     ``put`` encodes float tokens into the storage dtype as they arrive, so the buffer costs the
-    stored size, not float32. Rows of failed clips stay zero.
+    stored size, not float32. A fresh buffer is zero; :meth:`clear` zeroes a failed clip's rows.
 
     ``recycle``: a buffer of the same cache whose write has finished; its arrays are taken over
     when the row counts match (a shard is hundreds of MB: fresh memory costs a page fault per 4 KB
@@ -45,7 +45,7 @@ class ShardBuffer:
         self.rows = meta.shard_rows(shard)
         self.dtype = get_dtype(meta.dtype)
         n, t = len(self.rows), meta.num_segments
-        if recycle is not None and recycle.meta == meta and len(recycle.rows) == n:
+        if recycle is not None and recycle.codes and recycle.meta == meta and len(recycle.rows) == n:
             self.codes, self.scales, self.targets = recycle.codes, recycle.scales, recycle.targets
             recycle.codes, recycle.scales, recycle.targets = {}, {}, {}  # one owner at a time
             return
@@ -64,6 +64,8 @@ class ShardBuffer:
         """Store tokens already encoded (``dtypes.encode_tensor``, e.g. on the GPU): codes ``(segments, N, D)``
         in the storage dtype, scales ``(segments, N)`` for int8. With ``peak`` (the largest ``|x|`` of these
         tokens) the values are checked first, as :meth:`put` does: CacheError, nothing stored."""
+        if self.scales and scale is None:
+            raise ValueError(f"{key}: {self.dtype.name} codes need their per-token scales")
         if peak is not None:
             check_peak(peak, self.dtype)
         self.codes[key][local_row, segments] = codes

@@ -86,18 +86,20 @@ class TokenForward:
         """Tokens of batch ``x`` encoded into ``storage`` where the backbone runs (``dtypes.encode_tensor``),
         then copied to the host without blocking. The caller overlaps the next batch with the wait:
         on a GPU the host only ever sees the stored bytes and does no per-value work."""
-        graph = self._graph(x, storage)
-        if graph is not None:
-            encoded = graph(x)  # the graph's own outputs: copied below, before the next replay overwrites them
-        else:
-            encoded = {key: encode_tensor(t, storage) for key, t in self(x, on_device=True).items()}
         if self.device.type != "cuda":
-            return InFlight(encoded, None)
-        # to("cpu", non_blocking=True) from CUDA lands in page-locked memory: an asynchronous copy
-        host = {key: Encoded(*(None if t is None else t.to("cpu", non_blocking=True) for t in (e.codes, e.scale, e.peak)))
-                for key, e in encoded.items()}
-        event = torch.cuda.Event()
-        event.record()
+            return InFlight({key: encode_tensor(t, storage) for key, t in self(x, on_device=True).items()}, None)
+        with torch.cuda.device(self.device):  # streams, graphs and events of this GPU, not the current one
+            graph = self._graph(x, storage)
+            if graph is not None:
+                encoded = graph(x)  # the graph's own outputs: copied below, before the next replay overwrites them
+            else:
+                encoded = {key: encode_tensor(t, storage) for key, t in self(x, on_device=True).items()}
+            # to("cpu", non_blocking=True) from CUDA lands in page-locked memory: an asynchronous copy
+            host = {key: Encoded(*(None if t is None else t.to("cpu", non_blocking=True)
+                                   for t in (e.codes, e.scale, e.peak)))
+                    for key, e in encoded.items()}
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
         return InFlight(host, event)
 
 

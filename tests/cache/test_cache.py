@@ -300,8 +300,9 @@ def test_direct_shard_reads_equal_zarr(manifest, tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_direct_shard_writes_equal_zarr(manifest, tmp_path, dtype, monkeypatch):
-    """Shard files written straight (``zarr_fast.write_shard_file``) are byte for byte what zarr writes,
-    and zarr reads them back as the rows written (the last shard is partial: 5 clips, 2 per shard)."""
+    """Shard files written straight (``zarr_fast.write_shard_file``) are byte for byte what zarr writes
+    (no row here is all zeros, which zarr would leave out), and zarr reads them back as the rows
+    written (the last shard is partial: 5 clips, 2 per shard)."""
     import zarr
 
     from mettle.cache import store as store_module
@@ -326,3 +327,24 @@ def test_direct_shard_writes_equal_zarr(manifest, tmp_path, dtype, monkeypatch):
     layout = store_module.ShardLayout.of(tmp_path / "direct" / "tokens.zarr" / names[0])
     with pytest.raises(ValueError, match="holds rows of shape"):
         store_module.write_shard_file(layout, 2, np.zeros((2, *layout.shape[1:]), layout.dtype))  # shard 2 has 1 row
+
+
+def test_a_failed_direct_shard_write_leaves_no_file(manifest, tmp_path, monkeypatch):
+    """A write that fails (disk full) leaves neither a shard file nor its temporary behind, and the
+    writer reports it with the fix (the rerun redoes the shard)."""
+    from mettle.cache import zarr_fast
+
+    meta = plan_cache(manifest, {"visual": VISUAL, "audio": AUDIO}, dtype="int8", shard_clips=2)
+    writer = create_cache(tmp_path / "c", meta, manifest)
+    buf = ShardBuffer(meta, 0)
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zarr_fast.os, "replace", full)
+    with pytest.raises(CacheError, match="No space left on device.*free disk space"):
+        writer.write_shard(buf, ShardStatus(0, {}))
+    assert not [p for p in (tmp_path / "c" / "tokens.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert writer.pending_shards() == [0, 1, 2]
+    with pytest.raises(ValueError, match="need their per-token scales"):
+        buf.put_codes(meta.arrays[0].key, 0, slice(None), np.zeros(meta.shape(meta.arrays[0])[1:], np.int8), None)
