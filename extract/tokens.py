@@ -36,8 +36,8 @@ class TokenForward:
             (``graphs.py``; captured at the first such batch after the precision check, and checked
             against the eager run). None: always eager.
 
-    ``__call__(x)`` takes a preprocessed batch ``(B, ...)`` and returns ``{key: (B, n, d) float32}``
-    on the CPU, in ``arrays`` order. :meth:`encoded` is the extractor's form: tokens encoded into the
+    ``__call__(x)`` takes a preprocessed batch ``(B, ...)`` and returns ``{key: (B, n, d)}`` on the CPU,
+    in ``arrays`` order (float32; unpooled blocks float16 under autocast). :meth:`encoded` is the extractor's form: tokens encoded into the
     storage dtype on the device and copied to the host without waiting.
     """
 
@@ -49,6 +49,7 @@ class TokenForward:
         self.arrays = list(arrays)
         self.device = device
         self.indices = [a.block_index for a in self.arrays]
+        self.groups = _group_arrays(self.arrays)
         self.autocast = precision == "float16" or (precision == "auto" and device.type == "cuda")
         self._check_autocast = precision == "auto" and self.autocast
         self.autocast_error: float | None = None
@@ -56,18 +57,17 @@ class TokenForward:
         self.graphs: dict[tuple, GraphedEncode | None] = {}  # (storage, shape, dtype) -> graph, None: eager
 
     def _forward(self, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
+        """Tokens of each array for batch ``x`` (on the device), ``(B, n, d)``: pooled blocks in float32,
+        unpooled ones in the backbone's dtype (float16 under autocast)."""
         # no autocast cast cache: frozen weights never use it, and a CUDA graph capture cannot hold it
         ctx = torch.autocast(self.device.type, dtype=torch.float16, cache_enabled=False) if autocast else nullcontext()
         with torch.no_grad(), ctx:  # not inference_mode: live tokens feed autograd graphs (as inputs)
             outs = self.backbone.forward_tokens(x, self.indices)
-        # pooled in float32; unpooled blocks keep the backbone's dtype (float16 under autocast)
-        return [t if a.grid == a.source_grid else pool_tokens(t.float(), a.source_grid, a.grid)
-                for t, a in zip(outs, self.arrays)]
+        return [pool_tokens(t.float(), a.source_grid, a.grid) if a.pooled else t for t, a in zip(outs, self.arrays)]
 
-    def __call__(self, x: torch.Tensor, on_device: bool = False) -> dict[str, torch.Tensor]:
-        """Tokens of the arrays for input batch ``x``, on the CPU (for the cache), or left on the model's
-        device with ``on_device`` (end-to-end training consumes them there: no round trip)."""
-        x = x.to(self.device, non_blocking=True)
+    def _tokens(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`_forward` at the chosen precision; the first call checks float16 autocast against
+        float32 (``precision="auto"``) and falls back to float32 beyond ``AUTOCAST_TOLERANCE``."""
         outs = self._forward(x, self.autocast)
         if self._check_autocast:
             self._check_autocast = False
@@ -80,28 +80,53 @@ class TokenForward:
                 self.autocast, outs = False, exact
             else:
                 log.info("%s: float16 autocast within %.2g of float32", self.backbone.name, err)
+        return outs
+
+    def __call__(self, x: torch.Tensor, on_device: bool = False) -> dict[str, torch.Tensor]:
+        """Tokens of the arrays for input batch ``x``, on the CPU (for the cache), or left on the model's
+        device with ``on_device`` (end-to-end training consumes them there: no round trip)."""
+        outs = self._tokens(x.to(self.device, non_blocking=True))
         return {a.key: t if on_device else t.cpu() for a, t in zip(self.arrays, outs)}
+
+    def _encode_groups(self, outs: list[torch.Tensor], storage: StorageDtype) -> list[Encoded]:
+        """Encode the arrays' tokens a group at a time (``self.groups``: arrays of one shape, stacked as
+        ``(G * B, n, d)``).
+
+        Why: on a GPU the host's cost is the operators it issues (BENCHMARKS.md), and the blocks of a
+        stage share their shapes: Swin-V2-L's 24 and HTS-AT's 12 blocks form 4 groups each, encoded
+        and copied to the host as one instead of one by one.
+        """
+        return [encode_tensor(outs[m[0]] if len(m) == 1 else torch.cat([outs[i] for i in m]), storage)
+                for m in self.groups]
+
+    def _split(self, grouped: Sequence[Encoded]) -> dict[str, Encoded]:
+        """Per-group encodings -> ``{key: Encoded}`` in ``arrays`` order (views of the group's tensors)."""
+        out: list[Encoded | None] = [None] * len(self.arrays)
+        for members, e in zip(self.groups, grouped):
+            b = len(e.peak) // len(members)
+            for j, m in enumerate(members):
+                rows = slice(j * b, (j + 1) * b)
+                out[m] = Encoded(e.codes[rows], None if e.scale is None else e.scale[rows], e.peak[rows])
+        return {a.key: o for a, o in zip(self.arrays, out)}
 
     def encoded(self, x: torch.Tensor, storage: StorageDtype) -> "InFlight":
         """Tokens of batch ``x`` encoded into ``storage`` where the backbone runs (``dtypes.encode_tensor``),
         then copied to the host without blocking. The caller overlaps the next batch with the wait:
         on a GPU the host only ever sees the stored bytes and does no per-value work."""
         if self.device.type != "cuda":
-            return InFlight({key: encode_tensor(t, storage) for key, t in self(x, on_device=True).items()}, None)
+            return InFlight(self._split(self._encode_groups(self._tokens(x.to(self.device)), storage)), None)
         with torch.cuda.device(self.device):  # streams, graphs and events of this GPU, not the current one
             graph = self._graph(x, storage)
             if graph is not None:
-                encoded = graph(x)  # the graph's own outputs: copied below, before the next replay overwrites them
+                grouped = list(graph(x).values())  # the graph's own outputs: copied below, before the next replay
             else:
-                encoded = {key: encode_tensor(t, storage) for key, t in self(x, on_device=True).items()}
+                grouped = self._encode_groups(self._tokens(x.to(self.device, non_blocking=True)), storage)
             # to("cpu", non_blocking=True) from CUDA lands in page-locked memory: an asynchronous copy
-            host = {key: Encoded(*(None if t is None else t.to("cpu", non_blocking=True)
-                                   for t in (e.codes, e.scale, e.peak)))
-                    for key, e in encoded.items()}
+            host = [Encoded(*(None if t is None else t.to("cpu", non_blocking=True) for t in (e.codes, e.scale, e.peak)))
+                    for e in grouped]
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
-        return InFlight(host, event)
-
+        return InFlight(self._split(host), event)  # views: nothing is read before wait()
 
     def _graph(self, x: torch.Tensor, storage: StorageDtype) -> GraphedEncode | None:
         """The CUDA graph for batches like ``x`` (captured on first use), or None: run eagerly."""
@@ -111,10 +136,18 @@ class TokenForward:
         if key not in self.graphs:
             def run(inp: torch.Tensor) -> dict[str, Encoded]:
                 outs = self._forward(inp.to(self.device, non_blocking=True), self.autocast)
-                return {a.key: encode_tensor(t, storage) for a, t in zip(self.arrays, outs)}
+                return {f"group{i}": e for i, e in enumerate(self._encode_groups(outs, storage))}
 
             self.graphs[key] = capture(run, x, self.device, self.backbone.name)
         return self.graphs[key]
+
+
+def _group_arrays(arrays: Sequence[ArraySpec]) -> list[list[int]]:
+    """Indices of the arrays that share source grid, stored grid and width, in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault((tuple(a.source_grid), tuple(a.grid), a.dim), []).append(i)
+    return list(groups.values())
 
 
 class InFlight:
