@@ -1,7 +1,7 @@
 """One CUDA graph per batch shape for the extractor's forward + pool + encode (``--cuda-graphs``).
 
 Why: on an H200 (BENCHMARKS.md, 2026-11-27) extraction was bound by the host, not the GPU: the
-thread driving the backbones spent half its time issuing some 2,400 kernels per batch of both
+thread driving the backbones spent half its time issuing some 2,400 operators per batch of both
 backbones (the forward, then pooling, encoding and copies), and the GPU waited for it. A captured
 graph replays all of them with one launch.
 

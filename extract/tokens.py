@@ -37,8 +37,9 @@ class TokenForward:
             against the eager run). None: always eager.
 
     ``__call__(x)`` takes a preprocessed batch ``(B, ...)`` and returns ``{key: (B, n, d)}`` on the CPU,
-    in ``arrays`` order (float32; unpooled blocks float16 under autocast). :meth:`encoded` is the extractor's form: tokens encoded into the
-    storage dtype on the device and copied to the host without waiting.
+    in ``arrays`` order (float32; unpooled blocks float16 under autocast). :meth:`encoded` is the
+    extractor's form: tokens encoded into the storage dtype on the device and copied to the host
+    without waiting.
     """
 
     def __init__(self, backbone: Backbone, arrays: Sequence[ArraySpec], device: torch.device,
