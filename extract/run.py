@@ -125,6 +125,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
         if processes:
             media_pool = MediaPool(processes).start()
     setup = time.perf_counter() - t0  # manifest, models, plan, decode processes: paid once per run
+    teardown = 0.0
     skipped = writer.meta.num_shards - len(todo)
     if skipped:
         log.info("%d of %d shards already done; extracting %d", skipped, writer.meta.num_shards, len(todo))
@@ -137,8 +138,10 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
         try:
             statuses = run_local(cfg, writer, manifest, forwards, todo, progress, media_pool)
         finally:
+            t_close = time.perf_counter()
             if media_pool is not None:
-                media_pool.close()
+                media_pool.close()  # waits for the decode processes to exit: paid once per run, like setup
+            teardown = time.perf_counter() - t_close
     seconds = time.perf_counter() - t0
     written = sum(s.bytes for s in statuses)
     n_clips = sum(len(s.clips) for s in statuses)
@@ -148,7 +151,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
                "decode_s": sum(s.decode_s for s in statuses), "forward_s": sum(s.forward_s for s in statuses),
                "write_s": sum(s.write_s for s in statuses), "workers": len({s.worker for s in statuses}),
                **{k: sum(s.extra.get(k, 0.0) for s in statuses) for k in ("launch_s", "wait_s", "put_s")},
-               "mb_per_second": written / 1e6 / seconds if seconds else 0.0, "setup_s": setup,
+               "mb_per_second": written / 1e6 / seconds if seconds else 0.0, "setup_s": setup, "teardown_s": teardown,
                "clips_per_second_after_setup": n_clips / (seconds - setup) if seconds > setup else 0.0}
     done = writer.finish(profile) if todo or not writer.done else writer.read_done()
     return ExtractSummary(writer.root, writer.meta.num_clips, done["clips_ok"], done["failures"], len(todo), skipped,
