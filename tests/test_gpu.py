@@ -114,3 +114,23 @@ def test_cuda_graph_extraction_equals_eager(toy_root, tmp_path, caplog):
         x, y = a.read(key, range(6)), b.read(key, range(6))
         rel = np.linalg.norm(x - y) / np.linalg.norm(x)
         assert rel < 1e-3, (key, rel)
+
+
+def test_encoding_on_a_second_gpu_waits_for_that_gpu(small_toy_cache):
+    """On ``cuda:1`` (the current device staying ``cuda:0``, as for dask workers on a multi-GPU node) the
+    copies' event is recorded on cuda:1's stream: ``wait`` returns the finished tokens."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from mettle.cache.dtypes import encode, get_dtype
+    from mettle.extract.backbones import create_backbone
+    from mettle.extract.tokens import TokenForward
+
+    backbone = create_backbone("test_swinv2_tiny", random_init=True)
+    arrays = [a for a in open_cache(small_toy_cache).meta.arrays if a.modality == "visual"]
+    fw = TokenForward(backbone, arrays, torch.device("cuda:1"), precision="float32")
+    x = backbone.preprocess(np.random.default_rng(0).integers(0, 256, (32, 112, 112, 3), dtype=np.uint8))
+    assert torch.cuda.current_device() == 0
+    want = fw(x)
+    for flight in [fw.encoded(x, get_dtype("float16")) for _ in range(4)]:
+        for key, e in flight.wait().items():
+            assert np.array_equal(e.codes.numpy(), encode(want[key].numpy(), get_dtype("float16"))[0]), key
