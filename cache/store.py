@@ -111,13 +111,10 @@ class ZarrStore:
 
     def _fast(self, name: str):
         """The direct shard reader for ``name`` (None when its layout is not the one we write)."""
-        self._handles()
         key = ("fast", name)
-        if key not in self._arrays:
-            try:
-                self._arrays[key] = FastShardReader(self.path / name)
-            except (ValueError, KeyError, OSError):
-                self._arrays[key] = None
+        if key not in self._handles():
+            layout = self._layout(name)  # zarr.json read and checked once, for writing and reading
+            self._arrays[key] = FastShardReader(layout) if layout is not None else None
         return self._arrays[key]
 
     def read(self, name: str, rows: Sequence[int] | slice, out: np.ndarray | None = None) -> np.ndarray:

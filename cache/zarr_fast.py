@@ -105,8 +105,9 @@ def write_shard_file(layout: ShardLayout, shard: int, data: np.ndarray) -> int:
 class FastShardReader:
     """Reads rows (clips) of one sharded, uncompressed Zarr v3 array straight from its shard files."""
 
-    def __init__(self, array_dir: Path) -> None:
-        layout = ShardLayout.of(array_dir)
+    def __init__(self, layout: ShardLayout | Path) -> None:
+        """``layout``: the array's :class:`ShardLayout`, or its folder (read and checked here)."""
+        layout = layout if isinstance(layout, ShardLayout) else ShardLayout.of(layout)
         self.layout = layout
         self.dir, self.shape, self.dtype, self.fill = layout.dir, layout.shape, layout.dtype, layout.fill
         self.rows_per_shard, self.row_bytes = layout.rows_per_shard, layout.row_bytes

@@ -107,7 +107,7 @@ def make_forwards(writer: CacheWriter, backbones: dict, device: str, cfg: Extrac
     dev = resolve_device(device)
     if cfg.cuda_graphs and dev.type != "cuda":
         log.warning("--cuda-graphs: the backbones run on %s, not a CUDA device; running without graphs", dev)
-    graph_batch = cfg.batch_size if cfg.cuda_graphs and dev.type == "cuda" else None
+    graph_batch = cfg.batch_size if cfg.cuda_graphs else None  # TokenForward ignores it off CUDA
     return {m: TokenForward(b, [a for a in writer.meta.arrays if a.modality == m], dev, cfg.precision, graph_batch)
             for m, b in backbones.items()}
 
