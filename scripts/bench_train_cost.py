@@ -11,7 +11,12 @@ For AVE-shaped samples (10 one-second segments: 10 frames + 10 audio seconds), o
 * ``end-to-end``: the same LCD + head fed by the live frozen Swin-V2-L + HTS-AT under no_grad,
   every token (the paper's setting);
 * ``adapter``: LAVisH/DG-SCT-style bottleneck adapters (dim/8) after every frozen block, so the
-  gradient flows back through both backbones; a linear head on the last tokens.
+  gradient flows back through both backbones; a linear head on the last tokens;
+* ``graphs:last-grid`` / ``graphs:full`` (CUDA, ``--modes`` or ``--cuda-graphs``): (a) with
+  ``mettle-train --cuda-graphs``: the step replayed as one CUDA graph (train/step.py), the tokens
+  handed over in page-locked host memory as the loader does and copied in by the timed step.
+
+(a) and (b) step through mettle-train's own ``TrainStep`` (no gradient clipping, as the adapter).
 
 Each configuration runs in its own process. Reported: seconds per step (median of ``--steps``
 after one warm-up step), peak memory (GPU: max allocated; CPU: peak RSS, and peak RSS minus the
@@ -36,7 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-MODES = ("cache:last-grid", "cache:full", "end-to-end", "adapter")
+MODES = ("cache:last-grid", "cache:full", "end-to-end", "adapter", "graphs:last-grid", "graphs:full")
+EAGER = MODES[:4]  # the default modes; graphs:* (CUDA only) run (a)'s step as one replayed CUDA graph
 SETS = {"tiny": "tiny", "full": "specific"}
 
 
@@ -72,13 +78,15 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     from mettle.extract.tokens import TokenForward
     from mettle.train.config import resolve_config
     from mettle.train.model import MettleModel, count_parameters
+    from mettle.train.step import TrainStep, make_optimizer
     from mettle.train.tasks import get_task
 
     idle = _rss()
     dev = torch.device(device)
     torch.manual_seed(0)
     manifest = bench_manifest()
-    if mode.startswith("cache"):  # stage two never holds a backbone: read the layout the parent planned
+    from_cache = mode.startswith(("cache", "graphs"))
+    if from_cache:  # stage two never holds a backbone: read the layout the parent planned
         backbones = None
         records = CacheMeta.from_dict(json.loads(Path(layout).read_text())).backbones
     else:
@@ -90,7 +98,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     labels = torch.randint(0, 29, (batch, 10), device=dev)
     task = get_task("ave")
     if mode != "adapter":
-        budget = mode.split(":")[1] if mode.startswith("cache") else "full"
+        budget = mode.split(":")[1] if from_cache else "full"
         meta = plan_cache(manifest, records, tokens=budget)  # the default float16 cache
         model = MettleModel(meta, manifest, resolve_config("ave", task.head_defaults, sets=sets), task).to(dev)
         if mode == "end-to-end":  # float16 autocast on CUDA, as the live token source runs there
@@ -98,14 +106,19 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
                         for m, b in backbones.items()}
         else:  # what the loader hands the model: the cache's float16 tokens
             cached = {a.key: torch.randn(batch, 10, a.tokens, a.dim, device=dev).half() for a in meta.arrays}
+            if mode.startswith("graphs") and dev.type == "cuda":  # the graph copies them in from the host
+                cached = {k: v.cpu().pin_memory() for k, v in cached.items()}
     else:
         model = AdapterModel(backbones).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")  # as mettle-train does
+    graphs = mode.startswith("graphs")
+    opt = make_optimizer(params, 1e-4, 1e-2, dev, graphs)  # as mettle-train makes it
+    train_step = TrainStep(model, task.loss, opt, dev, graphs=graphs)
+    warm = train_step.warmup + 2 if graphs else 1  # eager warm-up steps, the capture, one replay
     times = []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for step in range(steps + 1):
+    for step in range(steps + warm):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -120,22 +133,24 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
                     tokens.update({k: v.view(batch, 10, *v.shape[1:]) for k, v in fw(x, on_device=True).items()})
             else:
                 tokens = cached
-            logits = model(tokens)
-        loss = task.loss(logits, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            train_step(tokens, {}, labels)
+        if mode == "adapter":
+            loss = task.loss(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        if step:  # the first step warms up allocators and kernels
+        if step >= warm:  # the first steps warm up allocators and kernels
             times.append(time.perf_counter() - t0)
+    if graphs and train_step.replays < steps:
+        raise RuntimeError(f"{mode}: {train_step.replays} of {steps} timed steps replayed a graph (see the warnings)")
     peak_rss = peak_memory(torch.device("cpu"))  # VmHWM: ru_maxrss would carry the parent's peak
     return {"mode": mode, "size": size, "batch": batch, "seconds_per_step": statistics.median(times),
             "seconds_per_sample": statistics.median(times) / batch, "trainable": count_parameters(model),
             "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
             "peak_rss": peak_rss, "peak_rss_minus_idle": peak_rss - idle,
-            "token_bytes": sum(t.numel() * t.element_size() for t in cached.values()) if mode.startswith("cache")
-            else None}
+            "token_bytes": sum(t.numel() * t.element_size() for t in cached.values()) if from_cache else None}
 
 
 class AdapterModel(nn.Module):
@@ -172,7 +187,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["tiny", "full"], choices=sorted(SETS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=list(EAGER), choices=MODES)
+    ap.add_argument("--cuda-graphs", action="store_true", help="add graphs:last-grid and graphs:full to --modes")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="folder for the table (train_cost.md) and raw results (JSON)")
@@ -186,6 +202,8 @@ def main() -> None:
         print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.steps, args.device, args.layout,
                                  sets)))
         return
+    if args.cuda_graphs:
+        args.modes += [m for m in MODES if m.startswith("graphs") and m not in args.modes]
     rows = []
     import tempfile
 
@@ -236,6 +254,16 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
             tr = mr = "-"
         out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | {r['seconds_per_step']:.3f} | "
                    f"{r['seconds_per_sample']:.3f} | {mtxt} | {r['trainable']:,} | {tr} | {mr} |")
+    def find(r, mode):
+        return next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]
+                     and b["mode"] == mode and "error" not in b), None)
+
+    for r in rows:  # (a) as one CUDA graph against (b), the issue's headline ratio
+        e2e = find(r, "end-to-end")
+        if r["mode"] == "graphs:last-grid" and "error" not in r and e2e is not None:
+            out.append(f"\n{r['size']}, batch {r['batch']}: end-to-end / graphs:last-grid = "
+                       f"{e2e['seconds_per_step'] / r['seconds_per_step']:.1f}x time, "
+                       f"{e2e['peak_gpu'] / max(r['peak_gpu'], 1):.1f}x memory")
     floors = []
     for r in rows:  # what no implementation of (a) can go below, against (b) as measured
         e2e = next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]

@@ -3,7 +3,7 @@
 Usage: python scripts/benchmarks.py --out DIR [--work DIR] [--device cuda] [--quick] [--extended]
 
 Runs, each as its own process: training cost per step (full-size and tiny architectures, batch 1
-and 8, cache vs end-to-end vs adapter baseline; with ``--extended`` also the LCD without stage
+and 8, cache vs end-to-end vs adapter baseline, and on CUDA the cache's step as one CUDA graph; with ``--extended`` also the LCD without stage
 sharing and at width 128); extraction and data-path throughput (full-size random-init backbones on
 the toy dataset, eager and with ``--cuda-graphs``, each with a torch.profiler table of one more
 extraction; a full-size-layout cache of random tokens; the tiny backbones); cache sizes per preset
@@ -36,7 +36,8 @@ def main() -> None:
     full_batches = ["1"] if args.quick else ["1", "8"]
     runs = [  # the headline figures first, so a run cut short still has them
         ([py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches, "--device", args.device,
-          "--steps", "2" if args.quick else "3", "--out", args.out / "train_full"], None),
+          "--steps", "2" if args.quick else "3", "--out", args.out / "train_full",
+          *(["--cuda-graphs"] if args.device.startswith("cuda") else [])], None),
         ([py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", "12" if args.quick else "48",
           "--device", args.device, "--repeats", "1" if args.quick else "3",
           "--work", work, "--out", args.out, "--data-clips", "16" if args.quick else "64", "--trace"], None),

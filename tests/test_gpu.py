@@ -134,3 +134,46 @@ def test_encoding_on_a_second_gpu_waits_for_that_gpu(small_toy_cache):
     for flight in [fw.encoded(x, get_dtype("float16")) for _ in range(4)]:
         for key, e in flight.wait().items():
             assert np.array_equal(e.codes.numpy(), encode(want[key].numpy(), get_dtype("float16"))[0]), key
+
+
+def test_cuda_graph_training_follows_eager(toy48_cache, caplog):
+    """``cuda_graphs=true``: after the warm-up, full batches replay one captured step (checked against
+    the eager step at capture), the epoch's last, smaller batch runs eagerly; dropout included, the
+    losses follow the eager run's and the replays counted."""
+    import logging
+
+    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 3, "optim.lr": 1e-3,
+            "optim.epochs": 2}
+    cache = open_cache(toy48_cache)
+    head = {"hidden": 32, "temporal": "gru", "dropout": 0.1}
+    eager = fit(resolve_config("ave", head, sets=sets, device="cuda"), cache, progress=False)
+    with caplog.at_level(logging.INFO, logger="mettle.train.step"):
+        graphed = fit(resolve_config("ave", head, sets=sets, device="cuda", cuda_graphs=True), cache, progress=False)
+    assert "run as one CUDA graph" in caplog.text, caplog.text
+    steps = len(eager.step_losses)  # 32 training clips at 3 a batch: 10 full batches and one of 2, twice
+    assert steps == 22 and graphed.graph_replays == steps - 4 - 2, graphed.graph_replays  # warm-up 3, capture 1
+    a, b = torch.tensor(eager.step_losses), torch.tensor(graphed.step_losses)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), (a, b)
+    for (k, p), q in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
+        assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), k
+
+
+def test_graphed_training_still_names_a_clip_with_non_finite_tokens(small_toy_cache, tmp_path):
+    """Losses are read a step late on CUDA (and replayed from a graph): a bad clip is still named."""
+    import shutil
+
+    import zarr
+
+    bad = tmp_path / "bad"
+    shutil.copytree(small_toy_cache, bad)
+    source = open_cache(bad)
+    row = source.rows("train")[-1]
+    arr = zarr.open_array(str(bad / "tokens.zarr" / "visual" / "stage3.block0"), mode="r+")
+    block = arr[:]
+    block[row] = np.inf
+    arr[:] = block
+    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 1, "optim.epochs": 3}
+    cfg = resolve_config("ave", {"hidden": 32, "temporal": "gru", "dropout": 0.1}, sets=sets, device="cuda",
+                         cuda_graphs=True)
+    with pytest.raises(FloatingPointError, match=f"non-finite tokens in clip {source.manifest.clips[row].clip_id}"):
+        fit(cfg, open_cache(bad), progress=False)

@@ -25,6 +25,8 @@ from .tasks import get_task, list_tasks
 @click.option("--device", help="auto, cpu, cuda, cuda:N [auto]")
 @click.option("--seed", type=int, help="seed of initialisation and data order [0]")
 @click.option("--workers", type=int, help="DataLoader reader processes [0]")
+@click.option("--cuda-graphs", is_flag=True, default=None,
+              help="replay each full batch's training step as one CUDA graph (checked against eager at capture)")
 @click.option("--init-from", help="run folder (or best.pt) whose matching parameters start training")
 @click.option("--eval-only", is_flag=True, help="score --checkpoint on val and test, no training")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="best.pt of a run")
@@ -36,7 +38,7 @@ from .tasks import get_task, list_tasks
 @click.option("--overwrite", is_flag=True, help="train again even when the run folder has results")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @clean_errors(CacheError, ConfigError, ValueError, FloatingPointError)
-def main(task, cache_path, config_file, sets, out, device, seed, workers, init_from, eval_only, checkpoint, save_masks,
+def main(task, cache_path, config_file, sets, out, device, seed, workers, cuda_graphs, init_from, eval_only, checkpoint, save_masks,
          sweep_file, scheduler, resume, overwrite, quiet) -> None:
     """Train TASK from the cache and print its test metrics (or run a --sweep of configs)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -56,7 +58,8 @@ def main(task, cache_path, config_file, sets, out, device, seed, workers, init_f
     if config_file is not None and not config_file.is_file():
         raise ConfigError(f"--config {config_file} does not exist. Fix: pass a YAML file")
     cfg = resolve_config(task, spec.head_defaults, config_file, parse_sets(sets), cache=cache_path, out=out,
-                         device=device, seed=seed, workers=workers, init_from=init_from)
+                         device=device, seed=seed, workers=workers, cuda_graphs=cuda_graphs,
+                         init_from=init_from)
     source = open_cache(cache_path)
     if eval_only:
         from .run import eval_checkpoint

@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
+    cuda_graphs: bool = False  # each full training batch's step as one replayed CUDA graph (see step.py)
     init_from: str = ""  # a run folder (or its best.pt) whose matching parameters start this run
     lcd: LCDConfig = field(default_factory=LCDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -76,7 +77,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes the result (not where it is written or what reads it)."""
         d = self.to_dict()
-        for k in ("out", "workers", "device", "cache"):
+        for k in ("out", "workers", "device", "cache", "cuda_graphs"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 

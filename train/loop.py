@@ -25,9 +25,12 @@ from mettle.cache.runtime import peak_memory, resolve_device
 
 from .config import TrainConfig
 from .model import MettleModel, count_parameters
+from .step import TrainStep, adopt_optimizer, make_optimizer
 from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
+
+LAG_DEVICES = ("cuda",)  # where a step's loss is read only after the next step is queued
 
 
 @dataclass
@@ -45,6 +48,7 @@ class FitResult:
     seconds_per_epoch: float = 0.0
     peak_memory: int = 0
     trainable_parameters: int = 0
+    graph_replays: int = 0  # training steps replayed from a CUDA graph (cuda_graphs=true)
 
 
 def build_model(cfg: TrainConfig, source: TokenSource, task: Task | None = None) -> MettleModel:
@@ -130,9 +134,9 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     train_items = task.items(source, "train")
     if not train_items:
         raise ValueError(f"the token source {source.describe()} has no usable training clips")
-    # fused on CUDA: one kernel for all parameters, and none of foreach's parameter-sized temporaries
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                            weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    graphs = cfg.cuda_graphs and device.type == "cuda"
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
+                         device, graphs)
     steps_per_epoch = math.ceil(len(train_items) / cfg.optim.batch_size)
     total = steps_per_epoch * cfg.optim.epochs
     warm = steps_per_epoch * cfg.optim.warmup_epochs
@@ -149,6 +153,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
+        adopt_optimizer(opt, device, graphs)  # the saving run may have stepped another way
         sched.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
@@ -158,6 +163,8 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         log.info("resuming at epoch %d of %d", start + 1, cfg.optim.epochs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    train_step = TrainStep(model, task.loss, opt, device, cfg.optim.grad_clip, cfg.cuda_graphs)
+    lag = device.type in LAG_DEVICES  # reading a loss waits for the device: do it a step late
     bar = tqdm(range(start, cfg.optim.epochs), desc=f"train {cfg.task}", unit="epoch", disable=not progress)
     epoch_times = [r["seconds"] for r in result.history]
     for epoch in bar:
@@ -165,31 +172,38 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         model.train()
         batches = _batches(train_items, cfg.optim.batch_size, generator)
         rows = [task.item_rows(source.manifest, b) for b in batches]
-        losses = []
-        keys = model.keys + list(task.target_keys)
-        for b, data in zip(batches, source.iterate(rows, keys, cfg.workers, seed=cfg.seed + epoch)):
-            extra = {k: v.to(device) for k, v in task.head_inputs(source.manifest, b).items()}
-            out = model(_to(_tokens(data, task), device), **extra)
-            target = task.batch_targets(data)
-            target = task.targets(source.manifest, b) if target is None else target
-            loss = task.loss(out, target.to(device))
+        losses: list[float] = []
+        pending: tuple | None = None  # (loss, batch data, step) not yet read back
+
+        def settle(loss: torch.Tensor, data: dict[str, Any], at: int) -> None:
+            # the batch's data stays referenced until here: its host buffers are not reused before
+            # the step's copies from them have run
             if not torch.isfinite(loss):
-                raise FloatingPointError(_diverged(loss, epoch, step, data, task, source))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            sched.step()
+                raise FloatingPointError(_diverged(loss, epoch, at, data, task, source))
             losses.append(loss.item())
             result.step_losses.append(losses[-1])
+
+        keys = model.keys + list(task.target_keys)
+        for b, data in zip(batches, source.iterate(rows, keys, cfg.workers, seed=cfg.seed + epoch)):
+            target = task.batch_targets(data)
+            target = task.targets(source.manifest, b) if target is None else target
+            loss = train_step(_tokens(data, task), task.head_inputs(source.manifest, b), target)
+            sched.step()
+            if pending is not None:
+                settle(*pending)
+            pending = (loss, data, step)
+            if not lag:
+                settle(*pending)
+                pending = None
             step += 1
             if max_steps is not None and step >= max_steps:
                 break
+        if pending is not None:
+            settle(*pending)
         epoch_times.append(time.perf_counter() - t0)
         val = evaluate(model, task, source, "val", cfg.optim.batch_size, device, cfg.workers)
         record = {"epoch": epoch, "step": step, "train_loss": sum(losses) / max(1, len(losses)),
-                  "lr": opt.param_groups[0]["lr"], "seconds": epoch_times[-1],
+                  "lr": float(opt.param_groups[0]["lr"]), "seconds": epoch_times[-1],
                   **{f"val_{k}": v for k, v in val.items()}}
         # best = highest validation metric; ties (a saturated metric) go to the lower validation loss
         score = (val.get(task.select_metric, 0.0), -val.get("loss", record["train_loss"]))
@@ -211,6 +225,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         if max_steps is not None and step >= max_steps:
             break
     bar.close()
+    result.graph_replays = train_step.replays
     result.seconds_per_epoch = sum(epoch_times) / max(1, len(epoch_times))
     result.peak_memory = peak_memory(device)
     if result.best_state is not None:

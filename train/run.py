@@ -92,6 +92,7 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
                "initialised_tensors": res.initialised, "clips_left_out": res.left_out, "best_epoch": res.best_epoch,
                "epochs": len(res.history), "trainable_parameters": res.trainable_parameters,
                "peak_memory_bytes": res.peak_memory, "seconds_per_epoch": res.seconds_per_epoch,
+               "graph_replays": res.graph_replays,
                "seconds": time.perf_counter() - t0, "device": str(resolve_device(cfg.device)),
                "source": source_identity(source), "mettle_version": __version__,
                "table": task.table(res.test) + [line for name, m in res.extra.items()

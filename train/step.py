@@ -1,0 +1,242 @@
+"""One optimisation step (forward, loss, backward, clipping, AdamW), run eagerly or replayed as one
+CUDA graph (``cuda_graphs=true``).
+
+Why: from the cache, a step of LCD + head is small. On an H200 (BENCHMARKS.md, 2026-11-27) it took
+37 ms at batch 1 and 85 ms at batch 8, nearly the same: the host issuing some thousands of small
+kernels (forward, backward, optimiser) is the cost, not the GPU. A CUDA graph replays the whole step
+with one launch. The graph is captured once, for the batch shape of the first step after
+``warmup`` eager steps; batches of any other shape (an epoch's last, smaller batch) run eagerly.
+
+How the graph stays exact (the captured step is checked, not trusted):
+
+* Inputs are copied into the graph's static buffers before each replay; parameters, optimiser
+  moments and AdamW's step counters are updated in place at fixed addresses (AdamW is made with
+  ``capturable=True`` and a device tensor ``lr`` that the schedule fills between steps).
+* Gradients are left to the graph: captured with ``.grad`` unset, its backward writes them afresh
+  each replay (no accumulation), so nothing zeroes them between replays.
+* Dropout draws from the CUDA generator, which a replay advances exactly as the eager step would.
+* At capture the step is run both ways from the same state (parameters, optimiser state, CUDA RNG)
+  and the results compared: the loss within ``LOSS_TOLERANCE`` (relative), the parameter update
+  within ``UPDATE_TOLERANCE`` of its own size (mean absolute difference against the mean absolute
+  update). Capture refused by CUDA (a host synchronisation inside the step, say) or a mismatch
+  gives a warning and eager steps for the rest of the run. The eager result is the one kept.
+
+Data contract: ``step(tokens, extra, target)`` takes ``tokens`` ``{key: (B, T, N, D)}`` (any float
+dtype), ``extra`` the head's keyword inputs, ``target`` what ``loss_fn`` takes, all tensors on the
+host (ideally page-locked) or the device; returns the loss, a detached 0-d tensor on the device,
+*not* synchronised: read it (``.item()``) a step later to keep the host ahead of the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LOSS_TOLERANCE = 1e-4
+UPDATE_TOLERANCE = 1e-2
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device,
+                   graphs: bool = False) -> torch.optim.AdamW:
+    """AdamW as a step of ``device`` wants it: fused on CUDA (one kernel for all parameters and none of
+    foreach's parameter-sized temporaries); for graphs also capturable, with ``lr`` a device tensor."""
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=cuda)
+    adopt_optimizer(opt, device, graphs)
+    return opt
+
+
+def adopt_optimizer(opt: torch.optim.Optimizer, device: torch.device, graphs: bool) -> None:
+    """Put ``opt``'s groups and state in the form this run's steps need (after construction, and again
+    after ``load_state_dict``, which restores the flags and ``lr`` type of the run that saved it).
+
+    A schedule reads ``initial_lr``: kept a float, so that the schedule filling the tensor ``lr``
+    never waits for the GPU."""
+    cuda, graphs = device.type == "cuda", graphs and device.type == "cuda"
+    for group in opt.param_groups:
+        lr = float(group["lr"])
+        group["fused"], group["capturable"] = cuda, graphs
+        group["lr"] = torch.tensor(lr, device=device) if graphs else lr
+        group["initial_lr"] = float(group.get("initial_lr", lr))  # a schedule made later keeps this float
+    # AdamW warns once when a capturable instance steps outside a capture: the warm-up steps do, by design
+    opt._warned_capturable_if_run_uncaptured = True
+    for state in opt.state.values():
+        if "step" in state:  # fused and capturable keep it on the device; plain AdamW on the host
+            state["step"] = state["step"].to(device if cuda else "cpu", torch.float32)
+
+
+Batch = tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Any]
+
+
+class TrainStep:
+    """``step(tokens, extra, target) -> loss``: see the module docstring.
+
+    ``model(tokens, **extra)`` gives the outputs ``loss_fn(outputs, target)`` scores; ``opt`` from
+    :func:`make_optimizer` (with ``graphs`` as here); ``grad_clip`` > 0 clips the gradients' total norm.
+    Counters ``replays`` and ``eager`` say how the steps ran.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], opt: torch.optim.Optimizer,
+                 device: torch.device, grad_clip: float = 0.0, graphs: bool = False, warmup: int = 3) -> None:
+        self.model, self.loss_fn, self.opt, self.device = model, loss_fn, opt, device
+        self.grad_clip, self.warmup = grad_clip, warmup
+        self.graphs = graphs and device.type == "cuda"
+        if graphs and not self.graphs:
+            log.warning("cuda_graphs: training runs on %s, not a CUDA device; running without graphs", device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.signature: tuple | None = None
+        self.static: Batch | None = None
+        self.static_loss: torch.Tensor | None = None
+        self.replays = self.eager = 0
+        self.side = torch.cuda.Stream(device) if self.graphs else None
+
+    def __call__(self, tokens: Mapping[str, torch.Tensor], extra: Mapping[str, torch.Tensor], target: Any) -> torch.Tensor:
+        if self.graphs:
+            sig = _signature((tokens, extra, target))
+            if self.graph is not None and sig == self.signature:
+                _copy_into(self.static, (tokens, extra, target))
+                self.graph.replay()
+                self.replays += 1
+                return self.static_loss.clone()
+            if self.graph is None and self.eager >= self.warmup and (self.signature is None or sig == self.signature):
+                return self._capture((tokens, extra, target), sig)
+            if self.signature is None:
+                self.signature = sig  # the first batch's shape is the one worth a graph
+            current = torch.cuda.current_stream(self.device)
+            self.side.wait_stream(current)  # warm-up (and odd batches) on a side stream, as CUDA graphs want
+            with torch.cuda.stream(self.side):
+                loss = self._eager(tokens, extra, target)
+            current.wait_stream(self.side)
+            return loss
+        return self._eager(tokens, extra, target)
+
+    def _forward_backward(self, tokens, extra, target) -> torch.Tensor:
+        loss = self.loss_fn(self.model(dict(tokens), **extra), target)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        return loss.detach()
+
+    def _eager(self, tokens, extra, target) -> torch.Tensor:
+        tokens, extra, target = _to_device((tokens, extra, target), self.device)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self._forward_backward(tokens, extra, target)
+        if self.graph is not None:  # the graph keeps its own gradients: free these
+            self.opt.zero_grad(set_to_none=True)
+        self.eager += 1
+        return loss
+
+    def _capture(self, batch: Batch, sig: tuple) -> torch.Tensor:
+        """Capture the step for ``batch``'s shape, replay it, check it against the eager step from the
+        same state, and return the eager step's loss (its result is the one kept)."""
+        start = _snapshot(self.model, self.opt, self.device)
+        self.static = _to_device(batch, self.device, copy=True)
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # loader threads may pin memory
+                self.static_loss = self._forward_backward(*self.static)
+            graph.replay()
+            replayed = _snapshot(self.model, self.opt, self.device, params_only=True)
+            replayed_loss = float(self.static_loss)
+        except RuntimeError as e:  # what CUDA and torch raise when a capture is refused
+            log.warning("cuda_graphs: capturing the training step failed (%s); running without graphs",
+                        str(e).splitlines()[0])
+            return self._give_up(start, batch)
+        _restore(self.model, self.opt, self.device, start)
+        self.graph = graph  # so that _eager frees the gradients it makes
+        loss = self._eager(*batch)
+        loss_err = abs(replayed_loss - float(loss)) / max(abs(float(loss)), 1e-12)
+        update_err = _update_error(start["params"], replayed, self.model)
+        if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
+            log.warning("cuda_graphs: the captured training step differs from the eager one (loss by %.2g, "
+                        "update by %.2g, relative); running without graphs", loss_err, update_err)
+            self.graph, self.graphs = None, False
+            return loss
+        self.signature = sig
+        log.info("cuda_graphs: training steps on batches of %s run as one CUDA graph (loss within %.2g, "
+                 "update within %.2g of eager)", _describe(sig), loss_err, update_err)
+        return loss
+
+    def _give_up(self, start: dict, batch: Batch) -> torch.Tensor:
+        self.graph, self.graphs, self.static, self.static_loss = None, False, None, None
+        _restore(self.model, self.opt, self.device, start)
+        return self._eager(*batch)
+
+
+def _signature(batch: Any) -> tuple:
+    if isinstance(batch, torch.Tensor):
+        return ("T", tuple(batch.shape), batch.dtype)
+    if isinstance(batch, Mapping):
+        return ("M",) + tuple((k, _signature(v)) for k, v in sorted(batch.items()))
+    if isinstance(batch, (tuple, list)):
+        return ("L",) + tuple(_signature(v) for v in batch)
+    return ("V", batch)  # plain values are baked into the graph: they must match too
+
+
+def _describe(sig: tuple) -> str:
+    shapes = []
+
+    def walk(s):
+        if s[0] == "T":
+            shapes.append(s[1])
+        else:
+            for x in s[1:]:
+                walk(x[1] if s[0] == "M" else x)
+    walk(sig)
+    return f"{len(shapes)} tensors, the first {shapes[0]}" if shapes else "no tensors"
+
+
+def _to_device(batch: Any, device: torch.device, copy: bool = False) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True, copy=copy)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device, copy) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device, copy) for v in batch)
+    return batch
+
+
+def _copy_into(static: Any, batch: Any) -> None:
+    if isinstance(static, torch.Tensor):
+        static.copy_(batch, non_blocking=True)
+    elif isinstance(static, Mapping):
+        for k, v in static.items():
+            _copy_into(v, batch[k])
+    elif isinstance(static, (tuple, list)):
+        for s, b in zip(static, batch):
+            _copy_into(s, b)
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device, params_only: bool = False) -> dict:
+    """Host copies of the trainable state (kept off the GPU: they must not add to its peak memory)."""
+    params = [p.detach().to("cpu", copy=True) for p in model.parameters() if p.requires_grad]
+    if params_only:
+        return {"params": params}
+    state = {id(p): {k: v.detach().to("cpu", copy=True) for k, v in s.items() if isinstance(v, torch.Tensor)}
+             for p, s in opt.state.items()}
+    return {"params": params, "state": state, "rng": torch.cuda.get_rng_state(device)}
+
+
+def _restore(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device, snap: dict) -> None:
+    with torch.no_grad():
+        for p, saved in zip([p for p in model.parameters() if p.requires_grad], snap["params"]):
+            p.copy_(saved)
+        for p, s in opt.state.items():
+            for k, v in snap["state"].get(id(p), {}).items():
+                s[k].copy_(v)
+    torch.cuda.set_rng_state(snap["rng"], device)
+
+
+def _update_error(start: list[torch.Tensor], replayed: list[torch.Tensor], model: nn.Module) -> float:
+    """Mean |replayed - eager| over mean |eager - start|, over all trainable parameters."""
+    eager = [p.detach().cpu() for p in model.parameters() if p.requires_grad]
+    diff = sum(float((r - e).abs().sum()) for r, e in zip(replayed, eager))
+    update = sum(float((e - s).abs().sum()) for e, s in zip(eager, start))
+    return diff / max(update, 1e-30)
