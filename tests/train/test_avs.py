@@ -83,3 +83,31 @@ def test_mti_head_shapes_and_gates_get_gradients():
     out.sum().backward()
     assert head.gate.grad is not None and (head.gate.grad != 0).all()
     assert np.isfinite(head.inject[0].in_proj_weight.grad.numpy()).all()
+
+
+def test_the_loss_averages_the_frames_with_masks():
+    """Frames without a mask (255) weigh nothing; the mean and the Dice term are over frames with one, as
+    selecting those frames would give; none at all gives 0 and zero gradients."""
+    import torch.nn.functional as F
+
+    from mettle.train.tasks.avs import MISSING, upsample
+
+    task = get_task("avs-ms3")
+    task.dice_weight = 0.7
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    targets = (torch.rand(2, 3, 8, 8) > 0.5).to(torch.uint8)
+    targets[0, 1] = MISSING
+    targets[1, 2] = MISSING
+    loss = task.loss(logits, targets)
+    valid = (targets != MISSING).flatten(2).all(-1)
+    x, y = upsample(logits, 8)[valid].flatten(1), targets[valid].float().flatten(1)
+    p = torch.sigmoid(x)
+    want = F.binary_cross_entropy_with_logits(x, y) + 0.7 * (1 - (2 * (p * y).sum(1) + 1) / (p.sum(1) + y.sum(1) + 1)).mean()
+    assert valid.sum() == 4 and torch.allclose(loss, want, atol=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[0, 1] == 0) and torch.all(logits.grad[1, 2] == 0) and logits.grad[0, 0].abs().sum() > 0
+    logits.grad = None
+    none = task.loss(logits, torch.full_like(targets, MISSING))
+    none.backward()
+    assert float(none.detach()) == 0.0 and torch.all(logits.grad == 0)

@@ -109,3 +109,26 @@ def test_avqa_refuses_a_dataset_without_questions(small_toy_cache):
     cfg = resolve_config("avqa", get_task("avqa").head_defaults, cache=str(small_toy_cache), device="cpu")
     with pytest.raises(CacheError, match="task avqa needs questions"):
         fit(cfg, open_cache(small_toy_cache), progress=False)
+
+
+def test_the_question_state_is_the_packed_sequences_last_state():
+    """The AVQA head reads the LSTM state after each question's last word (no packing, which needs the
+    lengths on the host); it is the final state of the packed sequence."""
+    import torch
+    from torch import nn
+
+    from mettle.train.tasks.avqa import AVQAHead
+
+    torch.manual_seed(0)
+    head = AVQAHead(meta_dim=16, vocab=30, answers=5, hidden=16).eval()
+    question = torch.zeros(4, 14, dtype=torch.long)
+    for k, n in enumerate((3, 14, 0, 7)):
+        question[k, :n] = torch.randint(1, 30, (n,))
+    captured = {}
+    head.out.register_forward_hook(lambda mod, inp, out: captured.setdefault("in", inp[0]))
+    meta = {"audio": torch.randn(4, 10, 2, 16), "visual": torch.randn(4, 10, 2, 16)}
+    head(meta, question)
+    lengths = (question != 0).sum(1).clamp(min=1)
+    packed = nn.utils.rnn.pack_padded_sequence(head.embed(question), lengths, batch_first=True, enforce_sorted=False)
+    _, (h, _) = head.encoder(packed)
+    assert torch.allclose(captured["in"][:, 16:], h[-1], atol=1e-6)

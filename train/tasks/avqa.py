@@ -97,11 +97,12 @@ class AVQAHead(nn.Module):
         a, v = self.grounding(meta["audio"], meta["visual"])
         x = self.fuse(torch.cat([a, v, a * v], -1)) + self.position[: a.shape[1]]
         x = self.temporal(x)  # (B, T, h)
-        lengths = (question != 0).sum(1).clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(question), lengths, batch_first=True,
-                                                   enforce_sorted=False)
-        _, (h, _) = self.encoder(packed)
-        q = h[-1]  # (B, h)
+        # the state after each question's last word (words are left-aligned, padding after them): the
+        # final state of a packed sequence, without packing's lengths on the host (a wait for the GPU,
+        # which a CUDA graph cannot hold)
+        lengths = (question != 0).sum(1).clamp(min=1)
+        states, _ = self.encoder(self.embed(question))  # (B, L, h)
+        q = states[torch.arange(len(states), device=states.device), lengths - 1]  # (B, h)
         att = torch.softmax(torch.einsum("bth,bh->bt", x, self.query(q)) / math.sqrt(x.shape[-1]), dim=1)
         pooled = torch.einsum("bt,bth->bh", att, x)
         return self.out(torch.cat([pooled * q, q], -1))

@@ -109,17 +109,18 @@ class _AVSTask(Task):
         return data["tokens"][MASKS]
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = upsample(outputs, targets.shape[-1])
+        # means over the frames that have a mask, as weights rather than by selecting them: no wait for
+        # the GPU (a CUDA graph cannot hold one); no frame with a mask gives 0 with zero gradients
+        logits = upsample(outputs, targets.shape[-1]).flatten(2)  # (B, T, pixels)
         valid = (targets != MISSING).flatten(2).all(-1)  # (B, T) frames with a mask
-        if not valid.any():
-            return logits.sum() * 0.0
-        x, y = logits[valid], targets[valid].float()
-        loss = F.binary_cross_entropy_with_logits(x, y)
+        y = torch.where(valid[..., None], targets.flatten(2), 0).float()
+        weight = valid.float() / valid.sum().clamp(min=1)
+        loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(-1) * weight).sum()
         w = float(getattr(self, "dice_weight", 0.0))
         if w:
-            p = torch.sigmoid(x).flatten(1)
-            y = y.flatten(1)
-            loss = loss + w * (1 - (2 * (p * y).sum(1) + 1) / (p.sum(1) + y.sum(1) + 1)).mean()
+            p = torch.sigmoid(logits)
+            dice = 1 - (2 * (p * y).sum(-1) + 1) / (p.sum(-1) + y.sum(-1) + 1)
+            loss = loss + w * (dice * weight).sum()
         return loss
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, manifest: Manifest,
