@@ -27,16 +27,23 @@ import torch
 from torch.utils.data import Dataset
 
 from .format import TARGETS
+from .store import SCALE
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
 class TokenDataset(Dataset):
+    """Items of ``keys`` decoded to ``dtype``; on an int8 cache the ``codes`` keys come as their int8
+    codes plus ``key + ".scale"`` (float32 ``(T, N)``) instead (see :class:`~mettle.cache.TokenSource`)."""
+
     def __init__(self, cache, rows: Sequence[int], keys: Sequence[str], dtype: str = "float32",
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, codes: Sequence[str] = ()) -> None:
         for k in keys:
             cache.meta.check_key(k)  # unknown keys fail here, naming the valid ones
         self.cache, self.rows, self.keys, self.dtype = cache, list(rows), list(keys), dtype
+        scaled = cache.meta.dtype == "int8"
+        self.codes = {k for k in codes if scaled and k in self.keys and not k.startswith(TARGETS)}
+        self.out_keys = self.keys + [k + SCALE for k in self.keys if k in self.codes]
         self.memory_budget = memory_budget
         self._kept: dict[int, dict[str, torch.Tensor]] = {}
         self._kept_bytes = 0
@@ -46,6 +53,15 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
+
+    def dtype_of(self, key: str) -> str:
+        return self.cache.meta.dtype if key in self.codes else self.dtype
+
+    def read(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """``key`` of :attr:`out_keys` for ``rows``: tokens, codes, scales or targets."""
+        if key.endswith(SCALE) and key[:-len(SCALE)] in self.codes:
+            return self.cache.read_scales(key[:-len(SCALE)], rows)
+        return self.cache.read(key, rows, self.dtype_of(key))
 
     def _keep(self, row: int, tokens: dict[str, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in tokens.values())
@@ -59,7 +75,7 @@ class TokenDataset(Dataset):
         missing = np.asarray([r for r in unique if r not in self._kept], dtype=np.int64)
         fresh: dict[int, dict[str, torch.Tensor]] = {}
         if len(missing):
-            data = {k: self.cache.read(k, missing, self.dtype) for k in self.keys}
+            data = {k: self.read(k, missing) for k in self.out_keys}
             for pos, r in enumerate(missing.tolist()):
                 fresh[r] = {k: torch.from_numpy(v[pos]) for k, v in data.items()}
                 self._keep(r, fresh[r])
@@ -113,14 +129,15 @@ class BatchedTokens(Dataset):
 
     def _read(self, key: str, rows: np.ndarray) -> np.ndarray:
         ds = self.tokens
-        if key.startswith(TARGETS) or ds.cache.meta.dtype != ds.dtype:  # targets, or decoded (int8) tokens
-            return ds.cache.read(key, rows, ds.dtype)
+        dtype = ds.dtype_of(key)
+        if key.startswith(TARGETS) or key not in ds.keys or ds.cache.meta.dtype != dtype:
+            return ds.read(key, rows)  # targets, scales (small), or int8 tokens decoded to floats
         shape = (len(rows), *ds.cache.meta.shape(ds.cache.meta.array(key))[1:])
         if self.pinned:
-            into = torch.empty(shape, dtype=getattr(torch, ds.dtype), pin_memory=True).numpy()
+            into = torch.empty(shape, dtype=getattr(torch, dtype), pin_memory=True).numpy()
         else:
-            into = self._recycled.get(key, shape, ds.dtype)
-        return ds.cache.read(key, rows, ds.dtype, into=into)
+            into = self._recycled.get(key, shape, dtype)
+        return ds.cache.read(key, rows, dtype, into=into)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -130,13 +147,13 @@ class BatchedTokens(Dataset):
         rows = np.asarray([ds.rows[i] for i in indices], dtype=np.int64)
         if len(set(rows.tolist())) == len(rows) and not any(r in ds._kept for r in rows.tolist()):
             # the common case: distinct rows not in memory, read straight into the batch's own order
-            data = {k: self._read(k, rows) for k in ds.keys}
+            data = {k: self._read(k, rows) for k in ds.out_keys}
             for pos, r in enumerate(rows.tolist()):
                 ds._keep(r, {k: torch.from_numpy(v[pos]) for k, v in data.items()})
             return {"row": torch.from_numpy(rows), "tokens": {k: torch.from_numpy(v) for k, v in data.items()}}
         items = ds.__getitems__(indices)  # repeated or kept rows: the per-item path, then one stack per key
         return {"row": torch.from_numpy(rows), "tokens": {k: torch.stack([it["tokens"][k] for it in items])
-                                                          for k in ds.keys}}
+                                                          for k in ds.out_keys}}
 
 
 def whole_batch(batch: dict) -> dict:

@@ -69,16 +69,27 @@ class Cache(TokenSource):
             return self.store.read(key, rows, into)  # targets are stored as they are used (uint8 masks)
         if into is not None and into.dtype != np.dtype(out):
             raise ValueError(f"into is {into.dtype}, the tokens are asked for as {out}")
-        direct = into is not None and not self._dtype.scaled and into.dtype == np.dtype(self.meta.dtype)
+        codes_only = self._dtype.scaled and out == self.meta.dtype  # int8 codes as stored, see read_scales
+        if not codes_only and not np.issubdtype(np.dtype(out), np.floating):
+            raise ValueError(f"tokens of this {self.meta.dtype} cache can be read as float32 or float16, not {out}")
+        direct = into is not None and into.dtype == np.dtype(self.meta.dtype) and (codes_only or not self._dtype.scaled)
         codes = self.store.read(key, rows, into if direct else None)
-        if direct:
+        if direct or (codes_only and into is None):
             return codes
-        scale = self.store.read(key + SCALE, rows) if self._dtype.scaled else None
+        scale = None if codes_only or not self._dtype.scaled else self.store.read(key + SCALE, rows)
         tokens = decode(codes, scale, out)
         if into is None:
             return tokens
         into[...] = tokens
         return into
+
+    def read_scales(self, key: str, rows: Sequence[int] | slice) -> np.ndarray:
+        """The per-token scales ``(len(rows), segments, tokens)`` float32 of an int8 cache's array ``key``:
+        ``read(key, rows, "int8") * scales[..., None]`` is ``read(key, rows)``."""
+        self.meta.check_key(key)
+        if not self._dtype.scaled:
+            raise ValueError(f"a {self.meta.dtype} cache stores no scales; read its tokens with read()")
+        return self.store.read(key + SCALE, rows)
 
     def dataset(self, splits: str | Iterable[str] | None = "train", keys: Sequence[str] | None = None,
                 dtype: str = "float32", include_failed: bool = False):
@@ -92,10 +103,12 @@ class Cache(TokenSource):
         return TokenDataset(self, rows, list(keys) if keys is not None else self.keys(), dtype)
 
     def iterate(self, batches: Sequence[Sequence[int]], keys: Sequence[str], workers: int = 0,
-                seed: int = 0) -> Iterator[dict[str, Any]]:
+                seed: int = 0, codes: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         """Batches through a DataLoader: one read per array per batch, ``workers`` reader processes.
 
-        Each batch comes out stacked (no per-sample collation) in :attr:`batch_dtype`.
+        Each batch comes out stacked (no per-sample collation) in :attr:`batch_dtype`, except the
+        ``codes`` keys of an int8 cache: their int8 codes as stored, with the per-token scales as
+        ``key + ".scale"`` (see :class:`TokenSource`), a quarter of the float32 bytes.
 
         The dataset is kept between calls with the same keys, so rows read in one epoch stay in
         memory for the next (up to ``memory_budget`` bytes; with ``workers`` each worker process
@@ -108,11 +121,12 @@ class Cache(TokenSource):
 
         if not batches:
             return iter(())
-        ds = self._datasets.get(tuple(keys))
+        ident = (tuple(keys), tuple(k for k in codes if k in keys))
+        ds = self._datasets.get(ident)
         if ds is None:  # over every row, kept: later epochs (and other splits) share its memory budget
             ds = TokenDataset(self, range(self.meta.num_clips), keys, dtype=self.batch_dtype,
-                              memory_budget=self.memory_budget)
-            self._datasets = {tuple(keys): ds}
+                              memory_budget=self.memory_budget, codes=ident[1])
+            self._datasets = {ident: ds}
         pin = torch.cuda.is_available()  # page-locked batches copy to the GPU asynchronously, and faster
         # in this process, fresh rows are read straight into page-locked memory, which the loader's
         # pinning then leaves as it is; it copies the rest (rows kept in memory, int8 tokens decoded,

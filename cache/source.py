@@ -10,6 +10,12 @@ Contract of :meth:`TokenSource.iterate`: for each batch of manifest rows (in the
 hands out its stored float precision; consumers compute in float32), on the CPU (a cache) or on the
 device the source computes on (the live backbones: their tokens stay where training runs). Tokens never require
 grad: nothing back-propagates into a source.
+
+``codes``: keys whose consumer can take int8 codes with per-token scales instead of float tokens
+(the LCD, which scales them back inside its float32 normalisation, on the device). A source that
+stores int8 (an int8 cache) then hands ``{key: int8 (B, T, N, D), key + SCALE: float32 (B, T, N)}``,
+``codes * scale[..., None]`` being the tokens: a quarter of the float32 bytes to move and hold.
+Other sources ignore ``codes`` and hand floats.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from mettle.manifests import Manifest
 
 from .errors import CacheError
 from .format import OK, CacheMeta
+from .store import SCALE
+
+__all__ = ["SCALE", "TokenSource"]
 
 
 class TokenSource(ABC):
@@ -49,7 +58,7 @@ class TokenSource(ABC):
 
     @abstractmethod
     def iterate(self, batches: Sequence[Sequence[int]], keys: Sequence[str], workers: int = 0,
-                seed: int = 0) -> Iterator[dict[str, Any]]:
+                seed: int = 0, codes: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         """Tokens of ``keys`` for each batch of rows, in order (see the module docstring)."""
 
     @abstractmethod

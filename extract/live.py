@@ -70,7 +70,8 @@ class LiveSource(TokenSource):
         return self._forwards[(modality, wanted)]
 
     def iterate(self, batches: Sequence[Sequence[int]], keys: Sequence[str], workers: int = 0,
-                seed: int = 0) -> Iterator[dict[str, Any]]:
+                seed: int = 0, codes: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+        # live tokens are floats already, on the training device: ``codes`` asks nothing of them
         for k in keys:
             self.meta.check_key(k)
         token_keys = [k for k in keys if not k.startswith(TARGETS)]

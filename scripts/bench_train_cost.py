@@ -12,6 +12,8 @@ For AVE-shaped samples (10 one-second segments: 10 frames + 10 audio seconds), o
   every token (the paper's setting);
 * ``adapter``: LAVisH/DG-SCT-style bottleneck adapters (dim/8) after every frozen block, so the
   gradient flows back through both backbones; a linear head on the last tokens;
+* ``cache:last-grid/int8``: (a) from an int8 cache, handed over as stored (int8 codes + per-token
+  float32 scales, scaled inside the LCD's normalisation on the device);
 * ``graphs:last-grid`` / ``graphs:full`` (CUDA, ``--modes`` or ``--cuda-graphs``): (a) with
   ``mettle-train --cuda-graphs``: the step replayed as one CUDA graph (train/step.py), the tokens
   handed over in page-locked host memory as the loader does and copied in by the timed step.
@@ -41,8 +43,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-MODES = ("cache:last-grid", "cache:full", "end-to-end", "adapter", "graphs:last-grid", "graphs:full")
-EAGER = MODES[:4]  # the default modes; graphs:* (CUDA only) run (a)'s step as one replayed CUDA graph
+MODES = ("cache:last-grid", "cache:full", "end-to-end", "adapter", "cache:last-grid/int8", "graphs:last-grid",
+         "graphs:full")
+EAGER = MODES[:5]  # the default modes; graphs:* (CUDA only) run (a)'s step as one replayed CUDA graph
 SETS = {"tiny": "tiny", "full": "specific"}
 
 
@@ -72,7 +75,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
             sets: dict | None = None) -> dict:
     import numpy as np
 
-    from mettle.cache import CacheMeta, plan_cache
+    from mettle.cache import SCALE, CacheMeta, plan_cache
     from mettle.cache.runtime import peak_memory
     from mettle.extract.config import ExtractConfig, load_backbones
     from mettle.extract.tokens import TokenForward
@@ -98,14 +101,17 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     labels = torch.randint(0, 29, (batch, 10), device=dev)
     task = get_task("ave")
     if mode != "adapter":
-        budget = mode.split(":")[1] if from_cache else "full"
-        meta = plan_cache(manifest, records, tokens=budget)  # the default float16 cache
+        budget, _, stored = (mode.split(":")[1] if from_cache else "full").partition("/")
+        meta = plan_cache(manifest, records, tokens=budget, dtype=stored or "float16")  # default: float16
         model = MettleModel(meta, manifest, resolve_config("ave", task.head_defaults, sets=sets), task).to(dev)
         if mode == "end-to-end":  # float16 autocast on CUDA, as the live token source runs there
             forwards = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev, "auto")
                         for m, b in backbones.items()}
         else:  # what the loader hands the model: the cache's float16 tokens
             cached = {a.key: torch.randn(batch, 10, a.tokens, a.dim, device=dev).half() for a in meta.arrays}
+            if stored == "int8":  # codes + scales, as Cache.iterate hands an int8 cache's LCD arrays
+                cached = {**{k: (v * 40).clamp(-127, 127).to(torch.int8) for k, v in cached.items()},
+                          **{k + SCALE: torch.rand(v.shape[:-1], device=dev) for k, v in cached.items()}}
             if mode.startswith("graphs") and dev.type == "cuda":  # the graph copies them in from the host
                 cached = {k: v.cpu().pin_memory() for k, v in cached.items()}
     else:
@@ -268,18 +274,19 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
     for r in rows:  # what no implementation of (a) can go below, against (b) as measured
         e2e = next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]
                     and b["mode"] == "end-to-end" and "error" not in b), None)
-        if r["mode"] != "cache:last-grid" or "error" in r or e2e is None or not r.get("token_bytes"):
+        if not r["mode"].startswith("cache:last-grid") or "error" in r or e2e is None or not r.get("token_bytes"):
             continue
         floor = 16 * r["trainable"] + r["token_bytes"]
         em = e2e["peak_gpu"] if e2e["peak_gpu"] is not None else e2e["peak_rss_minus_idle"]
-        floors.append(f"| {r['size']} | {r['batch']} | {16 * r['trainable'] / 2**20:.1f} | "
+        floors.append(f"| {r['size']} | {r['batch']} | {r['mode']} | {16 * r['trainable'] / 2**20:.1f} | "
                       f"{r['token_bytes'] / 2**20:.1f} | {floor / 2**20:.1f} | {em / floor:.1f}x |")
     if floors:
         out += ["", "The floor of (a): its trainable parameters at 16 bytes each (float32 weights, gradients and "
-                "AdamW's two moments) plus the batch's float16 `last-grid` tokens; (b)'s memory over it is the most "
-                "any implementation of (a) could reach in this configuration.", "",
-                "| size | batch | trainable state MiB | tokens MiB | floor MiB | (b) / floor |",
-                "| --- | --- | --- | --- | --- | --- |", *floors]
+                "AdamW's two moments) plus the batch's `last-grid` tokens as handed over (float16, or int8 codes with "
+                "their scales); (b)'s memory over it is the most any implementation of (a) could reach in this "
+                "configuration.", "",
+                "| size | batch | mode | trainable state MiB | tokens MiB | floor MiB | (b) / floor |",
+                "| --- | --- | --- | --- | --- | --- | --- |", *floors]
     return out
 
 

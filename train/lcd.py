@@ -30,7 +30,10 @@ Why it is written this way (memory is the point of the tool):
 * The layers of one stage run as one batched computation (see :class:`LCD`).
 
 Data contract: input tokens ``(B, T, N_l, D_l)`` per layer (any float dtype; they never require
-grad), output ``(B, T, K, d)`` float32 per modality.
+grad), or int8 codes with their per-token scales ``(B, T, N_l)`` float32 under ``key + SCALE`` (an
+int8 cache read as stored: the scaling happens inside the float32 normalisation, on the device, so
+the same numbers result as from tokens decoded on the host); output ``(B, T, K, d)`` float32 per
+modality.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from mettle.cache import ArraySpec, CacheMeta
+from mettle.cache import SCALE, ArraySpec, CacheMeta
 
 from .config import ConfigError, LCDConfig
 
@@ -49,9 +52,12 @@ _EPS = 1e-5
 SHARES = ("none", "stage")
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the last axis without affine, in float32 (float64 stays float64, for gradcheck)."""
+def _normalize(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over the last axis without affine, in float32 (float64 stays float64, for gradcheck);
+    int8 codes are first multiplied by their per-token ``scale`` (``x.shape[:-1]``), as decoding does."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if scale is not None:
+        x = x * scale.unsqueeze(-1)
     return nn.functional.layer_norm(x, x.shape[-1:], eps=_EPS)
 
 
@@ -62,30 +68,33 @@ def _stacked(xs: Sequence[torch.Tensor]) -> torch.Tensor:
 class _GroupAttend(torch.autograd.Function):
     """Attention read-out of L layers of one width at once, keeping no float32 copy of their tokens.
 
-    ``(query (L, h, K, D), weight (d, D), *xs (S, N, D) x L) -> (read (L, S, K, d), mean (L, S, D))``
+    ``(query (L, h, K, D), weight (d, D), scale (L, S, N) | None, *xs (S, N, D) x L) -> (read (L, S, K, d),
+    mean (L, S, D))``
     where ``read = softmax(query LN(x)^T) LN(x) W^T`` per head (head h uses rows h*d/h.. of W; the
     bias is added by the caller) and ``mean`` is the token mean of LN(x) (no gradient). Gradients go
-    to ``query`` and ``weight`` only. Backward keeps the caller's tokens ``xs``, the attention
-    weights (L, S, h, K, N) and the parameters, and rebuilds LN(x) and the attended tokens.
+    to ``query`` and ``weight`` only. Backward keeps the caller's tokens ``xs`` (with int8 codes: the
+    codes and ``scale``), the attention weights (L, S, h, K, N) and the parameters, and rebuilds
+    LN(x) and the attended tokens.
     """
 
     @staticmethod
-    def forward(ctx, query: torch.Tensor, weight: torch.Tensor, *xs: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, query: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,  # type: ignore[override]
+                *xs: torch.Tensor):
         h = query.shape[1]
-        xn = _normalize(_stacked(xs))  # (L, S, N, D) float32, transient
+        xn = _normalize(_stacked(xs), scale)  # (L, S, N, D) float32, transient
         attn = torch.einsum("lhkD,lsnD->lshkn", query, xn).softmax(-1)
         z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
         read = torch.einsum("lshkD,hjD->lskhj", z, weight.view(h, -1, weight.shape[1]))
         mean = xn.mean(2)
-        ctx.save_for_backward(query, weight, attn, *xs)
+        ctx.save_for_backward(query, weight, attn, scale, *xs)
         ctx.mark_non_differentiable(mean)
         return read.flatten(3), mean
 
     @staticmethod
     def backward(ctx, dread: torch.Tensor, _dmean: torch.Tensor):  # type: ignore[override]
-        query, weight, attn, *xs = ctx.saved_tensors
+        query, weight, attn, scale, *xs = ctx.saved_tensors
         h = query.shape[1]
-        xn = _normalize(_stacked(xs))
+        xn = _normalize(_stacked(xs), scale)
         z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
         w = weight.view(h, -1, weight.shape[1])
         dread = dread.reshape(*dread.shape[:3], h, -1)  # (L, S, K, h, dh)
@@ -93,7 +102,7 @@ class _GroupAttend(torch.autograd.Function):
         dz = torch.einsum("lskhj,hjD->lshkD", dread, w)
         da = torch.einsum("lshkD,lsnD->lshkn", dz, xn)
         ds = attn * (da - (attn * da).sum(-1, keepdim=True))
-        return (torch.einsum("lshkn,lsnD->lhkD", ds, xn), dweight, *([None] * len(xs)))
+        return (torch.einsum("lshkn,lsnD->lhkD", ds, xn), dweight, None, *([None] * len(xs)))
 
 
 class _Recompute(torch.autograd.Function):
@@ -152,14 +161,15 @@ class LayerDistiller(nn.Module):
         if cfg.preserve:
             self.gate = nn.Parameter(torch.tensor(float(cfg.gate_init)))
 
-    def forward(self, x: torch.Tensor, readout: Readout) -> torch.Tensor:
-        """(S, N, D) tokens of S segments -> (S, K, d) meta-tokens, with plain autograd operations.
+    def forward(self, x: torch.Tensor, readout: Readout, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """(S, N, D) tokens of S segments (or int8 codes and their (S, N) scales) -> (S, K, d)
+        meta-tokens, with plain autograd operations.
 
         The reference form (``attention="naive"``, and tokens that require grad): every token is
         projected by the value map. :class:`LCD` normally runs its layers through :class:`_GroupAttend`.
         """
         m = self.meta.unsqueeze(0).expand(x.shape[0], -1, -1)
-        xn = _normalize(x)
+        xn = _normalize(x, scale)
         if self.cfg.adapt:
             attn = torch.einsum("hkD,snD->shkn", self.query, xn).softmax(-1)
             values = readout.v(xn).view(*xn.shape[:2], self.heads, self.head_dim)  # every token projected
@@ -239,18 +249,19 @@ class LCD(nn.Module):
         first = tokens[self.keys[0]]
         b, t = first.shape[:2]
         xs = [tokens[k].reshape(b * t, *tokens[k].shape[2:]) for k in self.keys]
+        ss = [tokens[k + SCALE].reshape(b * t, -1) if k + SCALE in tokens else None for k in self.keys]
         if self.cfg.attention == "naive" or any(x.requires_grad for x in xs):
-            total = sum(layer(x, self.readouts[g]) for x, layer, g in zip(xs, self.layers, self.owner))
+            total = sum(layer(x, self.readouts[g], s) for x, s, layer, g in zip(xs, ss, self.layers, self.owner))
         else:
             total = 0
             for group in self.groups:
                 per = xs[group[0]][0].numel() * 4 * b * t  # float32 bytes of one layer's tokens
                 step = max(1, self.chunk_bytes // max(per, 1))
                 for c in range(0, len(group), step):
-                    total = total + self._group(group[c:c + step], xs)
+                    total = total + self._group(group[c:c + step], xs, ss)
         return (total / len(self.layers)).view(b, t, *total.shape[1:])
 
-    def _group(self, idx: list[int], xs: list[torch.Tensor]) -> torch.Tensor:
+    def _group(self, idx: list[int], xs: list[torch.Tensor], ss: list[torch.Tensor | None]) -> torch.Tensor:
         """Sum over the layers ``idx`` (one readout, one token shape) of their (S, K, d) meta-tokens.
 
         The part after the attention (output projection, MLP, preservation) works on K meta-tokens
@@ -260,12 +271,17 @@ class LCD(nn.Module):
         cfg, readout = self.cfg, self.readouts[self.owner[idx[0]]]
         layers = [self.layers[i] for i in idx]
         read = mean = gate = None
+        group, scales = [xs[i] for i in idx], [ss[i] for i in idx]
+        if any(s is None for s in scales) and any(s is not None for s in scales):  # codes beside floats
+            group = [x if s is None else x.float() * s.unsqueeze(-1) for x, s in zip(group, scales)]
+            scales = [None] * len(idx)
+        scale = None if scales[0] is None else _stacked(scales)
         if cfg.adapt:
             query = torch.stack([layer.query for layer in layers])
-            read, mean = _GroupAttend.apply(query, readout.v.weight, *[xs[i] for i in idx])
+            read, mean = _GroupAttend.apply(query, readout.v.weight, scale, *group)
         elif cfg.preserve:
             with torch.no_grad():
-                mean = torch.stack([_normalize(xs[i]).mean(1) for i in idx])
+                mean = torch.stack([_normalize(x, s).mean(1) for x, s in zip(group, scales)])
         if cfg.preserve:
             gate = torch.stack([layer.gate for layer in layers]).view(-1, 1, 1, 1)
         meta = torch.stack([layer.meta for layer in layers])  # (L, K, d)

@@ -80,7 +80,8 @@ def predict(model: MettleModel, task: Task, source: TokenSource, items: Sequence
     batches = _batches(list(items), batch_size, None)
     outs, targets = [], []
     rows = [task.item_rows(source.manifest, b) for b in batches]
-    for b, data in zip(batches, source.iterate(rows, model.keys + list(task.target_keys), workers)):
+    for b, data in zip(batches, source.iterate(rows, model.keys + list(task.target_keys), workers,
+                                               codes=model.code_keys)):
         extra = {k: v.to(device) for k, v in task.head_inputs(source.manifest, b).items()}
         out = model(_to(_tokens(data, task), device), **extra)
         outs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
@@ -184,7 +185,8 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
             result.step_losses.append(losses[-1])
 
         keys = model.keys + list(task.target_keys)
-        for b, data in zip(batches, source.iterate(rows, keys, cfg.workers, seed=cfg.seed + epoch)):
+        for b, data in zip(batches, source.iterate(rows, keys, cfg.workers, seed=cfg.seed + epoch,
+                                                   codes=model.code_keys)):
             target = task.batch_targets(data)
             target = task.targets(source.manifest, b) if target is None else target
             loss = train_step(_tokens(data, task), task.head_inputs(source.manifest, b), target)

@@ -16,7 +16,8 @@ from .tasks import Task
 
 
 class MettleModel(nn.Module):
-    """``forward(tokens, **head_inputs)``: tokens ``{key: (B, T, N, D)}`` -> the task head's outputs."""
+    """``forward(tokens, **head_inputs)``: tokens ``{key: (B, T, N, D)}`` (for :attr:`code_keys`, int8 codes
+    with ``key + SCALE`` scales may stand in) -> the task head's outputs."""
 
     def __init__(self, meta: CacheMeta, manifest: Manifest, cfg: TrainConfig, task: Task) -> None:
         super().__init__()
@@ -30,6 +31,11 @@ class MettleModel(nn.Module):
         """The token arrays this model reads (LCD layers, then arrays the head reads directly)."""
         keys = [k for lcd in self.lcds.values() for k in lcd.keys]
         return keys + [k for k in self.direct if k not in keys]
+
+    @property
+    def code_keys(self) -> list[str]:
+        """The arrays only the LCDs read: an int8 cache may hand them as codes + scales (TokenSource)."""
+        return [k for lcd in self.lcds.values() for k in lcd.keys if k not in self.direct]
 
     def forward(self, tokens: Mapping[str, torch.Tensor], **head_inputs: Any) -> torch.Tensor:
         if self.direct:

@@ -179,7 +179,7 @@ def test_iterate_stacks_batches_in_the_stored_precision(manifest, tmp_path, dtyp
                 assert got.dtype == getattr(torch, dtype) and got.shape[0] == len(rows)
                 want = np.stack([cache.read(k, [r], dtype)[0] for r in rows])
                 assert np.array_equal(got.numpy(), want)
-    assert (cache._datasets[tuple(keys)]._kept_bytes > 0) == (budget > 0)
+    assert (cache._datasets[(tuple(keys), ())]._kept_bytes > 0) == (budget > 0)
 
 
 @pytest.mark.parametrize("budget", [0, 1 << 30])
@@ -348,3 +348,36 @@ def test_a_failed_direct_shard_write_leaves_no_file(manifest, tmp_path, monkeypa
     assert writer.pending_shards() == [0, 1, 2]
     with pytest.raises(ValueError, match="need their per-token scales"):
         buf.put_codes(meta.arrays[0].key, 0, slice(None), np.zeros(meta.shape(meta.arrays[0])[1:], np.int8), None)
+
+
+@pytest.mark.parametrize("storage", ["zarr", "hdf5"])
+def test_int8_codes_and_scales_read_as_stored(manifest, tmp_path, storage):
+    """An int8 cache read as ``int8`` gives its codes (straight into ``into`` too), ``read_scales`` the
+    per-token scales; codes x scales are the decoded tokens, bit for bit. Batches of ``codes`` keys
+    come that way from ``iterate``, the other keys decoded; other dtypes refuse ``int8`` reads."""
+    from mettle.cache import SCALE
+
+    _fill(manifest, tmp_path / "c", storage=storage, dtype="int8")
+    cache = open_cache(tmp_path / "c")
+    key, rows = "visual/stage2.block1", [4, 0, 2]
+    codes, scales = cache.read(key, rows, "int8"), cache.read_scales(key, rows)
+    assert codes.dtype == np.int8 and scales.dtype == np.float32 and scales.shape == codes.shape[:-1]
+    assert np.array_equal(codes.astype(np.float32) * scales[..., None], cache.read(key, rows))
+    into = np.zeros(codes.shape, np.int8)
+    assert cache.read(key, rows, "int8", into=into) is into and np.array_equal(into, codes)
+    for workers in (0, 1):
+        batch = next(iter(cache.iterate([rows], [key, "audio/stage0.block0"], workers, codes=[key])))
+        tokens = batch["tokens"]
+        assert set(tokens) == {key, key + SCALE, "audio/stage0.block0"}
+        assert tokens[key].dtype == torch.int8 and np.array_equal(tokens[key].numpy(), codes)
+        assert np.array_equal(tokens[key + SCALE].numpy(), scales)
+        assert np.array_equal(tokens["audio/stage0.block0"].numpy(), cache.read("audio/stage0.block0", rows))
+    second = next(iter(cache.iterate([rows], [key, "audio/stage0.block0"], codes=[key])))  # rows kept in memory
+    assert np.array_equal(second["tokens"][key].numpy(), codes)
+    with pytest.raises(ValueError, match="no scales"):
+        _fill(manifest, tmp_path / "f", storage=storage, dtype="float16")
+        open_cache(tmp_path / "f").read_scales(key, rows)
+    with pytest.raises(ValueError, match="float32 or float16, not int8"):
+        open_cache(tmp_path / "f").read(key, rows, "int8")
+    plain = next(iter(open_cache(tmp_path / "f").iterate([rows], [key], codes=[key])))  # floats: codes ignored
+    assert set(plain["tokens"]) == {key} and plain["tokens"][key].dtype == torch.float16

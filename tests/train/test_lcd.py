@@ -58,7 +58,7 @@ def test_group_attention_gradient_matches_finite_differences():
     query = torch.randn(2, 2, 3, 6, dtype=torch.float64, requires_grad=True)  # (L, h, K, D)
     weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)  # d = 4: two heads of 2
     xs = [torch.randn(4, 5, 6, dtype=torch.float64) * 2 + 1 for _ in range(2)]
-    assert torch.autograd.gradcheck(lambda q, w: _GroupAttend.apply(q, w, *xs)[0], (query, weight))
+    assert torch.autograd.gradcheck(lambda q, w: _GroupAttend.apply(q, w, None, *xs)[0], (query, weight))
 
 
 def _twins(share="stage", **kw):
@@ -120,3 +120,33 @@ def test_ablation_switches_change_parameters():
     assert no_adapt < full and no_keep < full
     with pytest.raises(ConfigError, match="not divisible"):
         LayerDistiller(12, LCDConfig(dim=10, heads=4))
+
+
+@pytest.mark.parametrize("attention", ["folded", "naive"])
+def test_int8_codes_with_scales_equal_the_decoded_tokens(attention):
+    """LCD fed int8 codes + per-token scales (an int8 cache read as stored) computes what it computes from
+    the tokens decoded on the host, outputs and gradients; also with codes beside float tokens in one
+    group (AVS: a block the head also reads directly comes decoded)."""
+    from mettle.cache import SCALE
+    from mettle.cache.dtypes import decode, encode, get_dtype
+
+    torch.manual_seed(0)
+    arrays = _arrays()
+    cfg = LCDConfig(meta_tokens=4, dim=32, heads=4, attention=attention)
+    lcd = LCD(arrays, cfg)
+    floats, codes = {}, {}
+    for i, a in enumerate(arrays):
+        c, s = encode((torch.randn(2, 3, a.tokens, a.dim) * (1 + i)).numpy(), get_dtype("int8"))
+        floats[a.key] = torch.from_numpy(decode(c, s))
+        codes[a.key], codes[a.key + SCALE] = torch.from_numpy(c), torch.from_numpy(s)
+    mixed = {k: v for k, v in codes.items() if not k.startswith(arrays[1].key)}
+    mixed[arrays[1].key] = floats[arrays[1].key]
+    outs, grads = [], []
+    for tokens in (floats, codes, mixed):
+        lcd.zero_grad()
+        out = lcd(tokens)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in lcd.parameters() if p.grad is not None]))
+    for out, grad in zip(outs[1:], grads[1:]):
+        assert torch.allclose(out, outs[0], atol=1e-6) and torch.allclose(grad, grads[0], atol=1e-5)

@@ -122,3 +122,29 @@ def test_mettle_train_on_a_real_format_ave_cache(toy_cache, tmp_path):
     assert "AVE accuracy (all seconds)" in r.output
     results = json.loads(next((tmp_path / "runs").glob("ave__ave-*/results.json")).read_text())
     assert results["source"]["dataset"] == "ave" and results["epochs"] == 2 and 0 <= results["test"]["accuracy"] <= 1
+
+
+def test_an_int8_cache_trains_from_its_codes_as_from_decoded_tokens(toy_root, tmp_path, monkeypatch):
+    """An int8 cache hands the LCD its codes and scales (a quarter of float32's bytes); the training is
+    the one its decoded tokens give, step for step."""
+    from mettle.extract.config import ExtractConfig
+    from mettle.extract.run import extract
+    from mettle.train.model import MettleModel
+
+    extract(ExtractConfig(dataset="toy", cache=str(tmp_path / "c"), data_root=str(toy_root), dtype="int8",
+                          manifest_options={"num_clips": 12, "frames": True}, backbones="tiny", device="cpu",
+                          limit=6), progress=False)
+    cache = open_cache(tmp_path / "c")
+    cfg = _cfg(tmp_path / "c", tmp_path, **{"optim.batch_size": 2, "optim.epochs": 2})
+    seen = []
+    real = cache.iterate
+    monkeypatch.setattr(cache, "iterate", lambda *a, **k: (seen.append(k.get("codes")), real(*a, **k))[1])
+    codes = fit(cfg, cache, progress=False)
+    assert seen and all(seen)
+    batch = next(real([[0, 1]], seen[0], codes=seen[0]))
+    assert all(batch["tokens"][k].dtype == torch.int8 for k in seen[0])
+    monkeypatch.setattr(MettleModel, "code_keys", property(lambda self: []))
+    decoded = fit(cfg, cache, progress=False)
+    assert len(codes.step_losses) == 4  # 4 training clips of the 6, batches of 2, 2 epochs
+    assert torch.allclose(torch.tensor(codes.step_losses), torch.tensor(decoded.step_losses), rtol=1e-5, atol=1e-6)
+    assert codes.val == pytest.approx(decoded.val, rel=1e-5, abs=1e-6)
