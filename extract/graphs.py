@@ -43,7 +43,9 @@ class GraphedEncode:
                 fn(self.input)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # decode threads do no CUDA work
+        # captured on the warm-up's stream, of this GPU: torch.cuda.graph's own stream is made once per
+        # process, on whichever GPU was current then; thread_local: decode threads do no CUDA work
+        with torch.cuda.device(device), torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self.output = fn(self.input)
 
     def __call__(self, x: torch.Tensor) -> dict[str, Encoded]:

@@ -177,3 +177,22 @@ def test_graphed_training_still_names_a_clip_with_non_finite_tokens(small_toy_ca
                          cuda_graphs=True)
     with pytest.raises(FloatingPointError, match=f"non-finite tokens in clip {source.manifest.clips[row].clip_id}"):
         fit(cfg, open_cache(bad), progress=False)
+
+
+def test_cuda_graph_training_on_a_second_gpu(toy48_cache, caplog):
+    """Training on ``cuda:1`` while ``cuda:0`` stays current (a sweep worker's GPU): the step is captured on
+    cuda:1 (a capture on another GPU's stream would record nothing and replay as nothing)."""
+    import logging
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 3, "optim.epochs": 1}
+    head = {"hidden": 32, "temporal": "gru", "dropout": 0.0}
+    cache = open_cache(toy48_cache)
+    eager = fit(resolve_config("ave", head, sets=sets, device="cuda:1"), cache, progress=False)
+    with caplog.at_level(logging.INFO, logger="mettle.train.step"):
+        graphed = fit(resolve_config("ave", head, sets=sets, device="cuda:1", cuda_graphs=True), cache,
+                      progress=False)
+    assert torch.cuda.current_device() == 0 and graphed.graph_replays == 11 - 4 - 1, caplog.text
+    a, b = torch.tensor(eager.step_losses), torch.tensor(graphed.step_losses)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), (a, b)

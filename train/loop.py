@@ -174,15 +174,18 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         batches = _batches(train_items, cfg.optim.batch_size, generator)
         rows = [task.item_rows(source.manifest, b) for b in batches]
         losses: list[float] = []
-        pending: tuple | None = None  # (loss, batch data, step) not yet read back
+        pending: tuple | None = None  # (loss, its copy's event, batch data, step) not yet read back
 
-        def settle(loss: torch.Tensor, data: dict[str, Any], at: int) -> None:
+        def settle(loss: torch.Tensor, ready: torch.cuda.Event | None, data: dict[str, Any], at: int) -> None:
             # the batch's data stays referenced until here: its host buffers are not reused before
             # the step's copies from them have run
-            if not torch.isfinite(loss):
+            if ready is not None:
+                ready.synchronize()  # this step's loss on the host; the next step may still run
+            value = float(loss)
+            if not math.isfinite(value):
                 raise FloatingPointError(_diverged(loss, epoch, at, data, task, source))
-            losses.append(loss.item())
-            result.step_losses.append(losses[-1])
+            losses.append(value)
+            result.step_losses.append(value)
 
         keys = model.keys + list(task.target_keys)
         for b, data in zip(batches, source.iterate(rows, keys, cfg.workers, seed=cfg.seed + epoch,
@@ -190,10 +193,14 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
             target = task.batch_targets(data)
             target = task.targets(source.manifest, b) if target is None else target
             loss = train_step(_tokens(data, task), task.head_inputs(source.manifest, b), target)
+            ready = None
+            if lag and device.type == "cuda":  # copied out right behind this step: reading it waits for it only
+                loss, ready = loss.to("cpu", non_blocking=True), torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(device))
             sched.step()
             if pending is not None:
                 settle(*pending)
-            pending = (loss, data, step)
+            pending = (loss, ready, data, step)
             if not lag:
                 settle(*pending)
                 pending = None

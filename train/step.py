@@ -139,8 +139,14 @@ class TrainStep:
         self.static = _to_device(batch, self.device, copy=True)
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.device)
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # loader threads may pin memory
+            # on this step's GPU and on the warm-up's stream: torch.cuda.graph's own capture stream is made
+            # once per process on whichever GPU was current then (a graph captured there from work on
+            # another GPU is empty, replays as nothing, and would pass the check below); thread_local:
+            # loader threads may pin memory meanwhile
+            with torch.cuda.device(self.device), \
+                    torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
                 self.static_loss = self._forward_backward(*self.static)
             graph.replay()
             replayed = _snapshot(self.model, self.opt, self.device, params_only=True)
@@ -148,6 +154,7 @@ class TrainStep:
         except RuntimeError as e:  # what CUDA and torch raise when a capture is refused
             log.warning("cuda_graphs: capturing the training step failed (%s); running without graphs",
                         str(e).splitlines()[0])
+            torch.cuda.set_stream(current)  # graph.__exit__ leaves the capture stream current when capture_end raises
             return self._give_up(start, batch)
         _restore(self.model, self.opt, self.device, start)
         self.graph = graph  # so that _eager frees the gradients it makes
@@ -157,7 +164,7 @@ class TrainStep:
         if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
             log.warning("cuda_graphs: the captured training step differs from the eager one (loss by %.2g, "
                         "update by %.2g, relative); running without graphs", loss_err, update_err)
-            self.graph, self.graphs = None, False
+            self.graph, self.graphs, self.static, self.static_loss = None, False, None, None  # frees the graph's pool
             return loss
         self.signature = sig
         log.info("cuda_graphs: training steps on batches of %s run as one CUDA graph (loss within %.2g, "
