@@ -3,6 +3,7 @@ sequential read of the same bytes.
 
 Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48] [--batch-size 32]
        [--device cpu] [--repeats 3] [--work DIR] [--out DIR] [--trace] [--cuda-graphs]
+       [--data-clips 64] [--data-dtype float16|int8]
 
 1. ``mettle-extract`` on the toy dataset (decode + forward + write, clips/s) against the backbones'
    forward alone on inputs of the same shapes, same device, batch size and precision (float16
@@ -14,6 +15,8 @@ Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48]
 2. One epoch of the training data path (``Cache.iterate`` over the train split in shuffled batches
    of 16, in-memory row cache off) against reading the cache's token files once, sequentially (MB/s),
    cold (page cache dropped, when this process may) and warm; three times, the median run shown.
+   With ``--data-dtype int8`` the full-size layout cache is int8, read as training reads it (the
+   LCD's arrays as codes + scales) and, for comparison, decoded to float32 on the host.
 """
 
 from __future__ import annotations
@@ -142,8 +145,8 @@ def _precision(autocast: dict) -> str:
     return ", ".join(f"{m} {'float16 autocast' if on else 'float32'}" for m, on in autocast.items())
 
 
-def full_size_cache(work: Path, clips: int, backbones: str = "specific") -> Path:
-    """A cache of random tokens in the full-size layout (Swin-V2-L + HTS-AT, last-grid, float16).
+def full_size_cache(work: Path, clips: int, backbones: str = "specific", dtype: str = "float16") -> Path:
+    """A cache of random tokens in the full-size layout (Swin-V2-L + HTS-AT, last-grid, ``dtype``).
 
     The data path does not care what the tokens are, only how many bytes of which shapes: this gives
     the layout users train from, at any number of clips, without running the backbones.
@@ -154,7 +157,7 @@ def full_size_cache(work: Path, clips: int, backbones: str = "specific") -> Path
     from mettle.extract.config import ExtractConfig, load_backbones
     from mettle.manifests import Clip, Manifest
 
-    path = work / f"cache-{backbones}-synthetic-{clips}"
+    path = work / f"cache-{backbones}-synthetic-{clips}{'' if dtype == 'float16' else '-' + dtype}"
     if (path / "done.json").exists():
         return path
     if path.exists():
@@ -165,7 +168,7 @@ def full_size_cache(work: Path, clips: int, backbones: str = "specific") -> Path
     vocab = {"event": tuple(f"c{i}" for i in range(28)) + ("background",)}
     manifest = Manifest("bench", tuple(Clip(f"clip{i:05d}", ("train",), 10, 10.0, {"video": f"clip{i:05d}"})
                                        for i in range(clips)), vocab)
-    meta = plan_cache(manifest, records)  # the defaults: last-grid, float16, zarr
+    meta = plan_cache(manifest, records, dtype=dtype)  # the defaults: last-grid, zarr
     writer = create_cache(path, meta, manifest)
     rng = np.random.default_rng(0)
     for k in writer.pending_shards():
@@ -178,10 +181,12 @@ def full_size_cache(work: Path, clips: int, backbones: str = "specific") -> Path
     return path
 
 
-def data_path(cache_path: Path, repeats: int = 3) -> dict:
+def data_path(cache_path: Path, repeats: int = 3, codes: bool = True) -> dict:
     """The data-path measurement ``repeats`` times; each figure is the run with the median ratio
-    (a shared machine's disk is noisy, which is also why raw and loader are read side by side)."""
-    runs = [_data_path_once(cache_path) for _ in range(repeats)]
+    (a shared machine's disk is noisy, which is also why raw and loader are read side by side).
+    ``codes``: an int8 cache's arrays handed over as stored (codes + scales), as training reads the
+    LCD's arrays; else decoded to float32 on the host."""
+    runs = [_data_path_once(cache_path, codes) for _ in range(repeats)]
     out = {}
     for state in ("cold", "warm"):
         got = sorted((r[state] for r in runs if r[state]), key=lambda r: r["ratio"])
@@ -189,7 +194,7 @@ def data_path(cache_path: Path, repeats: int = 3) -> dict:
     return out
 
 
-def _data_path_once(cache_path: Path) -> dict:
+def _data_path_once(cache_path: Path, codes: bool) -> dict:
     import torch
 
     from mettle.cache import open_cache
@@ -215,7 +220,7 @@ def _data_path_once(cache_path: Path) -> dict:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
         batches = [[rows[i] for i in order[s:s + 16]] for s in range(0, len(rows), 16)]
         t0 = time.perf_counter()
-        for _ in cache.iterate(batches, cache.keys()):
+        for _ in cache.iterate(batches, cache.keys(), codes=cache.keys() if codes else ()):
             pass
         epoch = time.perf_counter() - t0
         out[state] = {"bytes": nbytes, "raw_mb_per_s": nbytes / raw / 1e6, "loader_mb_per_s": nbytes / epoch / 1e6,
@@ -238,11 +243,17 @@ def main() -> None:
                     help="also profile one extraction (torch.profiler; needs --out): where the time goes")
     ap.add_argument("--data-clips", type=int, default=64,
                     help="clips of the full-size synthetic cache the data path is also measured on (0: skip)")
+    ap.add_argument("--data-dtype", default="float16", choices=["float16", "int8"],
+                    help="that cache's dtype; int8 is read both as training reads it (codes) and decoded")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ex = extraction(args) if args.clips else None  # --clips 0: the data path on the full-size layout only
     dp = data_path(Path(ex["cache"])) if ex and not args.cuda_graphs else None  # graphs: extraction only
-    full = data_path(full_size_cache(args.work, args.data_clips)) if args.data_clips else None
+    full = decoded = None
+    if args.data_clips:
+        layout = full_size_cache(args.work, args.data_clips, dtype=args.data_dtype)
+        full = data_path(layout)
+        decoded = data_path(layout, codes=False) if args.data_dtype == "int8" else None
     lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {args.device}, "
              f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones}, {args.clips} toy clips, batch {args.batch_size}"
              + ("; extraction with --cuda-graphs" if args.cuda_graphs else ""),
@@ -259,7 +270,9 @@ def main() -> None:
                   f"{ex['pipeline_clips_per_s']:.2f} ({100 * ex['ratio_with_setup']:.0f} %) |", ""]
     lines += ["| training data path | raw sequential read MB/s | one epoch through Cache.iterate MB/s | ratio |",
               "| --- | --- | --- | --- |"]
-    for name, result in ((f"this {args.backbones} cache", dp), (f"full-size layout, {args.data_clips} clips", full)):
+    layout = f"full-size layout, {args.data_clips} clips" + ("" if args.data_dtype == "float16" else ", int8")
+    for name, result in ((f"this {args.backbones} cache", dp), (layout + (" as codes" if decoded else ""), full),
+                         (f"{layout} decoded to float32", decoded)):
         for state in ("cold", "warm"):
             r = result[state] if result else None
             if result is None:
@@ -273,7 +286,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         name = f"pipeline_{args.backbones}{'-graphs' if args.cuda_graphs else ''}"
         (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
-        (args.out / f"{name}.json").write_text(json.dumps({"extraction": ex, "data_path": dp, "data_path_full": full},
+        (args.out / f"{name}.json").write_text(json.dumps({"extraction": ex, "data_path": dp, "data_path_full": full,
+                                                           "data_path_full_decoded": decoded},
                                                                             indent=1, default=str))
 
 
