@@ -62,8 +62,9 @@ class Cache(TokenSource):
              into: np.ndarray | None = None) -> np.ndarray:
         """Tokens ``(len(rows), segments, tokens, dim)`` of array ``key``, decoded to numpy dtype ``out``
         (or a ``targets/<name>`` array as stored). With ``into`` (an array of that shape and dtype
-        ``out``, e.g. a pinned tensor's numpy view) the result is written there and returned; an
-        unscaled cache read in its stored dtype goes straight from the file into it."""
+        ``out``, e.g. a pinned tensor's numpy view) the result is written there and returned; read in
+        the stored dtype it goes straight from the file into it. An int8 cache read as ``int8`` gives
+        its codes without their scales (:meth:`read_scales`)."""
         self.meta.check_key(key)  # names the valid keys when this one is unknown
         if key.startswith(TARGETS):
             return self.store.read(key, rows, into)  # targets are stored as they are used (uint8 masks)
@@ -72,11 +73,11 @@ class Cache(TokenSource):
         codes_only = self._dtype.scaled and out == self.meta.dtype  # int8 codes as stored, see read_scales
         if not codes_only and not np.issubdtype(np.dtype(out), np.floating):
             raise ValueError(f"tokens of this {self.meta.dtype} cache can be read as float32 or float16, not {out}")
-        direct = into is not None and into.dtype == np.dtype(self.meta.dtype) and (codes_only or not self._dtype.scaled)
+        direct = into is not None and into.dtype == np.dtype(self.meta.dtype)  # as stored: from the file into it
         codes = self.store.read(key, rows, into if direct else None)
-        if direct or (codes_only and into is None):
+        if direct or codes_only:
             return codes
-        scale = None if codes_only or not self._dtype.scaled else self.store.read(key + SCALE, rows)
+        scale = self.store.read(key + SCALE, rows) if self._dtype.scaled else None
         tokens = decode(codes, scale, out)
         if into is None:
             return tokens
