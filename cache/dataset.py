@@ -1,7 +1,8 @@
 """A lazy torch Dataset over cache rows, with batched reads and a bounded in-memory row cache.
 
 Contract: item ``i`` is ``{"row": int, "tokens": {key: Tensor (T, N, D)}}`` where ``row`` is the
-manifest row (labels come from ``cache.manifest.clips[row]``) and keys are cache array keys.
+manifest row (labels come from ``cache.manifest.clips[row]``) and keys are cache array keys; the
+``codes`` keys of an int8 cache come as int8 codes with ``key + ".scale"`` float32 ``(T, N)`` beside them.
 The default collate stacks these into ``{"row": (B,), "tokens": {key: (B, T, N, D)}}``.
 
 Nothing is read before an item is asked for. ``__getitems__`` (used by DataLoader when present)
@@ -12,7 +13,7 @@ selection per array, which turns a batch of B clips into len(keys) reads instead
 out already stacked, ``{"row": (B,), "tokens": {key: (B, T, N, D)}}``, so no per-sample collation
 runs; a batch of distinct rows not yet in memory is read straight into its order (no further copy).
 
-Training reads the same rows every epoch, so decoded rows are kept in memory up to
+Training reads the same rows every epoch, so read rows are kept in memory up to
 ``memory_budget`` bytes (per process; 0 disables it): a cache that fits is read from disk once,
 a larger one keeps its first rows resident and streams the rest. Never more than the budget.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .dtypes import get_dtype
 from .format import TARGETS
 from .store import SCALE
 
@@ -41,7 +43,7 @@ class TokenDataset(Dataset):
         for k in keys:
             cache.meta.check_key(k)  # unknown keys fail here, naming the valid ones
         self.cache, self.rows, self.keys, self.dtype = cache, list(rows), list(keys), dtype
-        scaled = cache.meta.dtype == "int8"
+        scaled = get_dtype(cache.meta.dtype).scaled
         self.codes = {k for k in codes if scaled and k in self.keys and not k.startswith(TARGETS)}
         self.out_keys = self.keys + [k + SCALE for k in self.keys if k in self.codes]
         self.memory_budget = memory_budget

@@ -50,7 +50,8 @@ class Cache(TokenSource):
     @property
     def batch_dtype(self) -> str:
         """What :meth:`iterate` hands out: float16 caches stay float16 (half the bytes to move and keep;
-        the model computes in float32 per layer), float32 and int8 caches come as float32."""
+        the model computes in float32 per layer), float32 and int8 caches come as float32 (but see
+        ``codes`` in :meth:`iterate`: an int8 cache's LCD arrays come as stored)."""
         return "float16" if self.meta.dtype == "float16" else "float32"
 
     @property
@@ -70,9 +71,10 @@ class Cache(TokenSource):
             return self.store.read(key, rows, into)  # targets are stored as they are used (uint8 masks)
         if into is not None and into.dtype != np.dtype(out):
             raise ValueError(f"into is {into.dtype}, the tokens are asked for as {out}")
-        codes_only = self._dtype.scaled and out == self.meta.dtype  # int8 codes as stored, see read_scales
+        codes_only = self._dtype.scaled and np.dtype(out) == np.dtype(self.meta.dtype)  # see read_scales
         if not codes_only and not np.issubdtype(np.dtype(out), np.floating):
-            raise ValueError(f"tokens of this {self.meta.dtype} cache can be read as float32 or float16, not {out}")
+            raise ValueError(f"tokens of this {self.meta.dtype} cache can be read as float32 or float16"
+                             f"{' (or int8: its codes)' if self._dtype.scaled else ''}, not {out}")
         direct = into is not None and into.dtype == np.dtype(self.meta.dtype)  # as stored: from the file into it
         codes = self.store.read(key, rows, into if direct else None)
         if direct or codes_only:
@@ -111,7 +113,7 @@ class Cache(TokenSource):
         ``codes`` keys of an int8 cache: their int8 codes as stored, with the per-token scales as
         ``key + ".scale"`` (see :class:`TokenSource`), a quarter of the float32 bytes.
 
-        The dataset is kept between calls with the same keys, so rows read in one epoch stay in
+        The dataset is kept between calls with the same keys and codes, so rows read in one epoch stay in
         memory for the next (up to ``memory_budget`` bytes; with ``workers`` each worker process
         holds its own copy for the life of the loader only).
         """
@@ -131,7 +133,7 @@ class Cache(TokenSource):
         pin = torch.cuda.is_available()  # page-locked batches copy to the GPU asynchronously, and faster
         # in this process, fresh rows are read straight into page-locked memory, which the loader's
         # pinning then leaves as it is; it copies the rest (rows kept in memory, int8 tokens decoded,
-        # targets, and whatever worker processes hand over)
+        # int8 scales, targets, and whatever worker processes hand over)
         loader = DataLoader(BatchedTokens(ds, pinned=pin and not workers), batch_sampler=[list(b) for b in batches],
                             num_workers=workers, collate_fn=whole_batch, persistent_workers=False, pin_memory=pin,
                             generator=torch.Generator().manual_seed(seed))  # never touches the global RNG

@@ -7,7 +7,7 @@ backbones on the fly (end-to-end Mettle). Both describe their tokens with the sa
 
 Contract of :meth:`TokenSource.iterate`: for each batch of manifest rows (in the given order) yield
 ``{"row": LongTensor (B,), "tokens": {key: Tensor (B, T, N, D)}}``, float16 or float32 (a cache
-hands out its stored float precision; consumers compute in float32), on the CPU (a cache) or on the
+hands out its stored float precision; consumers compute in float32; int8 codes: see ``codes``), on the CPU (a cache) or on the
 device the source computes on (the live backbones: their tokens stay where training runs). Tokens never require
 grad: nothing back-propagates into a source.
 

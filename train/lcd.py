@@ -250,6 +250,11 @@ class LCD(nn.Module):
         b, t = first.shape[:2]
         xs = [tokens[k].reshape(b * t, *tokens[k].shape[2:]) for k in self.keys]
         ss = [tokens[k + SCALE].reshape(b * t, -1) if k + SCALE in tokens else None for k in self.keys]
+        unscaled = [k for k, x, s in zip(self.keys, xs, ss) if s is None and not x.is_floating_point()]
+        if unscaled:  # codes alone look like tokens to a LayerNorm, but are not
+            raise ValueError(f"LCD got {xs[self.keys.index(unscaled[0])].dtype} codes for {unscaled[0]} without "
+                             f"their scales ({unscaled[0] + SCALE}). Fix: hand float tokens, or codes with scales "
+                             "(Cache.iterate(..., codes=keys))")
         if self.cfg.attention == "naive" or any(x.requires_grad for x in xs):
             total = sum(layer(x, self.readouts[g], s) for x, s, layer, g in zip(xs, ss, self.layers, self.owner))
         else:
@@ -268,14 +273,14 @@ class LCD(nn.Module):
         per segment and layer, cheap to compute but, kept for backward, as large as the float16
         tokens themselves (several (L, S, K, d) float32 activations); it is recomputed in backward.
         """
+        coded = [i for i in idx if ss[i] is not None]
+        if coded and len(coded) < len(idx):  # codes beside floats (AVS: a block the head reads comes decoded)
+            return self._group(coded, xs, ss) + self._group([i for i in idx if ss[i] is None], xs, ss)
         cfg, readout = self.cfg, self.readouts[self.owner[idx[0]]]
         layers = [self.layers[i] for i in idx]
         read = mean = gate = None
         group, scales = [xs[i] for i in idx], [ss[i] for i in idx]
-        if any(s is None for s in scales) and any(s is not None for s in scales):  # codes beside floats
-            group = [x if s is None else x.float() * s.unsqueeze(-1) for x, s in zip(group, scales)]
-            scales = [None] * len(idx)
-        scale = None if scales[0] is None else _stacked(scales)
+        scale = None if not coded else _stacked(scales)
         if cfg.adapt:
             query = torch.stack([layer.query for layer in layers])
             read, mean = _GroupAttend.apply(query, readout.v.weight, scale, *group)

@@ -21,8 +21,8 @@ How the graph stays exact (the captured step is checked, not trusted):
   update). Capture refused by CUDA (a host synchronisation inside the step, say) or a mismatch
   gives a warning and eager steps for the rest of the run. The eager result is the one kept.
 
-Data contract: ``step(tokens, extra, target)`` takes ``tokens`` ``{key: (B, T, N, D)}`` (any float
-dtype), ``extra`` the head's keyword inputs, ``target`` what ``loss_fn`` takes, all tensors on the
+Data contract: ``step(tokens, extra, target)`` takes ``tokens`` ``{key: (B, T, N, D)}`` (float, or int8
+codes with their scales, as the model reads them), ``extra`` the head's keyword inputs, ``target`` what ``loss_fn`` takes, all tensors on the
 host (ideally page-locked) or the device; returns the loss, a detached 0-d tensor on the device,
 *not* synchronised: read it (``.item()``) a step later to keep the host ahead of the GPU.
 """

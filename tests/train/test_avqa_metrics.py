@@ -30,7 +30,7 @@ class _Stub(TokenSource):
     def __init__(self, manifest):
         self.manifest, self.clip_status, self.meta = manifest, ["ok"] * len(manifest), None
 
-    def iterate(self, batches, keys, workers=0, seed=0):
+    def iterate(self, batches, keys, workers=0, seed=0, codes=()):
         raise AssertionError("not used")
 
     def describe(self):
