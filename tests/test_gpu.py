@@ -196,3 +196,27 @@ def test_cuda_graph_training_on_a_second_gpu(toy48_cache, caplog):
     assert torch.cuda.current_device() == 0 and graphed.graph_replays == 11 - 4 - 1, caplog.text
     a, b = torch.tensor(eager.step_losses), torch.tensor(graphed.step_losses)
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), (a, b)
+
+
+def test_int8_codes_reach_the_gpu_page_locked_and_train_as_decoded(toy_root, tmp_path, monkeypatch):
+    """An int8 cache's LCD arrays come as page-locked int8 codes + scales; training from them on the GPU
+    follows training from the decoded tokens."""
+    from mettle.cache import SCALE
+    from mettle.train.model import MettleModel
+
+    extract(ExtractConfig(dataset="toy", cache=str(tmp_path / "c"), data_root=str(toy_root), dtype="int8",
+                          manifest_options={"num_clips": 12, "frames": True}, backbones="tiny", device="cpu",
+                          limit=6), progress=False)
+    cache = open_cache(tmp_path / "c")
+    keys = cache.keys()
+    batch = next(iter(cache.iterate([[0, 1, 2]], keys, codes=keys)))
+    for k in keys:
+        assert batch["tokens"][k].dtype == torch.int8 and batch["tokens"][k].is_pinned(), k
+        assert batch["tokens"][k + SCALE].is_pinned(), k
+    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 2, "optim.epochs": 2}
+    cfg = resolve_config("ave", {"hidden": 32, "temporal": "gru", "dropout": 0.0}, sets=sets, device="cuda")
+    codes = fit(cfg, cache, progress=False)
+    monkeypatch.setattr(MettleModel, "code_keys", property(lambda self: []))
+    decoded = fit(cfg, cache, progress=False)
+    a, b = torch.tensor(codes.step_losses), torch.tensor(decoded.step_losses)
+    assert len(a) == 4 and torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a, b)
