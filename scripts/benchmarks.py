@@ -47,7 +47,7 @@ def main() -> None:
         ([py, HERE / "bench_pipeline.py", "--backbones", "tiny", "--device", args.device, "--work", work,
           "--out", args.out, "--data-clips", "0"], None),
         ([py, HERE / "bench_train_cost.py", "--sizes", "tiny", "--batches", "1", "8", "--device", args.device,
-          "--out", args.out / "train_tiny"], None),
+          "--modes", "cache:last-grid", "cache:full", "end-to-end", "adapter", "--out", args.out / "train_tiny"], None),
         ([py, HERE / "cache_sizes.py"], "cache_sizes.md"),
     ]
     if args.extended:  # the LCD's width and sharing against the same end-to-end baseline
