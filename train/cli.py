@@ -78,6 +78,7 @@ def main(task, cache_path, config_file, sets, out, device, seed, workers, cuda_g
         click.echo(f"run {run_dir}")
         click.echo(f"trainable parameters {results['trainable_parameters']:,}; {results['seconds_per_epoch']:.2f} s "
                    f"per epoch; peak memory {results['peak_memory_bytes'] / 2**20:.0f} MiB; best epoch "
-                   f"{results['best_epoch'] + 1} (on val)")
+                   f"{results['best_epoch'] + 1} (on val)"
+                   + (f"; {results.get('graph_replays', 0)} steps replayed from a CUDA graph" if cfg.cuda_graphs else ""))
     for line in results["table"]:
         click.echo(line)
