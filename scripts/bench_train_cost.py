@@ -14,6 +14,8 @@ For AVE-shaped samples (10 one-second segments: 10 frames + 10 audio seconds), o
   gradient flows back through both backbones; a linear head on the last tokens;
 * ``cache:last-grid/int8``: (a) from an int8 cache, handed over as stored (int8 codes + per-token
   float32 scales, scaled inside the LCD's normalisation on the device);
+* ``cache:grid1`` (not in the defaults): every layer pooled to one token, to see what a step costs
+  without its tokens (the meta-token path: output projection and MLP over layers x segments x K);
 * ``graphs:last-grid`` / ``graphs:full`` (CUDA, ``--modes`` or ``--cuda-graphs``): (a) with
   ``mettle-train --cuda-graphs``: the step replayed as one CUDA graph (train/step.py), the tokens
   handed over in page-locked host memory as the loader does and copied in by the timed step.
@@ -44,7 +46,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 MODES = ("cache:last-grid", "cache:full", "end-to-end", "adapter", "cache:last-grid/int8", "graphs:last-grid",
-         "graphs:full")
+         "graphs:full", "cache:grid1")
 EAGER = MODES[:5]  # the default modes; graphs:* (CUDA only) run (a)'s step as one replayed CUDA graph
 SETS = {"tiny": "tiny", "full": "specific"}
 
