@@ -216,10 +216,15 @@ class LCD(nn.Module):
     Layers of one stage (same width and token count) run together: one batched attention per group
     instead of one per layer, which on a GPU removes most kernel launches (a Swin-V2-L stage has 18
     blocks). A group is split into chunks whose float32 normalised tokens stay under
-    ``chunk_bytes``, so the transient memory does not grow with the number of layers.
+    ``chunk_bytes`` and whose meta-token activations stay under ``meta_bytes``, so the transient
+    memory does not grow with the number of layers.
     """
 
     chunk_bytes = 16 << 20  # measured: larger chunks were slower on CPU at batch 8 (cache misses)
+    # and at most this much of the activations after the attention (some 8 float32 (K, d) per layer and
+    # segment), which dominate with few tokens a layer: full-size, batch 8, one token a layer: 862 -> 518
+    # MiB above idle on the CPU; the last-grid and full budgets chunk as before (BENCHMARKS.md)
+    meta_bytes = 16 << 20
 
     def __init__(self, arrays: Sequence[ArraySpec], cfg: LCDConfig) -> None:
         super().__init__()
@@ -261,7 +266,8 @@ class LCD(nn.Module):
             total = 0
             for group in self.groups:
                 per = xs[group[0]][0].numel() * 4 * b * t  # float32 bytes of one layer's tokens
-                step = max(1, self.chunk_bytes // max(per, 1))
+                meta = 8 * self.cfg.meta_tokens * self.cfg.dim * 4 * b * t  # ~ its meta-token activations
+                step = max(1, min(self.chunk_bytes // max(per, 1), self.meta_bytes // meta))
                 for c in range(0, len(group), step):
                     total = total + self._group(group[c:c + step], xs, ss)
         return (total / len(self.layers)).view(b, t, *total.shape[1:])

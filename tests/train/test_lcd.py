@@ -74,11 +74,12 @@ def _twins(share="stage", **kw):
     return folded, naive
 
 
-@pytest.mark.parametrize("share,chunk", [("stage", 64 << 20), ("none", 64 << 20), ("stage", 1)])
+@pytest.mark.parametrize("share,chunk,meta", [("stage", 64 << 20, 64 << 20), ("none", 64 << 20, 64 << 20),
+                                               ("stage", 1, 64 << 20), ("stage", 64 << 20, 1)])
 @pytest.mark.parametrize("kw", [{}, {"adapt": False}, {"preserve": False}])
-def test_grouped_attention_equals_naive(share, chunk, kw):
+def test_grouped_attention_equals_naive(share, chunk, meta, kw):
     folded, naive = _twins(share, **kw)
-    folded.chunk_bytes = chunk  # 1: every layer its own chunk
+    folded.chunk_bytes, folded.meta_bytes = chunk, meta  # 1: every layer its own chunk
     tokens = _tokens()
     a, b = folded(tokens), naive(tokens)
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
