@@ -25,7 +25,7 @@ from mettle.cache.runtime import peak_memory, resolve_device
 
 from .config import TrainConfig
 from .model import MettleModel, count_parameters
-from .step import TrainStep, adopt_optimizer, make_optimizer
+from .step import TrainStep, adopt_optimizer, make_optimizer, to_device
 from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,6 @@ def _batches(items: Sequence[int], size: int, generator: torch.Generator | None)
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def _to(batch_tokens: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch_tokens.items()}
-
-
 @torch.no_grad()
 def predict(model: MettleModel, task: Task, source: TokenSource, items: Sequence[int], batch_size: int,
             device: torch.device, workers: int = 0):
@@ -82,8 +78,8 @@ def predict(model: MettleModel, task: Task, source: TokenSource, items: Sequence
     rows = [task.item_rows(source.manifest, b) for b in batches]
     for b, data in zip(batches, source.iterate(rows, model.keys + list(task.target_keys), workers,
                                                codes=model.code_keys)):
-        extra = {k: v.to(device) for k, v in task.head_inputs(source.manifest, b).items()}
-        out = model(_to(_tokens(data, task), device), **extra)
+        extra = to_device(task.head_inputs(source.manifest, b), device)
+        out = model(to_device(_tokens(data, task), device), **extra)
         outs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
         carried = task.batch_targets(data)
         if carried is not None:
@@ -135,9 +131,8 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     train_items = task.items(source, "train")
     if not train_items:
         raise ValueError(f"the token source {source.describe()} has no usable training clips")
-    graphs = cfg.cuda_graphs and device.type == "cuda"
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
-                         device, graphs)
+                         device, cfg.cuda_graphs)  # graphs only count on CUDA: make_optimizer and TrainStep check
     steps_per_epoch = math.ceil(len(train_items) / cfg.optim.batch_size)
     total = steps_per_epoch * cfg.optim.epochs
     warm = steps_per_epoch * cfg.optim.warmup_epochs
@@ -154,7 +149,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        adopt_optimizer(opt, device, graphs)  # the saving run may have stepped another way
+        adopt_optimizer(opt, device, cfg.cuda_graphs)  # the saving run may have stepped another way
         sched.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])

@@ -124,7 +124,7 @@ class TrainStep:
         return loss.detach()
 
     def _eager(self, tokens, extra, target) -> torch.Tensor:
-        tokens, extra, target = _to_device((tokens, extra, target), self.device)
+        tokens, extra, target = to_device((tokens, extra, target), self.device)
         self.opt.zero_grad(set_to_none=True)
         loss = self._forward_backward(tokens, extra, target)
         if self.graph is not None:  # the graph keeps its own gradients: free these
@@ -136,7 +136,7 @@ class TrainStep:
         """Capture the step for ``batch``'s shape, replay it, check it against the eager step from the
         same state, and return the eager step's loss (its result is the one kept)."""
         start = _snapshot(self.model, self.opt, self.device)
-        self.static = _to_device(batch, self.device, copy=True)
+        self.static = to_device(batch, self.device, copy=True)
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.device)
@@ -200,13 +200,14 @@ def _describe(sig: tuple) -> str:
     return f"{len(shapes)} tensors, the first {shapes[0]}" if shapes else "no tensors"
 
 
-def _to_device(batch: Any, device: torch.device, copy: bool = False) -> Any:
+def to_device(batch: Any, device: torch.device, copy: bool = False) -> Any:
+    """Tensors in a (nested) dict / tuple / list moved to ``device`` without blocking (``copy``: always copies)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True, copy=copy)
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device, copy) for k, v in batch.items()}
+        return {k: to_device(v, device, copy) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device, copy) for v in batch)
+        return type(batch)(to_device(v, device, copy) for v in batch)
     return batch
 
 
