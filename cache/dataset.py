@@ -132,7 +132,7 @@ class BatchedTokens(Dataset):
     def _read(self, key: str, rows: np.ndarray) -> np.ndarray:
         ds = self.tokens
         dtype = ds.dtype_of(key)
-        if key.startswith(TARGETS) or key not in ds.keys or ds.cache.meta.dtype != dtype:
+        if key.startswith(TARGETS) or key not in ds.keys or not ds.cache.reads_directly(dtype):
             return ds.read(key, rows)  # targets, scales (small), or int8 tokens decoded to floats
         shape = (len(rows), *ds.cache.meta.shape(ds.cache.meta.array(key))[1:])
         if self.pinned:

@@ -75,7 +75,7 @@ class Cache(TokenSource):
         if not codes_only and not np.issubdtype(np.dtype(out), np.floating):
             raise ValueError(f"tokens of this {self.meta.dtype} cache can be read as float32 or float16"
                              f"{' (or int8: its codes)' if self._dtype.scaled else ''}, not {out}")
-        direct = into is not None and into.dtype == np.dtype(self.meta.dtype)  # as stored: from the file into it
+        direct = into is not None and self.reads_directly(out)
         codes = self.store.read(key, rows, into if direct else None)
         if direct or codes_only:
             return codes
@@ -85,6 +85,11 @@ class Cache(TokenSource):
             return tokens
         into[...] = tokens
         return into
+
+    def reads_directly(self, out: str) -> bool:
+        """Whether :meth:`read` in dtype ``out`` goes straight from the file into ``into`` (no decoding):
+        the stored dtype (an int8 cache's codes included)."""
+        return np.dtype(out) == np.dtype(self.meta.dtype)
 
     def read_scales(self, key: str, rows: Sequence[int] | slice) -> np.ndarray:
         """The per-token scales ``(len(rows), segments, tokens)`` float32 of an int8 cache's array ``key``:
