@@ -160,7 +160,7 @@ class TrainStep:
         self.graph = graph  # so that _eager frees the gradients it makes
         loss = self._eager(*batch)
         loss_err = abs(replayed_loss - float(loss)) / max(abs(float(loss)), 1e-12)
-        update_err = _update_error(start["params"], replayed, self.model)
+        update_err = _update_error(start["params"], replayed["params"], self.model)
         if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
             log.warning("cuda_graphs: the captured training step differs from the eager one (loss by %.2g, "
                         "update by %.2g, relative); running without graphs", loss_err, update_err)
