@@ -60,15 +60,18 @@ def test_cuda_lcd_equals_naive_and_cpu():
     assert torch.allclose(gpu, ref, atol=1e-4) and torch.allclose(gpu.cpu(), cpu, atol=1e-4)
 
 
-def test_cuda_training_follows_cpu(small_toy_cache):
-    """The same five steps on CPU and GPU from one cache: losses agree (float32 compute on both)."""
-    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 3, "optim.lr": 1e-3}
+@pytest.mark.parametrize("graphs", ["false", "auto"])
+def test_cuda_training_follows_cpu(small_toy_cache, graphs):
+    """The same five steps on CPU and GPU from one cache: losses agree (float32 compute on both), with
+    eager CUDA steps and with the default (on CUDA: 3 eager, the capture, then replays)."""
+    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 2, "optim.lr": 1e-3,
+            "cuda_graphs": graphs}  # 4 training clips: full batches only, so step 5 replays the graph
     cache = open_cache(small_toy_cache)
     runs = [fit(resolve_config("ave", {"hidden": 32, "temporal": "gru", "dropout": 0.0}, sets=sets, device=d),
                 cache, progress=False, max_steps=5) for d in ("cpu", "cuda")]
     a, b = (torch.tensor(r.step_losses) for r in runs)
     assert len(a) == 5 and torch.allclose(a, b, atol=5e-3, rtol=5e-3), (a, b)  # cuDNN may use TF32
-    assert runs[1].peak_memory > 0
+    assert runs[1].peak_memory > 0 and runs[1].graph_replays == (graphs == "auto")
 
 
 @pytest.mark.parametrize("storage", ["float16", "int8"])
@@ -137,7 +140,7 @@ def test_encoding_on_a_second_gpu_waits_for_that_gpu(small_toy_cache):
 
 
 def test_cuda_graph_training_follows_eager(toy48_cache, caplog):
-    """``cuda_graphs=true``: after the warm-up, full batches replay one captured step (checked against
+    """``cuda_graphs`` (auto on CUDA, true here): after the warm-up, full batches replay one captured step (checked against
     the eager step at capture), the epoch's last, smaller batch runs eagerly; dropout included, the
     losses follow the eager run's and the replays counted."""
     import logging
@@ -146,7 +149,7 @@ def test_cuda_graph_training_follows_eager(toy48_cache, caplog):
             "optim.epochs": 2}
     cache = open_cache(toy48_cache)
     head = {"hidden": 32, "temporal": "gru", "dropout": 0.1}
-    eager = fit(resolve_config("ave", head, sets=sets, device="cuda"), cache, progress=False)
+    eager = fit(resolve_config("ave", head, sets=sets, device="cuda", cuda_graphs=False), cache, progress=False)
     with caplog.at_level(logging.INFO, logger="mettle.train.step"):
         graphed = fit(resolve_config("ave", head, sets=sets, device="cuda", cuda_graphs=True), cache, progress=False)
     assert "run as one CUDA graph" in caplog.text, caplog.text
@@ -189,7 +192,7 @@ def test_cuda_graph_training_on_a_second_gpu(toy48_cache, caplog):
     sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 3, "optim.epochs": 1}
     head = {"hidden": 32, "temporal": "gru", "dropout": 0.0}
     cache = open_cache(toy48_cache)
-    eager = fit(resolve_config("ave", head, sets=sets, device="cuda:1"), cache, progress=False)
+    eager = fit(resolve_config("ave", head, sets=sets, device="cuda:1", cuda_graphs=False), cache, progress=False)
     with caplog.at_level(logging.INFO, logger="mettle.train.step"):
         graphed = fit(resolve_config("ave", head, sets=sets, device="cuda:1", cuda_graphs=True), cache,
                       progress=False)

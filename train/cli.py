@@ -25,8 +25,9 @@ from .tasks import get_task, list_tasks
 @click.option("--device", help="auto, cpu, cuda, cuda:N [auto]")
 @click.option("--seed", type=int, help="seed of initialisation and data order [0]")
 @click.option("--workers", type=int, help="DataLoader reader processes [0]")
-@click.option("--cuda-graphs", is_flag=True, default=None,
-              help="replay each full batch's training step as one CUDA graph (checked against eager at capture)")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="replay each full batch's training step as one CUDA graph, checked against eager at capture "
+                   "[on for CUDA devices; --no-cuda-graphs: eager steps, less GPU memory]")
 @click.option("--init-from", help="run folder (or best.pt) whose matching parameters start training")
 @click.option("--eval-only", is_flag=True, help="score --checkpoint on val and test, no training")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="best.pt of a run")
@@ -79,6 +80,7 @@ def main(task, cache_path, config_file, sets, out, device, seed, workers, cuda_g
         click.echo(f"trainable parameters {results['trainable_parameters']:,}; {results['seconds_per_epoch']:.2f} s "
                    f"per epoch; peak memory {results['peak_memory_bytes'] / 2**20:.0f} MiB; best epoch "
                    f"{results['best_epoch'] + 1} (on val)"
-                   + (f"; {results.get('graph_replays', 0)} steps replayed from a CUDA graph" if cfg.cuda_graphs else ""))
+                   + (f"; {results.get('graph_replays', 0)} steps replayed from a CUDA graph"
+                      if results.get("graph_replays") or cfg.cuda_graphs == "true" else ""))
     for line in results["table"]:
         click.echo(line)

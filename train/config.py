@@ -65,7 +65,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
-    cuda_graphs: bool = False  # each full training batch's step as one replayed CUDA graph (see step.py)
+    cuda_graphs: str = "auto"  # each full batch's step as one replayed CUDA graph (step.py): auto = on CUDA
     init_from: str = ""  # a run folder (or its best.pt) whose matching parameters start this run
     lcd: LCDConfig = field(default_factory=LCDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -83,6 +83,7 @@ class TrainConfig:
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+CHOICES = {"cuda_graphs": ("auto", "true", "false")}  # string options with a fixed set of values
 
 
 def _convert(key: str, value: Any, default: Any) -> Any:
@@ -105,7 +106,13 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not a number. Fix: write e.g. {key}={default}") from None
     if isinstance(default, str):
-        return str(value)
+        if key not in CHOICES:
+            return str(value)
+        text = str(value).lower()
+        text = "true" if text in _TRUE else "false" if text in _FALSE else text  # YAML's booleans, --flag/--no-flag
+        if text not in CHOICES[key]:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(CHOICES[key])}. Fix: write e.g. {key}={default}")
+        return text
     return value
 
 

@@ -25,7 +25,7 @@ from mettle.cache.runtime import peak_memory, resolve_device
 
 from .config import TrainConfig
 from .model import MettleModel, count_parameters
-from .step import TrainStep, adopt_optimizer, make_optimizer, to_device
+from .step import TrainStep, adopt_optimizer, graphs_for, make_optimizer, to_device
 from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class FitResult:
     seconds_per_epoch: float = 0.0
     peak_memory: int = 0
     trainable_parameters: int = 0
-    graph_replays: int = 0  # training steps replayed from a CUDA graph (cuda_graphs=true)
+    graph_replays: int = 0  # training steps replayed from a CUDA graph (cuda_graphs: auto on CUDA, or true)
 
 
 def build_model(cfg: TrainConfig, source: TokenSource, task: Task | None = None) -> MettleModel:
@@ -131,8 +131,9 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     train_items = task.items(source, "train")
     if not train_items:
         raise ValueError(f"the token source {source.describe()} has no usable training clips")
+    graphs = graphs_for(cfg.cuda_graphs, device)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
-                         device, cfg.cuda_graphs)  # graphs only count on CUDA: make_optimizer and TrainStep check
+                         device, graphs)
     steps_per_epoch = math.ceil(len(train_items) / cfg.optim.batch_size)
     total = steps_per_epoch * cfg.optim.epochs
     warm = steps_per_epoch * cfg.optim.warmup_epochs
@@ -149,7 +150,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        adopt_optimizer(opt, device, cfg.cuda_graphs)  # the saving run may have stepped another way
+        adopt_optimizer(opt, device, graphs)  # the saving run may have stepped another way
         sched.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
@@ -159,7 +160,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         log.info("resuming at epoch %d of %d", start + 1, cfg.optim.epochs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_step = TrainStep(model, task.loss, opt, device, cfg.optim.grad_clip, cfg.cuda_graphs)
+    train_step = TrainStep(model, task.loss, opt, device, cfg.optim.grad_clip, graphs)
     lag = device.type in LAG_DEVICES  # reading a loss waits for the device: do it a step late
     bar = tqdm(range(start, cfg.optim.epochs), desc=f"train {cfg.task}", unit="epoch", disable=not progress)
     epoch_times = [r["seconds"] for r in result.history]

@@ -1,10 +1,11 @@
 """One optimisation step (forward, loss, backward, clipping, AdamW), run eagerly or replayed as one
-CUDA graph (``cuda_graphs=true``).
+CUDA graph (``cuda_graphs``: auto = on CUDA devices, the default; true; false).
 
 Why: from the cache, a step of LCD + head is small. On an H200 (BENCHMARKS.md, 2026-11-27) it took
-37 ms at batch 1 and 85 ms at batch 8, nearly the same: the host issuing some thousands of small
-kernels (forward, backward, optimiser) is the cost, not the GPU. A CUDA graph replays the whole step
-with one launch. The graph is captured once, for the batch shape of the first step after
+34-37 ms at batch 1 and 85-95 ms at batch 8, nearly the same: the host issuing some thousands of
+small kernels (forward, backward, optimiser) is the cost, not the GPU. A CUDA graph replays the whole
+step with one launch: 5 ms at batch 1 and 21 ms at batch 8 on the same GPU, for 80-210 MiB more peak
+memory (``--no-cuda-graphs`` keeps the eager step). The graph is captured once, for the batch shape of the first step after
 ``warmup`` eager steps; batches of any other shape (an epoch's last, smaller batch) run eagerly.
 
 How the graph stays exact (the captured step is checked, not trusted):
@@ -39,6 +40,18 @@ log = logging.getLogger(__name__)
 
 LOSS_TOLERANCE = 1e-4
 UPDATE_TOLERANCE = 1e-2
+
+
+def graphs_for(setting: str, device: torch.device) -> bool:
+    """Whether ``cuda_graphs`` = ``setting`` (auto | true | false) graphs steps on ``device``.
+
+    ``auto`` (the default) graphs on CUDA devices, where a step from the cache is bound by the host
+    launching kernels (one H200: 0.034 -> 0.005 s a step at batch 1, BENCHMARKS.md); a CPU runs each op
+    as it is issued and gains nothing. ``true`` off CUDA warns and runs eagerly."""
+    cuda = device.type == "cuda"
+    if setting == "true" and not cuda:
+        log.warning("cuda_graphs: training runs on %s, not a CUDA device; running without graphs", device)
+    return cuda and setting != "false"
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device,

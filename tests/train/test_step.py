@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from mettle.cache import open_cache
-from mettle.train.config import resolve_config
+import pytest
+
+from mettle.train.config import ConfigError, resolve_config
 from mettle.train.loop import fit
-from mettle.train.step import TrainStep, _signature, adopt_optimizer, make_optimizer
+from mettle.train.step import TrainStep, _signature, adopt_optimizer, graphs_for, make_optimizer
 
 SETS = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 2, "optim.lr": 1e-3}
 HEAD = {"hidden": 32, "temporal": "gru", "dropout": 0.1}
@@ -54,11 +56,32 @@ def test_the_step_is_forward_backward_clip_and_adamw():
 def test_cuda_graphs_on_a_cpu_warn_and_train_as_without(small_toy_cache, caplog):
     cache = open_cache(small_toy_cache)
     plain = fit(resolve_config("ave", HEAD, sets=SETS, device="cpu"), cache, progress=False, max_steps=3)
+    assert resolve_config("ave", HEAD).cuda_graphs == "auto"  # the default: graphs where they pay, on CUDA
+    with caplog.at_level(logging.WARNING, logger="mettle.train.step"):
+        fit(resolve_config("ave", HEAD, sets=SETS, device="cpu"), cache, progress=False, max_steps=1)
+    assert "cuda_graphs" not in caplog.text  # auto on a CPU says nothing
     with caplog.at_level(logging.WARNING, logger="mettle.train.step"):
         graphs = fit(resolve_config("ave", HEAD, sets=SETS, device="cpu", cuda_graphs=True), cache, progress=False,
                      max_steps=3)
     assert "cuda_graphs: training runs on cpu" in caplog.text
     assert graphs.graph_replays == 0 and graphs.step_losses == plain.step_losses
+
+
+@pytest.mark.parametrize("given, setting", [(True, "true"), (False, "false"), ("auto", "auto"), ("Off", "false"),
+                                            ("yes", "true")])
+def test_cuda_graphs_setting_takes_flags_yaml_booleans_and_auto(given, setting):
+    assert resolve_config("ave", HEAD, sets={"cuda_graphs": given}).cuda_graphs == setting
+
+
+def test_a_bad_cuda_graphs_setting_names_the_choices():
+    with pytest.raises(ConfigError, match="cuda_graphs='sometimes' is not one of auto, true, false"):
+        resolve_config("ave", HEAD, sets={"cuda_graphs": "sometimes"})
+
+
+def test_graphs_for_a_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)  # a device object needs no GPU
+    assert [graphs_for(s, cuda) for s in ("auto", "true", "false")] == [True, True, False]
+    assert [graphs_for(s, cpu) for s in ("auto", "true", "false")] == [False, False, False]
 
 
 def test_lagged_loss_reading_trains_the_same(small_toy_cache, monkeypatch):
