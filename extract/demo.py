@@ -12,6 +12,7 @@ The toy run uses a small LCD (``DEMO_SETTINGS``); real datasets use the defaults
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -20,6 +21,7 @@ import torch
 from mettle.cache import CacheError, open_cache
 from mettle.manifests import build_manifest, save_manifest
 from mettle.manifests.cli import clean_errors, summary_lines
+from mettle.manifests.toy import ToyParams, generate_toy
 
 from .media import MediaError
 
@@ -39,6 +41,8 @@ def run_demo(out: Path, num_clips: int = 48, seed: int = 0, progress: bool = Tru
     from .run import extract
 
     data_root = out / "data" / "toy"
+    # rendered in up to 8 processes first (the same bytes); build_manifest then finds it complete
+    generate_toy(data_root, ToyParams(num_clips=num_clips, seed=seed), processes=min(os.cpu_count() or 1, 8))
     manifest = build_manifest("toy", data_root=str(data_root), num_clips=num_clips, seed=seed)
     save_manifest(manifest, out / "manifest.json")
     cfg = ExtractConfig(dataset="toy", cache=str(out / "cache"), data_root=str(data_root),

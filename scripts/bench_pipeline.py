@@ -48,9 +48,11 @@ def extraction(args) -> dict:
     median ratio (a shared machine's timings vary by 10 % and more between runs)."""
     from mettle.extract.config import ExtractConfig, load_backbones
     from mettle.manifests import build_manifest
+    from mettle.manifests.toy import ToyParams, generate_toy
 
     data = args.work / f"toy{args.clips}"  # the toy generator refuses a folder made with other parameters
-    build_manifest("toy", data_root=str(data), num_clips=args.clips)  # generate first: not part of the timing
+    generate_toy(data, ToyParams(num_clips=args.clips), processes=os.cpu_count() or 1)  # not part of the timing
+    build_manifest("toy", data_root=str(data), num_clips=args.clips)
     cfg = ExtractConfig(dataset="toy", cache=str(args.work / f"cache-{args.backbones}"), data_root=str(data),
                         manifest_options={"num_clips": args.clips}, backbones=args.backbones, random_init=True,
                         device=args.device, batch_size=args.batch_size, cuda_graphs=args.cuda_graphs)

@@ -28,7 +28,7 @@ import numpy as np
 from .._registry import register_dataset
 from ..avqa import parse_avqa_folder
 from ..schema import Manifest
-from .generate import DONE_FILE, ToyParams, begin, split_of, write_clip_media
+from .generate import DONE_FILE, ToyParams, begin, split_of, write_media
 from .synth import TOY_CLASSES, ClipScript, make_qa_script
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ def questions_for(script: ClipScript, rng: np.random.Generator) -> list[tuple[st
     return out
 
 
-def generate_toy_avqa(root: str | Path, params: ToyParams = ToyParams(), overwrite: bool = False) -> Path:
+def generate_toy_avqa(root: str | Path, params: ToyParams = ToyParams(), overwrite: bool = False,
+                      processes: int = 1) -> Path:
     """Generate the MUSIC-AVQA-format toy dataset into ``root`` (skipped when a complete one is there)."""
     root = Path(root)
     marker = begin(root, params, "music-avqa", "ans_vocab.txt", overwrite)
@@ -85,8 +86,8 @@ def generate_toy_avqa(root: str | Path, params: ToyParams = ToyParams(), overwri
     (root / "avqa-train.json").write_text(json.dumps(records["train"], indent=1))
     for split in ("val", "test"):
         (root / "json" / f"avqa-{split}.json").write_text(json.dumps(records[split], indent=1))
-    for vid, script in zip(ids, scripts):
-        write_clip_media(root, params, script, f"videos/{vid}.mp4", f"frames/{vid}", f"audio_wave/{vid}.npy")
+    write_media(root, params, [(script, f"videos/{vid}.mp4", f"frames/{vid}", f"audio_wave/{vid}.npy", 1)
+                               for vid, script in zip(ids, scripts)], processes)
     (root / DONE_FILE).write_text(json.dumps(marker))
     return root
 

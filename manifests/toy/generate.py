@@ -57,11 +57,13 @@ class ToyParams:
         return self
 
 
-def generate_toy(root: str | Path, params: ToyParams = ToyParams(), overwrite: bool = False) -> Path:
+def generate_toy(root: str | Path, params: ToyParams = ToyParams(), overwrite: bool = False,
+                 processes: int = 1) -> Path:
     """Generate the toy dataset into ``root`` unless a complete one with the same parameters is there.
 
     Returns ``root``. A folder holding something else (another dataset, other parameters) is
-    refused unless ``overwrite``.
+    refused unless ``overwrite``. ``processes`` > 1 renders clips in that many processes (the same
+    bytes: each clip depends only on its own script).
     """
     params.check()
     root = Path(root)
@@ -75,10 +77,31 @@ def generate_toy(root: str | Path, params: ToyParams = ToyParams(), overwrite: b
                for i in range(params.num_clips)]
     ids = [f"toy{params.seed:03d}_{i:04d}" for i in range(params.num_clips)]
     _write_annotations(root, ids, scripts, params)
-    for vid, script in zip(ids, scripts):
-        write_clip_media(root, params, script, f"videos/{vid}.mp4", f"frames/{vid}", f"wave/{vid}.npy")
+    write_media(root, params, [(script, f"videos/{vid}.mp4", f"frames/{vid}", f"wave/{vid}.npy", 1)
+                               for vid, script in zip(ids, scripts)], processes)
     done.write_text(json.dumps(asdict(params)))
     return root
+
+
+MediaJob = tuple[ClipScript, str, str, str, int]  # write_clip_media's script, video, frames_dir, wave, frame_step
+
+
+def write_media(root: Path, params: ToyParams, jobs: list[MediaJob], processes: int = 1) -> None:
+    """Render and write every clip of ``jobs`` (see :func:`write_clip_media`), in ``processes`` processes.
+
+    Why processes: rendering and encoding a clip (about 0.3 s of one core) holds Python's lock in
+    PyAV, so threads would not help; a benchmark that wants hundreds of clips uses every core.
+    Spawned, not forked: the caller may hold torch's threads, which a fork does not survive."""
+    if processes <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            write_clip_media(root, params, *job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in [pool.submit(write_clip_media, root, params, *job) for job in jobs]:
+            done.result()  # re-raises a clip's failure here
 
 
 def write_clip_media(root: Path, params: ToyParams, script: ClipScript, video: str, frames_dir: str, wave: str,

@@ -22,7 +22,7 @@ import numpy as np
 from .._registry import register_dataset
 from ..llp import LLP_SPLIT_FILES, parse_llp_folder
 from ..schema import Manifest
-from .generate import DONE_FILE, ToyParams, begin, split_of, write_clip_media
+from .generate import DONE_FILE, ToyParams, begin, split_of, write_media
 from .synth import make_parse_script, runs
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 TOY_LLP_CLASSES = ("Telephone_bell_ringing", "Fire_alarm", "Motorcycle", "Basketball_bounce")  # bell siren engine drum
 
 
-def generate_toy_llp(root: str | Path, params: ToyParams = ToyParams(), overwrite: bool = False) -> Path:
+def generate_toy_llp(root: str | Path, params: ToyParams = ToyParams(), overwrite: bool = False,
+                     processes: int = 1) -> Path:
     """Generate the LLP-format toy dataset into ``root`` (skipped when a complete one is there)."""
     root = Path(root)
     marker = begin(root, params, "llp", "AVVP_train.csv", overwrite)
@@ -54,9 +55,9 @@ def generate_toy_llp(root: str | Path, params: ToyParams = ToyParams(), overwrit
         (root / LLP_SPLIT_FILES[split]).write_text("\n".join(lines) + "\n")
     for modality, rows in events.items():
         (root / f"AVVP_eval_{modality}.csv").write_text("\n".join(["filename\tonset\toffset\tevent_labels", *rows]) + "\n")
-    for name, script in zip(names, scripts):  # LLP's frame folders hold 1 fps: every fps-th frame
-        write_clip_media(root, params, script, f"videos/{name}.mp4", f"frames/{name[:11]}", f"wave/{name[:11]}.npy",
-                         frame_step=params.fps)
+    # LLP's frame folders hold 1 fps: every fps-th frame
+    write_media(root, params, [(script, f"videos/{name}.mp4", f"frames/{name[:11]}", f"wave/{name[:11]}.npy",
+                                params.fps) for name, script in zip(names, scripts)], processes)
     (root / DONE_FILE).write_text(json.dumps(marker))
     return root
 

@@ -65,9 +65,11 @@ def test_toy_content_matches_labels(toy_manifest, toy_root):
 def test_toy_is_deterministic(tmp_path, toy_root):
     from mettle.manifests.toy import ToyParams, generate_toy
 
-    again = generate_toy(tmp_path / "again", ToyParams(num_clips=12, frames=True))
-    for rel in ["Annotations.txt", "trainSet.txt", "testSet.txt", "videos/toy000_0005.mp4",
-                "wave/toy000_0005.npy", "frames/toy000_0005/00000040.jpg"]:
+    again = generate_toy(tmp_path / "again", ToyParams(num_clips=12, frames=True), processes=2)  # in 2 processes
+    files = sorted(str(p.relative_to(toy_root)) for p in toy_root.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file())
+    assert "videos/toy000_0005.mp4" in files and "frames/toy000_0005/00000040.jpg" in files
+    for rel in files:
         digest = [hashlib.sha256((root / rel).read_bytes()).hexdigest() for root in (toy_root, again)]
         assert digest[0] == digest[1], rel
     other = generate_toy(tmp_path / "other", ToyParams(num_clips=12, seed=1))
