@@ -137,6 +137,7 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
     status = {cid: OK for cid in clip_ids}
     pending = {m: _Pending() for m in forwards}
     timing = {"decode": 0.0, "launch": 0.0, "wait": 0.0, "hand_over": 0.0}  # hand_over includes wait
+    one_off_before = sum(fw.one_off_s for fw in forwards.values())  # the forwards live across shards
 
     def fail(local: int, reason: str) -> None:
         if on_error == "fail":
@@ -237,5 +238,6 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
                      worker=f"{socket.gethostname()}:{os.getpid()}",
                      extra={"autocast": {m: fw.autocast for m, fw in forwards.items()},
                             "launch_s": timing["launch"], "wait_s": timing["wait"],
-                            "put_s": timing["hand_over"] - timing["wait"]})
+                            "put_s": timing["hand_over"] - timing["wait"],
+                            "one_off_s": sum(fw.one_off_s for fw in forwards.values()) - one_off_before})
     return buffer, st

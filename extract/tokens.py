@@ -7,6 +7,7 @@ Shared by the extractor and the live token source (end-to-end mode): both call
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -56,6 +57,7 @@ class TokenForward:
         self.autocast_error: float | None = None
         self.graph_batch = graph_batch if device.type == "cuda" else None
         self.graphs: dict[tuple, GraphedEncode | None] = {}  # (storage, shape, dtype) -> graph, None: eager
+        self.one_off_s = 0.0  # host seconds in the precision check and graph captures (profiles report it)
 
     def _forward(self, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
         """Tokens of each array for batch ``x`` (on the device), ``(B, n, d)``: pooled blocks in float32,
@@ -72,6 +74,7 @@ class TokenForward:
         outs = self._forward(x, self.autocast)
         if self._check_autocast:
             self._check_autocast = False
+            t0 = time.perf_counter()
             exact = self._forward(x, False)
             err = max(float((a.float() - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(outs, exact))
             self.autocast_error = err
@@ -81,6 +84,7 @@ class TokenForward:
                 self.autocast, outs = False, exact
             else:
                 log.info("%s: float16 autocast within %.2g of float32", self.backbone.name, err)
+            self.one_off_s += time.perf_counter() - t0
         return outs
 
     def __call__(self, x: torch.Tensor, on_device: bool = False) -> dict[str, torch.Tensor]:
@@ -139,7 +143,9 @@ class TokenForward:
                 outs = self._forward(inp.to(self.device, non_blocking=True), self.autocast)
                 return {f"group{i}": e for i, e in enumerate(self._encode_groups(outs, storage))}
 
+            t0 = time.perf_counter()
             self.graphs[key] = capture(run, x, self.device, self.backbone.name)
+            self.one_off_s += time.perf_counter() - t0
         return self.graphs[key]
 
 

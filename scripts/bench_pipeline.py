@@ -269,7 +269,14 @@ def main() -> None:
                   f"{'/'.join(f'{100 * x:.0f}' for x in ex['ratios'])} %) |",
                   f"| mettle-extract including setup ({ex['pipeline_s'] - ex['steady_s']:.1f} s: plan, models to "
                   f"the device, decode processes; building the models took {ex['build_s']:.1f} s more) | "
-                  f"{ex['pipeline_clips_per_s']:.2f} ({100 * ex['ratio_with_setup']:.0f} %) |", ""]
+                  f"{ex['pipeline_clips_per_s']:.2f} ({100 * ex['ratio_with_setup']:.0f} %) |"]
+        p = ex["profile"]
+        lines += [f"\nWhere the median run's {ex['steady_s']:.2f} s after setup went (host seconds): launching the "
+                  f"backbones {p['launch_s']:.2f} (of which one-off work of first batches, the float16 check and "
+                  f"graph captures, {p.get('one_off_s', 0.0):.2f}), waiting for the device {p['wait_s']:.2f}, "
+                  f"putting tokens into shard buffers {p['put_s']:.2f}, waiting for decoded clips {p['decode_s']:.2f}; "
+                  f"writes {p['write_s']:.2f} (writer thread). The pure forward of the same batches: "
+                  f"{ex['forward_s']:.2f} s, after a warm-up batch.", ""]
     lines += ["| training data path | raw sequential read MB/s | one epoch through Cache.iterate MB/s | ratio |",
               "| --- | --- | --- | --- |"]
     layout = f"full-size layout, {args.data_clips} clips" + ("" if args.data_dtype == "float16" else ", int8")

@@ -245,3 +245,20 @@ def test_cuda_graphs_without_a_gpu_warn_and_run_eagerly(clean, toy_root, tmp_pat
     got, want = _arrays(tmp_path / "c"), _arrays(clean)
     for key in want:
         assert np.array_equal(got[key], want[key][:4]), key
+
+
+def test_the_precision_check_is_counted_as_one_off_work(clean, toy_root):
+    """``TokenForward.one_off_s`` (extraction profiles report it) counts the float16-against-float32
+    check of the first batch, once; forced on the CPU here (on CUDA it is the default)."""
+    cache = open_cache(clean)
+    assert cache.done["profile"]["one_off_s"] == 0.0  # CPU extraction: float32, nothing to check
+    b = load_backbones(_cfg(toy_root, clean))["visual"]
+    fw = TokenForward(b, [a for a in cache.meta.arrays if a.modality == "visual"], torch.device("cpu"),
+                      precision="float16")
+    fw._check_autocast = True  # what precision="auto" sets on CUDA
+    x = b.preprocess(np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    fw(x)
+    first = fw.one_off_s
+    assert first > 0 and fw.autocast_error is not None
+    fw(x)
+    assert fw.one_off_s == first
