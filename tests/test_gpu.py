@@ -161,6 +161,31 @@ def test_cuda_graph_training_follows_eager(toy48_cache, caplog):
         assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), k
 
 
+def test_a_fault_in_the_graph_check_falls_back_to_eager_steps(toy48_cache, caplog, monkeypatch):
+    """Graphs are on by default on CUDA: a fault while checking the capture (here forced, as the
+    snapshot mix-up found on the H200 on 2026-11-27 was) gives a warning and eager steps that train as
+    without graphs, not a failed run."""
+    import logging
+
+    import mettle.train.step as step
+
+    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 3, "optim.epochs": 1}
+    head = {"hidden": 32, "temporal": "gru", "dropout": 0.0}
+    cache = open_cache(toy48_cache)
+    eager = fit(resolve_config("ave", head, sets=sets, device="cuda", cuda_graphs=False), cache, progress=False)
+
+    def broken(*args):
+        raise TypeError("forced")
+
+    monkeypatch.setattr(step, "_update_error", broken)
+    with caplog.at_level(logging.WARNING, logger="mettle.train.step"):
+        graphed = fit(resolve_config("ave", head, sets=sets, device="cuda"), cache, progress=False)
+    assert "checking the captured training step failed (TypeError: forced)" in caplog.text
+    assert graphed.graph_replays == 0
+    a, b = torch.tensor(eager.step_losses), torch.tensor(graphed.step_losses)  # AdamW capturable vs not: 1e-3
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), (a, b)
+
+
 def test_graphed_training_still_names_a_clip_with_non_finite_tokens(small_toy_cache, tmp_path):
     """Losses are read a step late on CUDA (and replayed from a graph): a bad clip is still named."""
     import shutil
