@@ -19,8 +19,10 @@ How the graph stays exact (the captured step is checked, not trusted):
 * At capture the step is run both ways from the same state (parameters, optimiser state, CUDA RNG)
   and the results compared: the loss within ``LOSS_TOLERANCE`` (relative), the parameter update
   within ``UPDATE_TOLERANCE`` of its own size (mean absolute difference against the mean absolute
-  update). Capture refused by CUDA (a host synchronisation inside the step, say) or a mismatch
-  gives a warning and eager steps for the rest of the run. The eager result is the one kept.
+  update). Capture refused by CUDA (a host synchronisation inside the step, say), a mismatch, or
+  any other fault while capturing or checking gives a warning and eager steps for the rest of the
+  run (graphs are the default on CUDA: they may cost speed, never a run). The eager result is the
+  one kept.
 
 Data contract: ``step(tokens, extra, target)`` takes ``tokens`` ``{key: (B, T, N, D)}`` (float, or int8
 codes with their scales, as the model reads them), ``extra`` the head's keyword inputs, ``target`` what ``loss_fn`` takes, all tensors on the
