@@ -201,6 +201,13 @@ def test_batch_memory_is_reused_only_when_nothing_holds_it(manifest, tmp_path, b
         pointers.add(batch["tokens"][key].data_ptr())
     if budget == 0:  # a few arrays serve every batch (with a budget, kept rows hold on to theirs)
         assert len(pointers) <= 3
+        del batch  # the last batch of an epoch, dropped
+        again = {b["tokens"][key].data_ptr() for b in cache.iterate(batches, [key], seed=2)}
+        assert again <= pointers  # the next epoch reuses them too: no fresh pages to fault in
+    import pickle
+
+    pool = cache._datasets[((key,), ())].batch_arrays
+    assert pool._arrays and not pickle.loads(pickle.dumps(pool))._arrays  # a worker's copy starts empty
 
 
 def test_open_cache_refusals(manifest, tmp_path):
