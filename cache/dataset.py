@@ -101,7 +101,11 @@ class _Recycled:
     Up to ``per_key`` arrays of each key and shape are kept. The pool lives with its
     :class:`TokenDataset` (``Cache.iterate`` keeps that between epochs), so an epoch's first batches
     reuse the last epoch's arrays too (64-clip int8 cache, batches of 16: one batch's 156 MiB faulted
-    in again every epoch before). A copy (a loader's worker process) starts empty.
+    in again every epoch before). A pickled copy (a spawned loader worker) starts empty; a forked one
+    inherits the parent's, copy-on-write. The pool is outside ``memory_budget``: at most ``per_key``
+    arrays per key and batch shape (an epoch's smaller last batch is another shape), for the life of
+    the dataset. On CUDA machines batches are page-locked tensors from torch's own host allocator
+    instead, which reuses its blocks by itself; this pool is the CPU path.
     """
 
     def __init__(self, per_key: int = 3) -> None:

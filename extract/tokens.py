@@ -74,6 +74,8 @@ class TokenForward:
         outs = self._forward(x, self.autocast)
         if self._check_autocast:
             self._check_autocast = False
+            if self.device.type == "cuda":  # this batch's own forward is not one-off work: wait for it first
+                torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             exact = self._forward(x, False)
             err = max(float((a.float() - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(outs, exact))

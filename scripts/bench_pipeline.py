@@ -15,8 +15,9 @@ Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48]
 2. One epoch of the training data path (``Cache.iterate`` over every clip in shuffled batches of
    16, in-memory row cache off) against reading the cache's token files once, sequentially (MB/s):
    the first epoch of a freshly opened cache (page cache dropped, when this process may; its batch
-   arrays are new memory), then an epoch as later epochs run, cold and warm (batch arrays reused);
-   three times, the median run shown.
+   arrays are new memory), then an epoch as later epochs run, cold and warm (batch arrays reused:
+   on a CPU machine by the loader's array pool, on a CUDA machine, where batches are page-locked,
+   by torch's host allocator); three times, the median run shown.
    With ``--data-dtype int8`` the full-size layout cache is int8, read as training reads it (the
    LCD's arrays as codes + scales) and, for comparison, decoded to float32 on the host.
 """

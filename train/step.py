@@ -44,12 +44,16 @@ LOSS_TOLERANCE = 1e-4
 UPDATE_TOLERANCE = 1e-2
 
 
-def graphs_for(setting: str, device: torch.device) -> bool:
+def graphs_for(setting: str | bool, device: torch.device) -> bool:
     """Whether ``cuda_graphs`` = ``setting`` (auto | true | false) graphs steps on ``device``.
 
     ``auto`` (the default) graphs on CUDA devices, where a step from the cache is bound by the host
     launching kernels (one H200: 0.034 -> 0.005 s a step at batch 1, BENCHMARKS.md); a CPU runs each op
     as it is issued and gains nothing. ``true`` off CUDA warns and runs eagerly."""
+    if isinstance(setting, bool):  # a TrainConfig built directly, not through resolve_config
+        setting = "true" if setting else "false"
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"cuda_graphs={setting!r} is not one of auto, true, false. Fix: write e.g. cuda_graphs=auto")
     cuda = device.type == "cuda"
     if setting == "true" and not cuda:
         log.warning("cuda_graphs: training runs on %s, not a CUDA device; running without graphs", device)
@@ -167,9 +171,14 @@ class TrainStep:
             replayed = _snapshot(self.model, self.opt, self.device, params_only=True)
             replayed_loss = float(self.static_loss)
         except Exception as e:  # RuntimeError: what CUDA and torch raise when a capture is refused
-            log.warning("cuda_graphs: capturing the training step failed (%s: %s); running without graphs",
-                        type(e).__name__, (str(e).splitlines() or [""])[0])
+            failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        else:
+            failure = None
+        if failure is not None:  # handled outside the except block: its traceback would keep the failed
+            # attempt's device tensors alive, and the graph its pool, through the eager retry (out of memory)
             torch.cuda.set_stream(current)  # graph.__exit__ leaves the capture stream current when capture_end raises
+            del graph
+            log.warning("cuda_graphs: capturing the training step failed (%s); running without graphs", failure)
             return self._give_up(start, batch)
         _restore(self.model, self.opt, self.device, start)
         self.graph = graph  # so that _eager frees the gradients it makes
@@ -179,8 +188,11 @@ class TrainStep:
             update_err = _update_error(start["params"], replayed["params"], self.model)
         except Exception as e:  # graphs are on by default: a fault in the check falls back, it does not end the
             # run (a fault of the step itself recurs in _give_up's eager step and is raised there)
-            log.warning("cuda_graphs: checking the captured training step failed (%s: %s); running without graphs",
-                        type(e).__name__, (str(e).splitlines() or [""])[0])
+            failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if failure is not None:
+            del graph
+            log.warning("cuda_graphs: checking the captured training step failed (%s); running without graphs",
+                        failure)
             return self._give_up(start, batch)
         if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
             log.warning("cuda_graphs: the captured training step differs from the eager one (loss by %.2g, "

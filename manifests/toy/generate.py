@@ -100,8 +100,12 @@ def write_media(root: Path, params: ToyParams, jobs: list[MediaJob], processes: 
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done in [pool.submit(write_clip_media, root, params, *job) for job in jobs]:
-            done.result()  # re-raises a clip's failure here
+        try:
+            for done in [pool.submit(write_clip_media, root, params, *job) for job in jobs]:
+                done.result()  # re-raises a clip's failure here
+        except BaseException:  # a failure or Ctrl-C: drop the clips not started rather than render them first
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def write_clip_media(root: Path, params: ToyParams, script: ClipScript, video: str, frames_dir: str, wave: str,

@@ -82,6 +82,9 @@ def test_graphs_for_a_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)  # a device object needs no GPU
     assert [graphs_for(s, cuda) for s in ("auto", "true", "false")] == [True, True, False]
     assert [graphs_for(s, cpu) for s in ("auto", "true", "false")] == [False, False, False]
+    assert [graphs_for(s, cuda) for s in (True, False)] == [True, False]  # a TrainConfig built directly
+    with pytest.raises(ValueError, match="cuda_graphs='sometimes' is not one of auto, true, false"):
+        graphs_for("sometimes", cuda)
 
 
 def test_lagged_loss_reading_trains_the_same(small_toy_cache, monkeypatch):
