@@ -77,11 +77,14 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes the result (not where it is written or what reads it)."""
         d = self.to_dict()
-        for k in ("out", "workers", "device", "cache", "cuda_graphs"):
+        for k in EXECUTION_OPTIONS:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
+# where and how a run executes, not what it computes: outside the run fingerprint (a rerun that
+# changes only these finds the finished run), and so no sweep axis
+EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 CHOICES = {"cuda_graphs": ("auto", "true", "false")}  # string options with a fixed set of values
 

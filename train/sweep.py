@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import ConfigError, TrainConfig, _flatten_yaml, resolve_config
+from .config import EXECUTION_OPTIONS, ConfigError, TrainConfig, _flatten_yaml, resolve_config
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,10 @@ def load_sweep(path: str | Path) -> Sweep:
     if bad:
         raise ConfigError(f"--sweep {path}: grid values must be non-empty lists ({', '.join(bad)}). Fix: write "
                           f"{bad[0]}: [a, b]")
+    same = [k for k in grid if k in EXECUTION_OPTIONS]
+    if same:
+        raise ConfigError(f"--sweep {path}: grid axis {same[0]} does not change results (runs differing only in it "
+                          f"share one run folder). Fix: set it in 'base' or on the command line")
     seeds = d.get("seeds", [0])
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"--sweep {path}: seeds must be a list of integers. Fix: seeds: [0, 1, 2]")
