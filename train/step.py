@@ -183,7 +183,7 @@ class TrainStep:
         _restore(self.model, self.opt, self.device, start)
         self.graph = graph  # so that _eager frees the gradients it makes
         try:
-            loss = self._eager(*batch)
+            loss = self._eager(*self.static)  # the batch's values, already on the device: not a second copy
             loss_err = abs(replayed_loss - float(loss)) / max(abs(float(loss)), 1e-12)
             update_err = _update_error(start["params"], replayed["params"], self.model)
         except Exception as e:  # graphs are on by default: a fault in the check falls back, it does not end the
