@@ -98,8 +98,9 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
         backbones = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=SETS[size], random_init=True))
         records = {m: b.record() for m, b in backbones.items()}
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (batch * 10, 224, 224, 3), dtype=np.uint8)
-    audio = (0.1 * rng.standard_normal((batch * 10, 32000))).astype(np.float32)
+    if not from_cache:  # media only where backbones run: a cache-mode process holds none (its memory is measured)
+        frames = rng.integers(0, 256, (batch * 10, 224, 224, 3), dtype=np.uint8)
+        audio = (0.1 * rng.standard_normal((batch * 10, 32000))).astype(np.float32)
     labels = torch.randint(0, 29, (batch, 10), device=dev)
     task = get_task("ave")
     if mode != "adapter":
@@ -110,7 +111,8 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
             forwards = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev, "auto")
                         for m, b in backbones.items()}
         else:  # what the loader hands the model: the cache's float16 tokens
-            cached = {a.key: torch.randn(batch, 10, a.tokens, a.dim, device=dev).half() for a in meta.arrays}
+            cached = {a.key: torch.randn(batch, 10, a.tokens, a.dim, device=dev, dtype=torch.float16)
+                      for a in meta.arrays}  # drawn in float16: no float32 transient left in the measured peak
             if stored == "int8":  # codes + scales, as Cache.iterate hands an int8 cache's LCD arrays
                 cached = {**{k: (v * 40).clamp(-127, 127).to(torch.int8) for k, v in cached.items()},
                           **{k + SCALE: torch.rand(v.shape[:-1], device=dev) for k, v in cached.items()}}
