@@ -38,6 +38,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .config import _convert
+
 log = logging.getLogger(__name__)
 
 LOSS_TOLERANCE = 1e-4
@@ -50,10 +52,7 @@ def graphs_for(setting: str | bool, device: torch.device) -> bool:
     ``auto`` (the default) graphs on CUDA devices, where a step from the cache is bound by the host
     launching kernels (one H200: 0.034 -> 0.005 s a step at batch 1, BENCHMARKS.md); a CPU runs each op
     as it is issued and gains nothing. ``true`` off CUDA warns and runs eagerly."""
-    if isinstance(setting, bool):  # a TrainConfig built directly, not through resolve_config
-        setting = "true" if setting else "false"
-    if setting not in ("auto", "true", "false"):
-        raise ValueError(f"cuda_graphs={setting!r} is not one of auto, true, false. Fix: write e.g. cuda_graphs=auto")
+    setting = _convert("cuda_graphs", setting, "auto")  # as resolve_config checks it (a TrainConfig built directly)
     cuda = device.type == "cuda"
     if setting == "true" and not cuda:
         log.warning("cuda_graphs: training runs on %s, not a CUDA device; running without graphs", device)
@@ -104,9 +103,7 @@ class TrainStep:
                  device: torch.device, grad_clip: float = 0.0, graphs: bool = False, warmup: int = 3) -> None:
         self.model, self.loss_fn, self.opt, self.device = model, loss_fn, opt, device
         self.grad_clip, self.warmup = grad_clip, warmup
-        self.graphs = graphs and device.type == "cuda"
-        if graphs and not self.graphs:
-            log.warning("cuda_graphs: training runs on %s, not a CUDA device; running without graphs", device)
+        self.graphs = graphs and device.type == "cuda"  # graphs_for decides (and warns) for a run's setting
         self.graph: torch.cuda.CUDAGraph | None = None
         self.signature: tuple | None = None
         self.static: Batch | None = None
@@ -171,7 +168,7 @@ class TrainStep:
             replayed = _snapshot(self.model, self.opt, self.device, params_only=True)
             replayed_loss = float(self.static_loss)
         except Exception as e:  # RuntimeError: what CUDA and torch raise when a capture is refused
-            failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            failure = _first_line(e)
         else:
             failure = None
         if failure is not None:  # handled outside the except block: its traceback would keep the failed
@@ -188,7 +185,7 @@ class TrainStep:
             update_err = _update_error(start["params"], replayed["params"], self.model)
         except Exception as e:  # graphs are on by default: a fault in the check falls back, it does not end the
             # run (a fault of the step itself recurs in _give_up's eager step and is raised there)
-            failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            failure = _first_line(e)
         if failure is not None:
             del graph
             log.warning("cuda_graphs: checking the captured training step failed (%s); running without graphs",
@@ -197,17 +194,25 @@ class TrainStep:
         if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
             log.warning("cuda_graphs: the captured training step differs from the eager one (loss by %.2g, "
                         "update by %.2g, relative); running without graphs", loss_err, update_err)
-            self.graph, self.graphs, self.static, self.static_loss = None, False, None, None  # frees the graph's pool
+            self._drop_graph()
             return loss
         self.signature = sig
         log.info("cuda_graphs: training steps on batches of %s run as one CUDA graph (loss within %.2g, "
                  "update within %.2g of eager)", _describe(sig), loss_err, update_err)
         return loss
 
-    def _give_up(self, start: dict, batch: Batch) -> torch.Tensor:
+    def _drop_graph(self) -> None:
+        """Eager steps from now on; frees the graph's memory pool and static buffers."""
         self.graph, self.graphs, self.static, self.static_loss = None, False, None, None
+
+    def _give_up(self, start: dict, batch: Batch) -> torch.Tensor:
+        self._drop_graph()
         _restore(self.model, self.opt, self.device, start)
         return self._eager(*batch)
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def _signature(batch: Any) -> tuple:
@@ -255,9 +260,13 @@ def _copy_into(static: Any, batch: Any) -> None:
             _copy_into(s, b)
 
 
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _snapshot(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device, params_only: bool = False) -> dict:
     """Host copies of the trainable state (kept off the GPU: they must not add to its peak memory)."""
-    params = [p.detach().to("cpu", copy=True) for p in model.parameters() if p.requires_grad]
+    params = [p.detach().to("cpu", copy=True) for p in _trainable(model)]
     if params_only:
         return {"params": params}
     state = {id(p): {k: v.detach().to("cpu", copy=True) for k, v in s.items() if isinstance(v, torch.Tensor)}
@@ -267,7 +276,7 @@ def _snapshot(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device
 
 def _restore(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device, snap: dict) -> None:
     with torch.no_grad():
-        for p, saved in zip([p for p in model.parameters() if p.requires_grad], snap["params"]):
+        for p, saved in zip(_trainable(model), snap["params"]):
             p.copy_(saved)
         for p, s in opt.state.items():
             for k, v in snap["state"].get(id(p), {}).items():
@@ -277,7 +286,7 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
 
 def _update_error(start: list[torch.Tensor], replayed: list[torch.Tensor], model: nn.Module) -> float:
     """Mean |replayed - eager| over mean |eager - start|, over all trainable parameters."""
-    eager = [p.detach().cpu() for p in model.parameters() if p.requires_grad]
+    eager = [p.detach().cpu() for p in _trainable(model)]
     diff = sum(float((r - e).abs().sum()) for r, e in zip(replayed, eager))
     update = sum(float((e - s).abs().sum()) for e, s in zip(eager, start))
     return diff / max(update, 1e-30)
