@@ -248,26 +248,28 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
            f"{time.strftime('%Y-%m-%d')}; training config: defaults{''.join(' ' + s for s in sets)}", "",
            f"| size | batch | mode | s/step | s/sample | {mem} | trainable | time vs (a) | memory vs (a) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def find(r, mode):  # the successful row of ``mode`` at r's size and batch
+        return next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]
+                     and b["mode"] == mode and "error" not in b), None)
+
+    def memory(r):  # GPU: max allocated; CPU: peak RSS above idle
+        return r["peak_gpu"] if r["peak_gpu"] is not None else r["peak_rss_minus_idle"]
+
     for r in rows:
         if "error" in r:
             out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | failed: {r['error']} | | | | | |")
             continue
-        base = next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]
-                     and b["mode"] == "cache:last-grid" and "error" not in b), None)
-        m = r["peak_gpu"] if r["peak_gpu"] is not None else r["peak_rss_minus_idle"]
+        base = find(r, "cache:last-grid")
+        m = memory(r)
         mtxt = f"{m / 2**20:.0f}" if r["peak_gpu"] is not None else \
             f"{r['peak_rss'] / 2**20:.0f} ({m / 2**20:.0f})"
         if base:
-            bm = base["peak_gpu"] if base["peak_gpu"] is not None else base["peak_rss_minus_idle"]
-            tr, mr = f"{r['seconds_per_step'] / base['seconds_per_step']:.1f}x", f"{m / max(bm, 1):.1f}x"
+            tr, mr = f"{r['seconds_per_step'] / base['seconds_per_step']:.1f}x", f"{m / max(memory(base), 1):.1f}x"
         else:
             tr = mr = "-"
         out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | {r['seconds_per_step']:.3f} | "
                    f"{r['seconds_per_sample']:.3f} | {mtxt} | {r['trainable']:,} | {tr} | {mr} |")
-    def find(r, mode):
-        return next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]
-                     and b["mode"] == mode and "error" not in b), None)
-
     for r in rows:  # (a) as one CUDA graph against (b), the headline ratio
         e2e = find(r, "end-to-end")
         if r["mode"] == "graphs:last-grid" and "error" not in r and e2e is not None:
@@ -276,12 +278,11 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
                        f"{e2e['peak_gpu'] / max(r['peak_gpu'], 1):.1f}x memory")
     floors = []
     for r in rows:  # what no implementation of (a) can go below, against (b) as measured
-        e2e = next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]
-                    and b["mode"] == "end-to-end" and "error" not in b), None)
+        e2e = find(r, "end-to-end")
         if not r["mode"].startswith("cache:last-grid") or "error" in r or e2e is None or not r.get("token_bytes"):
             continue
         floor = 16 * r["trainable"] + r["token_bytes"]
-        em = e2e["peak_gpu"] if e2e["peak_gpu"] is not None else e2e["peak_rss_minus_idle"]
+        em = memory(e2e)
         floors.append(f"| {r['size']} | {r['batch']} | {r['mode']} | {16 * r['trainable'] / 2**20:.1f} | "
                       f"{r['token_bytes'] / 2**20:.1f} | {floor / 2**20:.1f} | {em / floor:.1f}x |")
     if floors:
