@@ -3,8 +3,8 @@
 Clips are decoded ahead of the forward pass (worker processes or threads, see ``media/pool.py``),
 segments of consecutive clips are batched together (``batch_size`` segments per forward), tokens are
 encoded into the storage dtype on the backbone's device and copied to the host while the next batch
-runs, and clips are put into a :class:`ShardBuffer` as they complete. The shard is then written
-whole by the caller.
+runs, and a put thread copies each batch's tokens into a :class:`ShardBuffer` as they arrive. The
+shard is then written whole by the caller.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import deque
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -87,37 +87,35 @@ def stage_inputs(inputs: list[torch.Tensor], pinned: bool) -> torch.Tensor:
     return torch.cat(inputs, out=out)
 
 
-@dataclass
-class _Batch:
-    """One forward batch's encoded tokens and how many of its segments were handed over."""
-
-    tokens: InFlight
-    size: int
-    used: int = 0
+MAX_BACKLOG = 3  # batches launched and not yet put: bounds the page-locked host memory in flight
 
 
 @dataclass
 class _Pending:
-    """One modality's segments on their way through the backbone.
-
-    Inputs wait until a full batch is there (a batch may join the end of one clip and the start of
-    the next: the backbone then always runs ``batch_size`` segments but at a shard's end); tokens wait
-    until every segment of their clip has come out.
-    """
+    """One modality's segments waiting for a full batch (a batch may join the end of one clip and the
+    start of the next: the backbone then always runs ``batch_size`` segments but at a shard's end)."""
 
     inputs: list[torch.Tensor] = field(default_factory=list)  # preprocessed (n, ...) not yet run
-    clips: deque = field(default_factory=deque)  # (local row, segments) whose tokens are not all handed over
-    batches: deque = field(default_factory=deque)  # _Batch run (or running), not all handed over
+    clips: deque = field(default_factory=deque)  # [local row, segments, first segment not yet run]
 
     @property
     def queued(self) -> int:
         """Segments in ``inputs``."""
         return sum(len(x) for x in self.inputs)
 
-    @property
-    def ready(self) -> int:
-        """Segments run and not handed over."""
-        return sum(b.size - b.used for b in self.batches)
+    def place(self, size: int) -> list[tuple[int, slice, slice]]:
+        """Where the next ``size`` queued segments go: ``(local row, the clip's segments, the batch's rows)``."""
+        places, at = [], 0
+        while at < size:
+            clip = self.clips[0]
+            local, count, first = clip
+            m = min(count - first, size - at)
+            places.append((local, slice(first, first + m), slice(at, at + m)))
+            at += m
+            clip[2] = first + m
+            if clip[2] == count:
+                self.clips.popleft()
+        return places
 
 
 def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[Future],
@@ -129,6 +127,12 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
     With ``on_error="fail"`` the first bad clip raises :class:`ExtractError`; with ``"skip"`` its
     rows are zero and its status holds the reason. ``recycle``: a written shard's buffer to reuse
     (see :class:`ShardBuffer`: every row is put or cleared here).
+
+    Threads: this one waits for decoded clips, stages the inputs and launches the batches; a put
+    thread waits for each batch's tokens and copies them into the buffer (numpy copies release
+    Python's lock). Why: on a GPU extraction is bound by the host thread that launches kernels
+    (BENCHMARKS.md), and the copies into the buffer were a seventh of its time there. At most
+    ``MAX_BACKLOG`` batches wait for the put thread.
     """
     t_start = time.perf_counter()
     rows = meta.shard_rows(shard)
@@ -136,8 +140,9 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
     clip_ids = [manifest.clips[r].clip_id for r in rows]
     status = {cid: OK for cid in clip_ids}
     pending = {m: _Pending() for m in forwards}
-    timing = {"decode": 0.0, "launch": 0.0, "wait": 0.0, "hand_over": 0.0}  # hand_over includes wait
+    timing = {"decode": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0}  # wait, put: the put thread
     one_off_before = sum(fw.one_off_s for fw in forwards.values())  # the forwards live across shards
+    backlog: deque[Future] = deque()
 
     def fail(local: int, reason: str) -> None:
         if on_error == "fail":
@@ -147,88 +152,92 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
             log.warning("clip %s failed: %s", clip_ids[local], reason)
             status[clip_ids[local]] = reason
 
-    def hand_over(p: _Pending) -> None:
-        """Put the tokens of every clip whose segments have all been run into the buffer."""
-        ready, take = p.ready, 0
-        while p.clips and take + p.clips[0][1] <= ready:
-            local, count = p.clips.popleft()
-            take += count
-            seg = 0
-            while seg < count:  # a clip's segments may lie in two (or more) batches
-                b = p.batches[0]
-                t0 = time.perf_counter()
-                tokens = b.tokens.wait()
-                timing["wait"] += time.perf_counter() - t0
-                m = min(count - seg, b.size - b.used)
-                part = slice(b.used, b.used + m)
-                for key, e in tokens.items():
-                    if status[clip_ids[local]] != OK:
-                        break
-                    try:
-                        buffer.put_codes(key, local, slice(seg, seg + m), e.codes[part].numpy(),
-                                         None if e.scale is None else e.scale[part].numpy(), float(e.peak[part].max()))
-                    except CacheError as err:
-                        fail(local, f"{key}: {err}")
-                b.used += m
-                seg += m
-                if b.used == b.size:
-                    p.batches.popleft()
+    def put(tokens: InFlight, places: list[tuple[int, slice, slice]]) -> None:
+        """(Put thread.) Wait for one batch's tokens and copy each clip's part into the buffer."""
+        t0 = time.perf_counter()
+        encoded = tokens.wait()
+        t1 = time.perf_counter()
+        for local, segments, part in places:
+            for key, e in encoded.items():
+                if status[clip_ids[local]] != OK:
+                    break
+                try:
+                    buffer.put_codes(key, local, segments, e.codes[part].numpy(),
+                                     None if e.scale is None else e.scale[part].numpy(), float(e.peak[part].max()))
+                except CacheError as err:
+                    fail(local, f"{key}: {err}")
+        timing["wait"] += t1 - t0
+        timing["put"] += time.perf_counter() - t1
+
+    def settle(keep: int) -> None:
+        """Wait until at most ``keep`` batches are left to put; a put's error (ExtractError) is raised here."""
+        t0 = time.perf_counter()
+        while len(backlog) > keep:
+            backlog.popleft().result()
+        while backlog and backlog[0].done():
+            backlog.popleft().result()
+        timing["backlog"] += time.perf_counter() - t0
 
     def flush(modality: str, final: bool = False) -> None:
-        """Start the whole batches queued for ``modality`` (with ``final``, the rest too), then hand over
-        the clips completed by earlier batches while the device runs these (with ``final``, all)."""
+        """Launch the whole batches queued for ``modality`` (with ``final``, the rest too) and hand each to
+        the put thread."""
         p = pending[modality]
         queued = p.queued
         n = queued if final else queued - queued % batch_size
-        started = []
-        if n:
-            t0 = time.perf_counter()
-            x = stage_inputs(p.inputs, pinned=forwards[modality].device.type == "cuda")
-            p.inputs = [x[n:].clone()] if n < len(x) else []
-            for s in range(0, n, batch_size):
-                size = min(batch_size, n - s)
-                started.append(_Batch(forwards[modality].encoded(x[s:s + size], storage), size))
-            timing["launch"] += time.perf_counter() - t0
+        if not n:
+            return
         t0 = time.perf_counter()
-        hand_over(p)
-        p.batches.extend(started)
-        if final:
-            hand_over(p)
-        timing["hand_over"] += time.perf_counter() - t0
+        x = stage_inputs(p.inputs, pinned=forwards[modality].device.type == "cuda")
+        p.inputs = [x[n:].clone()] if n < len(x) else []
+        for s in range(0, n, batch_size):
+            size = min(batch_size, n - s)
+            tokens = forwards[modality].encoded(x[s:s + size], storage)
+            backlog.append(put_pool.submit(put, tokens, p.place(size)))
+        timing["launch"] += time.perf_counter() - t0
+        settle(MAX_BACKLOG)
 
-    storage = buffer.dtype
-    for local, fut in enumerate(decodes):
-        t0 = time.perf_counter()
-        try:
-            decoded = fut.result()
-        except MediaError as e:
-            decoded = None
-            fail(local, str(e))
-        if decoded is not None and "masks" in meta.targets:
+    def fill() -> None:
+        for local, fut in enumerate(decodes):
+            t0 = time.perf_counter()
             try:
-                buffer.put_target("masks", local, read_masks(manifest.clips[rows[local]], data_root))
+                decoded = fut.result()
             except MediaError as e:
                 decoded = None
                 fail(local, str(e))
-        timing["decode"] += time.perf_counter() - t0
-        if decoded is not None:
-            for modality in forwards:
-                if modality in decoded.errors:
-                    fail(local, f"{modality} preprocessing: {decoded.errors[modality]}")
-                    continue
-                x = decoded.inputs[modality]
-                if len(x) != meta.num_segments:
-                    fail(local, f"{len(x)} {modality} segments decoded, the cache holds {meta.num_segments}")
-                    continue
-                p = pending[modality]
-                p.inputs.append(x)
-                p.clips.append((local, len(x)))
-                if p.queued >= batch_size:
-                    flush(modality)
-        if on_clip is not None:
-            on_clip()
-    for modality in forwards:
-        flush(modality, final=True)
+            if decoded is not None and "masks" in meta.targets:
+                try:
+                    buffer.put_target("masks", local, read_masks(manifest.clips[rows[local]], data_root))
+                except MediaError as e:
+                    decoded = None
+                    fail(local, str(e))
+            timing["decode"] += time.perf_counter() - t0
+            if decoded is not None:
+                for modality in forwards:
+                    if modality in decoded.errors:
+                        fail(local, f"{modality} preprocessing: {decoded.errors[modality]}")
+                        continue
+                    x = decoded.inputs[modality]
+                    if len(x) != meta.num_segments:
+                        fail(local, f"{len(x)} {modality} segments decoded, the cache holds {meta.num_segments}")
+                        continue
+                    p = pending[modality]
+                    p.inputs.append(x)
+                    p.clips.append([local, len(x), 0])
+                    if p.queued >= batch_size:
+                        flush(modality)
+            if on_clip is not None:
+                on_clip()
+        for modality in forwards:
+            flush(modality, final=True)
+        settle(0)
+
+    storage = buffer.dtype
+    with ThreadPoolExecutor(1, thread_name_prefix="put") as put_pool:
+        try:
+            fill()
+        finally:  # on an error: nothing more is put (a running put finishes before the pool closes)
+            for f in backlog:
+                f.cancel()
     for local, cid in enumerate(clip_ids):
         if status[cid] != OK:
             buffer.clear(local)
@@ -237,7 +246,7 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
                      forward_s=timing["launch"] + timing["wait"], device=str(device), peak_memory=peak_memory(device),
                      worker=f"{socket.gethostname()}:{os.getpid()}",
                      extra={"autocast": {m: fw.autocast for m, fw in forwards.items()},
-                            "launch_s": timing["launch"], "wait_s": timing["wait"],
-                            "put_s": timing["hand_over"] - timing["wait"],
+                            "launch_s": timing["launch"], "wait_s": timing["wait"], "put_s": timing["put"],
+                            "backlog_s": timing["backlog"],
                             "one_off_s": sum(fw.one_off_s for fw in forwards.values()) - one_off_before})
     return buffer, st

@@ -327,9 +327,10 @@ def main() -> None:
         p = ex["profile"]
         lines += [f"\nWhere the median run's {ex['steady_s']:.2f} s after setup went (host seconds): launching the "
                   f"backbones {p['launch_s']:.2f} (of which one-off work of first batches, the float16 check and "
-                  f"graph captures, {p.get('one_off_s', 0.0):.2f}), waiting for the device {p['wait_s']:.2f}, "
-                  f"putting tokens into shard buffers {p['put_s']:.2f}, waiting for decoded clips {p['decode_s']:.2f}; "
-                  f"writes {p['write_s']:.2f} (writer thread). The pure forward of the same batches: "
+                  f"graph captures, {p.get('one_off_s', 0.0):.2f}), waiting for the put thread "
+                  f"{p.get('backlog_s', 0.0):.2f}, waiting for decoded clips {p['decode_s']:.2f}; put thread: waiting "
+                  f"for the device {p['wait_s']:.2f}, putting tokens into shard buffers {p['put_s']:.2f}; writes "
+                  f"{p['write_s']:.2f} (writer thread). The pure forward of the same batches: "
                   f"{ex['forward_s']:.2f} s, after a warm-up batch.", ""]
     lines += ["| training data path | raw sequential read MB/s | one epoch through Cache.iterate MB/s | ratio |",
               "| --- | --- | --- | --- |"]

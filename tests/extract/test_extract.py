@@ -161,6 +161,33 @@ def test_bad_clip_fail_or_skip(broken_toy, tmp_path):
     assert res.left_out[split] == 1 and sum(res.left_out.values()) == 1
 
 
+def test_tokens_refused_in_the_put_thread_fail_or_skip(clean, toy_root, tmp_path, monkeypatch):
+    """Tokens are checked as the put thread copies them into the shard buffer: a clip whose tokens are
+    not finite stops the run (fail: the error reaches the caller, naming clip and array) or is recorded
+    and zeroed (skip), and the clip that shared its forward batches keeps its own tokens."""
+    import mettle.extract.shard as shard_mod
+
+    real, bad = shard_mod._decode, None
+
+    def poisoned(clip, *args):
+        decoded = real(clip, *args)
+        if clip.clip_id == bad:  # row 5: its 10 segments share batches of 8 with row 4
+            decoded.inputs["audio"] = torch.full_like(decoded.inputs["audio"], float("nan"))
+        return decoded
+
+    bad = open_cache(clean).manifest.clips[5].clip_id
+    monkeypatch.setattr(shard_mod, "_decode", poisoned)
+    with pytest.raises(ExtractError, match=f"clip {bad} \\(row 5\\): audio/.*NaN or inf"):
+        extract(_cfg(toy_root, tmp_path / "fail", dtype="float32"), progress=False)
+    summary = extract(_cfg(toy_root, tmp_path / "skip", dtype="float32", on_error="skip"), progress=False)
+    assert list(summary.failures) == [bad] and "NaN or inf" in summary.failures[bad]
+    got, want = _arrays(tmp_path / "skip"), _arrays(clean)
+    for key in want:
+        assert not got[key][5].any() and want[key][5].any(), key
+        want[key][5] = 0
+    _same(got, want)
+
+
 def test_resume_refuses_another_backbone(clean, toy_root, tmp_path):
     path = tmp_path / "c"
     shutil.copytree(clean, path)
