@@ -86,7 +86,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     from mettle.train.step import TrainStep, make_optimizer
     from mettle.train.tasks import get_task
 
-    idle = _rss()
+    idle = _rss()  # after every import of every mode (extract/ and timm too): "minus idle" leaves out fixed costs
     dev = torch.device(device)
     torch.manual_seed(0)
     manifest = bench_manifest()
@@ -223,6 +223,7 @@ def main() -> None:
         write_layout(size, layout)
         for batch in args.batches:
             for mode in args.modes:
+                t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--one", mode, size, str(batch), "--steps",
                                        str(args.steps), "--device", args.device, "--layout", str(layout),
                                        *[f"--set={s}" for s in args.set]],
@@ -232,6 +233,7 @@ def main() -> None:
                     rows.append({"mode": mode, "size": size, "batch": batch, "error": tail})
                 else:
                     rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                rows[-1]["process_s"] = time.perf_counter() - t0  # the whole child: what a benchmark set's time goes to
                 print(json.dumps(rows[-1]), file=sys.stderr)
     lines = table(rows, args.device, args.set)
     print("\n".join(lines))
@@ -276,6 +278,12 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
             out.append(f"\n{r['size']}, batch {r['batch']}: end-to-end / graphs:last-grid = "
                        f"{e2e['seconds_per_step'] / r['seconds_per_step']:.1f}x time, "
                        f"{e2e['peak_gpu'] / max(r['peak_gpu'], 1):.1f}x memory")
+    timed = [r for r in rows if "process_s" in r]
+    if timed:  # where a benchmark set's minutes go: each configuration is a process of its own
+        slow = max(timed, key=lambda r: r["process_s"])
+        out.append(f"\n{len(timed)} processes, {sum(r['process_s'] for r in timed):.0f} s in all (imports, building "
+                   f"the models, warm-up and timed steps); the longest {slow['process_s']:.0f} s ({slow['size']}, "
+                   f"batch {slow['batch']}, {slow['mode']})")
     floors = []
     for r in rows:  # what no implementation of (a) can go below, against (b) as measured
         e2e = find(r, "end-to-end")

@@ -3,16 +3,21 @@
 Usage: python scripts/benchmarks.py --out DIR [--work DIR] [--device cuda] [--quick] [--extended]
        [--parts train extraction tiny sizes]
 
-Runs, each as its own process: training cost per step (full-size and tiny architectures, batch 1
-and 8, cache vs end-to-end vs adapter baseline, and on CUDA the cache's step as one CUDA graph; with ``--extended`` also the LCD without stage
-sharing and at width 128); extraction and data-path throughput (full-size random-init backbones on
-the toy dataset, eager and with ``--cuda-graphs``, each with a torch.profiler table of one more
-extraction; a full-size-layout cache of random tokens; the tiny backbones); cache sizes per preset
-and dtype. On one H200 (2026-11-27) the training part took 4.1 minutes and the full-size extraction
-with 48 clips 1.7 (the graphed training rows then failed at capture, a bug fixed since); with 192
-clips on a GPU (since then) and the graphed rows running, the whole set is likely near 9 minutes:
-``--parts`` runs a subset, so that two calls of a machine with a 10-minute limit per command cover it. On a CPU use ``--quick``
-(full-size at batch 1 only).
+The set, each run as its own process: training cost per step (full-size architectures at batch 1
+and 8: cache vs end-to-end vs adapter baseline, an int8 cache, and on CUDA the cache's step as one
+CUDA graph, as mettle-train runs it there; the tiny architectures); extraction and data-path
+throughput (full-size random-init backbones on the toy dataset, with a torch.profiler table of one
+more extraction; a full-size-layout cache of random tokens); cache sizes per preset and dtype.
+``--extended`` adds what is not one of the issue's figures (a few minutes more): the graphed step
+at the `full` budget, extraction with ``--cuda-graphs``, extraction with the tiny backbones, and
+the LCD without stage sharing and at width 128.
+
+Time on one H200 (2026-11-27, commit e481915): the full-size training part 4.1 minutes (10
+processes), the full-size extraction with 48 clips 1.7. The set has since grown by two graphed
+training processes and 192 extracted clips instead of 48 (one-off work weighed too much in 15
+batches), and lost the graphed and tiny extractions to ``--extended``: likely 7-8 minutes, not
+yet measured. Each part prints its time; ``--parts`` runs a subset (a machine with a per-command
+limit can take the set in two calls). On a CPU use ``--quick`` (full-size at batch 1 only).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="scratch folder for toy data and caches (default: OUT/work)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="CPU-sized: skip the heaviest full-size runs")
-    ap.add_argument("--extended", action="store_true", help="also other LCD widths and sharing (a few minutes more)")
+    ap.add_argument("--extended", action="store_true", help="also graphed and tiny extraction, the graphed step at the full budget, other LCD "
+                    "widths and sharing (a few minutes more)")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                     help="run only these parts (e.g. two calls of a machine with a per-command time limit)")
     args = ap.parse_args()
@@ -43,28 +49,36 @@ def main() -> None:
     full_batches = ["1"] if args.quick else ["1", "8"]
     # toy clips to extract: on a GPU enough that one-off work (the first batch's precision check, graph
     # capture, kernel selection) weighs little against the steady rate; 48 (15 batches) did not
-    clips = "12" if args.quick else "192" if args.device.startswith("cuda") else "48"
+    cuda = args.device.startswith("cuda")
+    # (a) as mettle-train runs it on CUDA (graphed steps by default) beside the eager modes
+    train_modes = ["cache:last-grid", "cache:full", "end-to-end", "adapter", "cache:last-grid/int8",
+                   *(["graphs:last-grid"] if cuda else [])]
+    clips = "12" if args.quick else "192" if cuda else "48"
     runs = [  # (part, command, file for stdout); the headline figures first, so a run cut short still has them
         ("train", [py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches, "--device", args.device,
-          "--steps", "2" if args.quick else "3", "--out", args.out / "train_full",
-          *(["--cuda-graphs"] if args.device.startswith("cuda") else [])], None),
+          "--steps", "2" if args.quick else "3", "--out", args.out / "train_full", "--modes", *train_modes], None),
         ("extraction", [py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", clips,
           "--device", args.device, "--repeats", "1" if args.quick else "3",
           "--work", work, "--out", args.out, "--data-clips", "16" if args.quick else "64", "--trace"], None),
-        ("extraction", [py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", clips,
-          "--device", args.device, "--repeats", "1" if args.quick else "3", "--work", work, "--out", args.out,
-          "--data-clips", "0", "--cuda-graphs", "--trace"], None),
-        ("tiny", [py, HERE / "bench_pipeline.py", "--backbones", "tiny", "--clips", clips, "--device", args.device,
-          "--work", work, "--out", args.out, "--data-clips", "0"], None),
         ("tiny", [py, HERE / "bench_train_cost.py", "--sizes", "tiny", "--batches", "1", "8", "--device", args.device,
           "--modes", "cache:last-grid", "cache:full", "end-to-end", "adapter", "--out", args.out / "train_tiny"], None),
         ("sizes", [py, HERE / "cache_sizes.py"], "cache_sizes.md"),
     ]
-    if args.extended:  # the LCD's width and sharing against the same end-to-end baseline
+    if args.extended:  # graphed extraction, tiny extraction; the LCD's width and sharing against the same baseline
+        if cuda:
+            runs.append(("train", [py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches,
+                                   "--device", args.device, "--modes", "cache:last-grid", "graphs:full",
+                                   "--out", args.out / "train_full_graphs"], None))
+            runs.append(("extraction", [py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", clips,
+                                        "--device", args.device, "--repeats", "3", "--work", work, "--out", args.out,
+                                        "--data-clips", "0", "--cuda-graphs", "--trace"], None))
+        runs.append(("tiny", [py, HERE / "bench_pipeline.py", "--backbones", "tiny", "--clips", clips, "--device",
+                              args.device, "--work", work, "--out", args.out, "--data-clips", "0"], None))
         for name, sets in (("train_full_unshared", ["lcd.share=none"]), ("train_full_d128", ["lcd.dim=128"])):
             runs.append(("train", [py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches,
                           "--device", args.device, "--steps", "2", "--modes", "cache:last-grid", "end-to-end",
                           *[f"--set={x}" for x in sets], "--out", args.out / name], None))
+    started = time.perf_counter()
     for part, cmd, capture in runs:
         if part not in args.parts:
             continue
@@ -78,6 +92,8 @@ def main() -> None:
             (args.out / capture).write_text(proc.stdout)
         if proc.returncode:
             print(proc.stderr[-2000:], file=sys.stderr, flush=True)
+    print(f"benchmark set ({' '.join(args.parts)}{', extended' if args.extended else ''}): "
+          f"{(time.perf_counter() - started) / 60:.1f} minutes", flush=True)
 
 
 if __name__ == "__main__":
