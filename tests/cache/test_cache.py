@@ -161,6 +161,11 @@ def test_dataset_batches_and_workers(manifest, tmp_path):
             for k in keys:
                 assert np.array_equal(batch["tokens"][k][i].numpy(), truth[k][row])
     assert sorted(seen) == list(range(5))
+    batches = [[4, 1], [0, 2], [3]]  # the training path: whole batches read by threads in worker processes
+    for rows, batch in zip(batches, cache.iterate(batches, keys, workers=2)):
+        assert batch["row"].tolist() == rows
+        for k in keys:
+            assert np.array_equal(batch["tokens"][k].numpy(), truth[k][rows].astype(batch["tokens"][k].numpy().dtype))
 
 
 @pytest.mark.parametrize("dtype,budget", [("float16", 1 << 30), ("float16", 0), ("float32", 1 << 30)])
@@ -184,29 +189,32 @@ def test_iterate_stacks_batches_in_the_stored_precision(manifest, tmp_path, dtyp
 
 @pytest.mark.parametrize("budget", [0, 1 << 30])
 def test_batch_memory_is_reused_only_when_nothing_holds_it(manifest, tmp_path, budget):
+    """Also with a batch's arrays read by several threads (two keys: one thread each)."""
     truth = _fill(manifest, tmp_path / "c", dtype="float16")[1]
     cache = open_cache(tmp_path / "c")
     cache.memory_budget = budget
-    key = "visual/stage2.block1"
+    keys = ["visual/stage2.block1", "audio/stage0.block0"]
     batches = [[3, 1], [0, 2], [4, 1], [2, 0], [1, 3], [0, 4]]
-    held = list(cache.iterate(batches, [key], seed=1))  # every batch kept: none may be overwritten
+    held = list(cache.iterate(batches, keys, seed=1))  # every batch kept: none may be overwritten
     for rows, batch in zip(batches, held):
-        assert np.array_equal(batch["tokens"][key].numpy(), truth[key][rows].astype(np.float16))
+        for key in keys:
+            assert np.array_equal(batch["tokens"][key].numpy(), truth[key][rows].astype(np.float16))
     del held
     cache = open_cache(tmp_path / "c")
     cache.memory_budget = budget
-    pointers = set()
-    for rows, batch in zip(batches, cache.iterate(batches, [key], seed=1)):  # each dropped after use
-        assert np.array_equal(batch["tokens"][key].numpy(), truth[key][rows].astype(np.float16))
-        pointers.add(batch["tokens"][key].data_ptr())
+    pointers = {key: set() for key in keys}
+    for rows, batch in zip(batches, cache.iterate(batches, keys, seed=1)):  # each dropped after use
+        for key in keys:
+            assert np.array_equal(batch["tokens"][key].numpy(), truth[key][rows].astype(np.float16))
+            pointers[key].add(batch["tokens"][key].data_ptr())
     if budget == 0:  # a few arrays serve every batch (with a budget, kept rows hold on to theirs)
-        assert len(pointers) <= 3
+        assert all(len(p) <= 3 for p in pointers.values())
         del batch  # the last batch of an epoch, dropped
-        again = {b["tokens"][key].data_ptr() for b in cache.iterate(batches, [key], seed=2)}
-        assert again <= pointers  # the next epoch reuses them too: no fresh pages to fault in
+        for b in cache.iterate(batches, keys, seed=2):  # the next epoch reuses them too: no fresh pages
+            assert all(b["tokens"][key].data_ptr() in pointers[key] for key in keys)
     import pickle
 
-    pool = cache._datasets[((key,), ())].batch_arrays
+    pool = cache._datasets[(tuple(keys), ())].batch_arrays
     assert pool._arrays and not pickle.loads(pickle.dumps(pool))._arrays  # a worker's copy starts empty
 
 
