@@ -47,7 +47,7 @@ class TokenDataset(Dataset):
         self.cache, self.rows, self.keys, self.dtype = cache, list(rows), list(keys), dtype
         scaled = get_dtype(cache.meta.dtype).scaled
         self.codes = {k for k in codes if scaled and k in self.keys and not k.startswith(TARGETS)}
-        self.out_keys = self.keys + [k + SCALE for k in self.keys if k in self.codes]
+        self.out_keys = list(dict.fromkeys(self.keys + [k + SCALE for k in self.keys if k in self.codes]))
         self.memory_budget = memory_budget
         self._kept: dict[int, dict[str, torch.Tensor]] = {}
         self._kept_bytes = 0
@@ -163,6 +163,7 @@ class BatchedTokens(Dataset):
             return {k: self._read(k, rows) for k in keys}
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cache-read")
+        self.tokens.cache.store.prepare()  # this process's file handles, made here and not raced for by the threads
         return dict(zip(keys, self._pool.map(lambda k: self._read(k, rows), keys)))
 
     def _read(self, key: str, rows: np.ndarray) -> np.ndarray:

@@ -64,29 +64,34 @@ class ZarrStore:
                                dtype=dtype, compressors=compressors, fill_value=0)
 
     def _handles(self) -> dict:
-        """Open arrays and readers of this process (dropped after a fork: DataLoader workers reopen)."""
+        """Open arrays and readers of this process (dropped after a fork: DataLoader workers reopen).
+        Threads that read or write at once call :meth:`prepare` first, so that they share one dict."""
         if self._pid != os.getpid():
             self._arrays, self._pid = {}, os.getpid()
         return self._arrays
 
+    def prepare(self) -> None:
+        """Make this process's handle table before several threads read or write."""
+        self._handles()
+
     def _array(self, name: str):
         import zarr
 
-        self._handles()
-        if name not in self._arrays:
+        handles = self._handles()
+        if name not in handles:
             try:
-                self._arrays[name] = zarr.open_array(str(self.path / name), mode="r+")
+                handles[name] = zarr.open_array(str(self.path / name), mode="r+")
             except (FileNotFoundError, KeyError, ValueError) as e:
                 raise CacheError(f"{self.path / name} is missing or damaged ({e.__class__.__name__}). "
                                  "Fix: re-extract with --overwrite") from None
-        return self._arrays[name]
+        return handles[name]
 
     def write_shard(self, shard: int, arrays: Arrays) -> int:
         """Write one shard of every array, several arrays at a time (writes release the GIL). Arrays in
         the layout ``zarr_fast`` knows are written straight to their shard file; others (the
         compressed masks) through zarr."""
         rows = self.meta.shard_rows(shard)
-        self._handles()  # once, here: the pool's threads must not each reset the handles of a fresh store
+        self.prepare()  # once, here: the pool's threads must not each reset the handles of a fresh store
 
         def one(name: str, data: np.ndarray) -> int:
             layout = self._layout(name)
@@ -100,22 +105,23 @@ class ZarrStore:
 
     def _layout(self, name: str):
         """The direct-write layout of array ``name`` (None: write it through zarr)."""
-        self._handles()
+        handles = self._handles()
         key = ("layout", name)
-        if key not in self._arrays:
+        if key not in handles:
             try:
-                self._arrays[key] = ShardLayout.of(self.path / name)
+                handles[key] = ShardLayout.of(self.path / name)
             except (ValueError, KeyError, OSError):
-                self._arrays[key] = None
-        return self._arrays[key]
+                handles[key] = None
+        return handles[key]
 
     def _fast(self, name: str):
         """The direct shard reader for ``name`` (None when its layout is not the one we write)."""
         key = ("fast", name)
-        if key not in self._handles():
+        handles = self._handles()
+        if key not in handles:
             layout = self._layout(name)  # zarr.json read and checked once, for writing and reading
-            self._arrays[key] = FastShardReader(layout) if layout is not None else None
-        return self._arrays[key]
+            handles[key] = FastShardReader(layout) if layout is not None else None
+        return handles[key]
 
     def read(self, name: str, rows: Sequence[int] | slice, out: np.ndarray | None = None) -> np.ndarray:
         """The rows of array ``name``; into ``out`` when given (read straight into it on the fast path)."""
@@ -190,6 +196,10 @@ class H5Store:
                     from None
             self._pid = os.getpid()
         return self._file
+
+    def prepare(self) -> None:
+        """Open this process's file before several threads read (h5py serialises their reads)."""
+        self._open()
 
     def read(self, name: str, rows: Sequence[int] | slice, out: np.ndarray | None = None) -> np.ndarray:
         """The rows of array ``name``; into ``out`` when given."""

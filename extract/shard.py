@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -140,17 +141,24 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
     clip_ids = [manifest.clips[r].clip_id for r in rows]
     status = {cid: OK for cid in clip_ids}
     pending = {m: _Pending() for m in forwards}
-    timing = {"decode": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0}  # wait, put: the put thread
+    # this thread: decode (waiting for decoded clips), launch, backlog (waiting for the put thread; forward_s
+    # = launch + backlog); the put thread: wait (for the device's copies), put (into the buffer)
+    timing = {"decode": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0}
     one_off_before = sum(fw.one_off_s for fw in forwards.values())  # the forwards live across shards
     backlog: deque[Future] = deque()
+
+    status_lock = threading.Lock()  # both threads record failures: a clip's first reason stays
 
     def fail(local: int, reason: str) -> None:
         if on_error == "fail":
             raise ExtractError(f"clip {clip_ids[local]} (row {rows[local]}): {reason}. To record bad clips and go on, "
                                "pass --on-error skip")
-        if status[clip_ids[local]] == OK:
+        with status_lock:
+            first = status[clip_ids[local]] == OK
+            if first:
+                status[clip_ids[local]] = reason
+        if first:
             log.warning("clip %s failed: %s", clip_ids[local], reason)
-            status[clip_ids[local]] = reason
 
     def put(tokens: InFlight, places: list[tuple[int, slice, slice]]) -> None:
         """(Put thread.) Wait for one batch's tokens and copy each clip's part into the buffer."""
@@ -189,12 +197,14 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
         t0 = time.perf_counter()
         x = stage_inputs(p.inputs, pinned=forwards[modality].device.type == "cuda")
         p.inputs = [x[n:].clone()] if n < len(x) else []
+        timing["launch"] += time.perf_counter() - t0
         for s in range(0, n, batch_size):
+            settle(MAX_BACKLOG - 1)  # room for this batch
+            t0 = time.perf_counter()
             size = min(batch_size, n - s)
             tokens = forwards[modality].encoded(x[s:s + size], storage)
             backlog.append(put_pool.submit(put, tokens, p.place(size)))
-        timing["launch"] += time.perf_counter() - t0
-        settle(MAX_BACKLOG)
+            timing["launch"] += time.perf_counter() - t0
 
     def fill() -> None:
         for local, fut in enumerate(decodes):
@@ -243,7 +253,7 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
             buffer.clear(local)
     device = next(iter(forwards.values())).device if forwards else torch.device("cpu")
     st = ShardStatus(shard, status, seconds=time.perf_counter() - t_start, decode_s=timing["decode"],
-                     forward_s=timing["launch"] + timing["wait"], device=str(device), peak_memory=peak_memory(device),
+                     forward_s=timing["launch"] + timing["backlog"], device=str(device), peak_memory=peak_memory(device),
                      worker=f"{socket.gethostname()}:{os.getpid()}",
                      extra={"autocast": {m: fw.autocast for m, fw in forwards.items()},
                             "launch_s": timing["launch"], "wait_s": timing["wait"], "put_s": timing["put"],

@@ -131,7 +131,7 @@ class TokenForward:
             # to("cpu", non_blocking=True) from CUDA lands in page-locked memory: an asynchronous copy
             host = [Encoded(*(None if t is None else t.to("cpu", non_blocking=True) for t in (e.codes, e.scale, e.peak)))
                     for e in grouped]
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # the put thread waits on it: sleeping, not spinning on a core
             event.record(torch.cuda.current_stream(self.device))
         return InFlight(self._split(host), event)  # views: nothing is read before wait()
 

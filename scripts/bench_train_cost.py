@@ -282,7 +282,8 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
     if timed:  # where a benchmark set's minutes go: each configuration is a process of its own
         slow = max(timed, key=lambda r: r["process_s"])
         out.append(f"\n{len(timed)} processes, {sum(r['process_s'] for r in timed):.0f} s in all (imports, building "
-                   f"the models, warm-up and timed steps); the longest {slow['process_s']:.0f} s ({slow['size']}, "
+                   f"the models, warm-up and timed steps; not the parent's layout planning, which builds each size's "
+                   f"backbones once); the longest {slow['process_s']:.0f} s ({slow['size']}, "
                    f"batch {slow['batch']}, {slow['mode']})")
     floors = []
     for r in rows:  # what no implementation of (a) can go below, against (b) as measured

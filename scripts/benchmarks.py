@@ -67,10 +67,12 @@ def main() -> None:
     if args.extended:  # graphed extraction, tiny extraction; the LCD's width and sharing against the same baseline
         if cuda:
             runs.append(("train", [py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches,
-                                   "--device", args.device, "--modes", "cache:last-grid", "graphs:full",
+                                   "--device", args.device, "--steps", "2" if args.quick else "3",
+                                   "--modes", "cache:last-grid", "graphs:full",
                                    "--out", args.out / "train_full_graphs"], None))
             runs.append(("extraction", [py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", clips,
-                                        "--device", args.device, "--repeats", "3", "--work", work, "--out", args.out,
+                                        "--device", args.device, "--repeats", "1" if args.quick else "3",
+                                        "--work", work, "--out", args.out,
                                         "--data-clips", "0", "--cuda-graphs", "--trace"], None))
         runs.append(("tiny", [py, HERE / "bench_pipeline.py", "--backbones", "tiny", "--clips", clips, "--device",
                               args.device, "--work", work, "--out", args.out, "--data-clips", "0"], None))
