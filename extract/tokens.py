@@ -60,17 +60,36 @@ class TokenForward:
         self.one_off_s = 0.0  # host seconds in the precision check and graph captures (profiles report it)
 
     def _forward(self, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
-        """Tokens of each array for batch ``x`` (on the device), ``(B, n, d)``: pooled blocks in float32,
-        unpooled ones in the backbone's dtype (float16 under autocast)."""
+        """Tokens of each group of arrays for batch ``x`` (on the device): ``(G * B, n, d)`` per group
+        (``self.groups``: arrays of one shape, stacked member after member), pooled groups in float32,
+        unpooled ones in the backbone's dtype (float16 under autocast).
+
+        Why groups: on a GPU the host's cost is the operators it issues (BENCHMARKS.md), and the blocks
+        of a stage share their shapes: Swin-V2-L's 24 and HTS-AT's 12 blocks form 4 groups each,
+        converted, pooled, encoded and copied to the host as one instead of block by block.
+        """
         # no autocast cast cache: frozen weights never use it, and a CUDA graph capture cannot hold it
         ctx = torch.autocast(self.device.type, dtype=torch.float16, cache_enabled=False) if autocast else nullcontext()
         with torch.no_grad(), ctx:  # not inference_mode: live tokens feed autograd graphs (as inputs)
             outs = self.backbone.forward_tokens(x, self.indices)
-        return [pool_tokens(t.float(), a.source_grid, a.grid) if a.pooled else t for t, a in zip(outs, self.arrays)]
+        grouped = []
+        for members in self.groups:
+            a = self.arrays[members[0]]
+            t = outs[members[0]] if len(members) == 1 else torch.cat([outs[i] for i in members])
+            grouped.append(pool_tokens(t.float(), a.source_grid, a.grid) if a.pooled else t)
+        return grouped
+
+    def _members(self, grouped: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-group tensors -> one ``(B, n, d)`` view per array, in ``arrays`` order."""
+        out: list[torch.Tensor | None] = [None] * len(self.arrays)
+        for members, t in zip(self.groups, grouped):
+            for m, part in zip(members, t.chunk(len(members))):
+                out[m] = part
+        return out  # type: ignore[return-value]
 
     def _tokens(self, x: torch.Tensor) -> list[torch.Tensor]:
         """:meth:`_forward` at the chosen precision; the first call checks float16 autocast against
-        float32 (``precision="auto"``) and falls back to float32 beyond ``AUTOCAST_TOLERANCE``."""
+        float32 (``precision="auto"``), block by block, and falls back to float32 beyond ``AUTOCAST_TOLERANCE``."""
         outs = self._forward(x, self.autocast)
         if self._check_autocast:
             self._check_autocast = False
@@ -78,7 +97,8 @@ class TokenForward:
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             exact = self._forward(x, False)
-            err = max(float((a.float() - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(outs, exact))
+            err = max(float((a.float() - b).norm() / b.norm().clamp_min(1e-12))
+                      for a, b in zip(self._members(outs), self._members(exact)))
             self.autocast_error = err
             if err > AUTOCAST_TOLERANCE:
                 log.warning("%s: float16 autocast is off by %.2g (relative) from float32; using float32",
@@ -92,19 +112,12 @@ class TokenForward:
     def __call__(self, x: torch.Tensor, on_device: bool = False) -> dict[str, torch.Tensor]:
         """Tokens of the arrays for input batch ``x``, on the CPU (for the cache), or left on the model's
         device with ``on_device`` (end-to-end training consumes them there: no round trip)."""
-        outs = self._tokens(x.to(self.device, non_blocking=True))
+        outs = self._members(self._tokens(x.to(self.device, non_blocking=True)))
         return {a.key: t if on_device else t.cpu() for a, t in zip(self.arrays, outs)}
 
-    def _encode_groups(self, outs: list[torch.Tensor], storage: StorageDtype) -> list[Encoded]:
-        """Encode the arrays' tokens a group at a time (``self.groups``: arrays of one shape, stacked as
-        ``(G * B, n, d)``).
-
-        Why: on a GPU the host's cost is the operators it issues (BENCHMARKS.md), and the blocks of a
-        stage share their shapes: Swin-V2-L's 24 and HTS-AT's 12 blocks form 4 groups each, encoded
-        and copied to the host as one instead of one by one.
-        """
-        return [encode_tensor(outs[m[0]] if len(m) == 1 else torch.cat([outs[i] for i in m]), storage)
-                for m in self.groups]
+    def _encode_groups(self, grouped: list[torch.Tensor], storage: StorageDtype) -> list[Encoded]:
+        """Encode each group's tokens (:meth:`_forward`) as one tensor."""
+        return [encode_tensor(t, storage) for t in grouped]
 
     def _split(self, grouped: Sequence[Encoded]) -> dict[str, Encoded]:
         """Per-group encodings -> ``{key: Encoded}`` in ``arrays`` order (views of the group's tensors)."""

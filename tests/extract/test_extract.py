@@ -69,6 +69,30 @@ def test_cached_tokens_are_the_backbone_tokens(clean, toy_root):
 
 
 @pytest.mark.slow
+def test_blocks_of_one_shape_run_as_a_group_with_their_own_tokens(clean, toy_root):
+    """TokenForward pools and encodes the blocks of one shape as one tensor (fewer operators for the
+    host to issue); each block's tokens are still exactly its own forward output pooled alone."""
+    from mettle.cache import pool_tokens
+    from mettle.cache.dtypes import encode_tensor, get_dtype
+
+    cache = open_cache(clean)
+    media = read_clip(cache.manifest.clips[0], toy_root, cache.manifest.frame_rule)
+    for modality, b in load_backbones(_cfg(toy_root, clean)).items():
+        arrays = [a for a in cache.meta.arrays if a.modality == modality]
+        fw = TokenForward(b, arrays, torch.device("cpu"), "float32")
+        assert any(len(g) > 1 for g in fw.groups), modality
+        x = b.preprocess(media.frames if modality == "visual" else media.audio)
+        got = fw(x)
+        with torch.no_grad():
+            outs = b.forward_tokens(x, [a.block_index for a in arrays])
+        float16 = get_dtype("float16")
+        encoded = fw.encoded(x, float16).wait()
+        for a, t in zip(arrays, outs):
+            want = pool_tokens(t.float(), a.source_grid, a.grid) if a.pooled else t
+            assert torch.equal(got[a.key], want), a.key
+            assert torch.equal(encoded[a.key].codes, encode_tensor(want, float16).codes), a.key
+
+
 def test_killed_extraction_resumes_to_the_same_cache(clean, toy_root, tmp_path, monkeypatch):
     path = tmp_path / "cache"
     args = ["--dataset", "toy", "--data-root", str(toy_root), "--cache", str(path), "--set", "num_clips=12",
