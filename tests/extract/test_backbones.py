@@ -251,3 +251,38 @@ def test_audio_tile_follows_the_dataset_protocol():
     spec = visual.preprocess_spec()
     visual.set_preprocess(dict(spec, tile=5))  # nothing of a frame's preprocessing is adjustable
     assert visual.preprocess_spec() == spec
+
+
+def test_frozen_swin_attention_is_timms_bit_for_bit():
+    """Each block's attention keeps its weight-only terms (swinv2_attention.py) and still gives exactly
+    timm's output: float32 and autocast, plain and shifted windows; new weights are followed, and
+    weights that learn get timm's own forward (their terms stay in the autograd graph)."""
+    import timm
+
+    from mettle.extract.backbones import SwinV2Backbone
+    from mettle.extract.backbones.swinv2_attention import FrozenWindowAttention
+
+    def make():  # two blocks in the first stage: the second one's windows are shifted (a mask)
+        torch.manual_seed(0)
+        return timm.create_model("swinv2_large_window12_192", pretrained=False, num_classes=0, embed_dim=16,
+                                 depths=(2, 1, 2, 1), num_heads=(1, 1, 2, 2)).eval()
+
+    b, ref = SwinV2Backbone("test", make()), make()
+    assert b.frozen_attention == len(b.blocks) == 6
+    assert all(type(blk.attn) is FrozenWindowAttention for st in b.model.layers for blk in st.blocks)
+    assert ref.layers[0].blocks[1].attn_mask is not None
+    x = b.preprocess(_frames(2))
+    for dtype in (None, torch.bfloat16, torch.float16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            assert torch.equal(b.model.forward_features(x), ref.forward_features(x)), dtype
+    with torch.no_grad():
+        b.model.forward_features(x)  # float32 terms kept
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    b.model.load_state_dict(ref.state_dict())  # in place (same memory): the kept terms must be made again
+    with torch.no_grad():
+        assert torch.equal(b.model.forward_features(x), ref.forward_features(x))
+    attn = b.model.layers[0].blocks[1].attn
+    attn.cpb_mlp[0].weight.requires_grad_(True)
+    b.model.forward_features(x).sum().backward()
+    assert attn.cpb_mlp[0].weight.grad is not None and attn.cpb_mlp[0].weight.grad.abs().sum() > 0
