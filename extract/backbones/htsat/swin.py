@@ -68,7 +68,9 @@ class WindowAttention(nn.Module):
         bias = bias.reshape(n, n, self.heads).permute(2, 0, 1)  # (heads, n, n)
         if mask is not None:  # (nW, n, n), windows of one image are consecutive in the batch
             nw = mask.shape[0]
-            bias = (bias[None, None] + mask[None, :, None]).expand(bw // nw, nw, self.heads, n, n)
+            # in q's dtype before the batch's copies are made: one (bw, heads, n, n) tensor, not a float32
+            # one and its half-precision copy under autocast (the same values either way)
+            bias = (bias[None] + mask[:, None]).to(q.dtype)[None].expand(bw // nw, nw, self.heads, n, n)
             bias = bias.reshape(bw, self.heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
