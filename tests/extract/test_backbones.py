@@ -282,7 +282,12 @@ def test_frozen_swin_attention_is_timms_bit_for_bit():
     b.model.load_state_dict(ref.state_dict())  # in place (same memory): the kept terms must be made again
     with torch.no_grad():
         assert torch.equal(b.model.forward_features(x), ref.forward_features(x))
+    with torch.inference_mode():  # terms made in inference mode still serve later forwards
+        assert torch.equal(b.model.forward_features(x), ref.forward_features(x))
+    b.model.double(), ref.double()  # moved or cast: the kept terms are dropped; autocast leaves float64 alone
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(b.model.forward_features(x.double()), ref.forward_features(x.double()))
     attn = b.model.layers[0].blocks[1].attn
     attn.cpb_mlp[0].weight.requires_grad_(True)
-    b.model.forward_features(x).sum().backward()
+    b.model.forward_features(x.double()).sum().backward()
     assert attn.cpb_mlp[0].weight.grad is not None and attn.cpb_mlp[0].weight.grad.abs().sum() > 0

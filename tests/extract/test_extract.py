@@ -68,7 +68,6 @@ def test_cached_tokens_are_the_backbone_tokens(clean, toy_root):
     assert cache.done["profile"]["clips_per_second"] > 0
 
 
-@pytest.mark.slow
 def test_blocks_of_one_shape_run_as_a_group_with_their_own_tokens(clean, toy_root):
     """TokenForward pools and encodes the blocks of one shape as one tensor (fewer operators for the
     host to issue); each block's tokens are still exactly its own forward output pooled alone."""
@@ -93,6 +92,7 @@ def test_blocks_of_one_shape_run_as_a_group_with_their_own_tokens(clean, toy_roo
             assert torch.equal(encoded[a.key].codes, encode_tensor(want, float16).codes), a.key
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_the_same_cache(clean, toy_root, tmp_path, monkeypatch):
     path = tmp_path / "cache"
     args = ["--dataset", "toy", "--data-root", str(toy_root), "--cache", str(path), "--set", "num_clips=12",
