@@ -291,3 +291,24 @@ def test_frozen_swin_attention_is_timms_bit_for_bit():
     attn.cpb_mlp[0].weight.requires_grad_(True)
     b.model.forward_features(x.double()).sum().backward()
     assert attn.cpb_mlp[0].weight.grad is not None and attn.cpb_mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_htsat_keeps_its_position_bias_until_the_weights_change():
+    """HTS-AT's attention keeps its position bias (+ shifted-window mask) per dtype; loading other
+    weights makes it anew: the outputs equal a fresh model's with those weights, in float32 and autocast."""
+    b, fresh = create_backbone("test_htsat_tiny"), create_backbone("test_htsat_tiny")
+    x = b.preprocess(_audio(2))
+    with torch.no_grad():
+        for autocast in (False, True, False):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                b.forward_tokens(x)
+        assert sum(len(m._kept) for m in b.modules() if hasattr(m, "_kept")) > 0
+        for p in fresh.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b.load_state_dict(fresh.state_dict())
+    fresh = create_backbone("test_htsat_tiny")
+    fresh.load_state_dict(b.state_dict())  # nothing kept yet
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for ours, want in zip(b.forward_tokens(x), fresh.forward_tokens(x)):
+                assert torch.equal(ours, want), autocast
