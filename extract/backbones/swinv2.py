@@ -39,10 +39,10 @@ class SwinV2Backbone(Backbone):
                     self.blocks.append(BlockInfo(f"stage{s}.block{b}", h * w, c, (h, w)))
                 self.stage_ends.append(len(self.blocks) - 1)
         self.freeze()
-        from .swinv2_attention import frozen_window_attention  # imports timm's class: only where a model exists
+        from .swinv2_attention import freeze_window_attention  # imports timm's class: only where a model exists
 
         # weight-only terms of every block's attention computed once (swinv2_attention.py): bitwise timm's output
-        self.frozen_attention = sum(frozen_window_attention(m) for m in list(self.model.modules()))
+        self.frozen_attention = freeze_window_attention(self.model)
 
     def preprocess_spec(self) -> dict:
         return {"input": "one RGB frame per segment, uint8", "resize": [self.image_size, self.image_size],

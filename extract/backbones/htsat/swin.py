@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kept import KeptTerms
+
 
 def relative_position_index(window: int) -> torch.Tensor:
     """(window^2, window^2) index into the ((2w-1)^2, heads) bias table for each query/key pair."""
@@ -60,35 +62,26 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window))
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self._kept: dict[torch.dtype, tuple] = {}  # dtype -> (key, bias): see _bias
+        self._kept = KeptTerms()  # see _bias
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .half(): kept biases belong to the old tensors
-        self._kept = {}
+        self._kept.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def _bias(self, n: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The position bias ``(heads, n, n)``, plus the shifted-window ``mask`` as ``(nW, heads, n, n)``, in
-        ``dtype``. Weights alone decide it, so a frozen model keeps it (one per dtype; made again when the
-        table or mask changes: their version counters move) instead of gathering, adding and casting it in
-        every forward: on a GPU the host's kernel launches are extraction's cost (BENCHMARKS.md). Cast
-        before a batch's copies are made: one ``(bw, heads, n, n)`` tensor under autocast, not a float32
-        one and its half copy."""
+        ``dtype``. Weights alone decide it, so a frozen model keeps it (one per dtype, by the rules of
+        ``kept.py``) instead of gathering, adding and casting it in every forward: on a GPU the host's
+        kernel launches are extraction's cost (BENCHMARKS.md). Cast before a batch's copies are made:
+        one ``(bw, heads, n, n)`` tensor under autocast, not a float32 one and its half copy."""
         table, index = self.relative_position_bias_table, self.relative_position_index
-        tensors = (table, index) if mask is None else (table, index, mask)
-        frozen = not table.requires_grad and not any(t.is_inference() for t in tensors)
-        key = tuple((t.data_ptr(), t._version) for t in tensors) if frozen else None
-        kept = self._kept.get(dtype)
-        if kept is not None and kept[0] == key:
-            return kept[1]
-        with torch.inference_mode(False):
+
+        def compute() -> tuple[torch.Tensor]:
             bias = table[index.reshape(-1)].reshape(n, n, self.heads).permute(2, 0, 1)  # (heads, n, n)
-            bias = (bias if mask is None else bias[None] + mask[:, None]).to(dtype, copy=True)  # not a view
-            if frozen and kept is not None and kept[1].shape == bias.shape and kept[1].device == bias.device:
-                kept[1].copy_(bias)  # in place: a CUDA graph captured over the kept bias reads the new one
-                bias = kept[1]
-        if frozen:
-            self._kept[dtype] = (key, bias.detach())
-        return bias
+            return ((bias if mask is None else bias[None] + mask[:, None]).to(dtype, copy=True),)  # not a view
+
+        kept = self._kept.get(dtype, (table, index) if mask is None else (table, index, mask), compute)
+        return kept[0] if kept is not None else compute()[0]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         bw, n, c = x.shape
