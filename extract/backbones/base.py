@@ -10,6 +10,8 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from .kept_casts import keep_casts
+
 RANDOM_INIT = "random-init"
 
 
@@ -39,9 +41,12 @@ class Backbone(nn.Module):
     weights_id: str = RANDOM_INIT
 
     def freeze(self) -> "Backbone":
+        """Eval mode, no gradients, and linear/convolution weights cast once per autocast dtype
+        (``kept_casts.py``: autocast would cast a frozen weight again in every forward)."""
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
+        keep_casts(self)
         return self
 
     def train(self, mode: bool = True) -> "Backbone":  # frozen: BatchNorm statistics never move

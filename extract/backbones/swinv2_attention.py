@@ -1,9 +1,9 @@
 """Swin-V2 window attention for a frozen backbone: its weight-only terms computed once, not per forward.
 
 timm's ``WindowAttention`` recomputes in every forward of every block three terms that depend on
-the weights alone: the joined q/k/v bias, the clamped and exponentiated logit scale, and the
-continuous relative-position bias (a two-layer MLP over a fixed coordinate table, gathered into
-the window's pairs, then ``16 * sigmoid``). For frozen weights they are constants: 13 of the 38
+the weights alone (four under autocast, which casts the q/k/v weight every time): the joined q/k/v
+bias, the clamped and exponentiated logit scale, and the continuous relative-position bias (a
+two-layer MLP over a fixed coordinate table, gathered into the window's pairs, then ``16 * sigmoid``). For frozen weights they are constants: 13 of the 38
 operators one attention issues, 10 of them kernels. On a GPU, extraction and end-to-end training
 with the full-size Swin-V2-L are bound by the host issuing kernels (BENCHMARKS.md), so the terms
 are computed once per device and precision and reused.
@@ -90,32 +90,34 @@ class FrozenWindowAttention(WindowAttention if WindowAttention is not None else 
         return super()._apply(fn, *args, **kwargs)
 
     def _constant_terms(self, device: torch.device) -> tuple[torch.Tensor, ...] | None:
-        """(q/k/v bias, logit scale, position bias) as timm's forward computes them, kept (``kept.py``)."""
+        """(q/k/v weight and bias in autocast's dtype, logit scale, position bias) as timm's forward computes
+        them, kept (``kept.py``)."""
         if self.training:
             return None
-        sources = [self.q_bias, self.k_bias, self.v_bias, self.logit_scale, *self.cpb_mlp.parameters(),
-                   self.relative_coords_table, self.relative_position_index]
+        sources = [self.qkv.weight, self.q_bias, self.k_bias, self.v_bias, self.logit_scale,
+                   *self.cpb_mlp.parameters(), self.relative_coords_table, self.relative_position_index]
         state = (_autocast_state(device), tuple(self.window_size))
         return self._terms.get(state, sources, lambda: self._compute_terms(state[0][1]))
 
     def _compute_terms(self, autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
         """The same operations as timm's forward, in the caller's precision."""
-        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        if autocast_dtype is not None and qkv_bias.dtype != torch.float64:  # autocast casts the bias in F.linear
+        qkv_weight, qkv_bias = self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if autocast_dtype is not None and qkv_bias.dtype != torch.float64:  # autocast casts both in F.linear
             qkv_bias = qkv_bias.to(autocast_dtype)  # every time: once, here (it leaves float64 alone)
+            qkv_weight = qkv_weight.to(autocast_dtype)
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
         n = self.window_size[0] * self.window_size[1]
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
         bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
-        return qkv_bias, logit_scale, (16 * torch.sigmoid(bias)).unsqueeze(0)
+        return qkv_weight, qkv_bias, logit_scale, (16 * torch.sigmoid(bias)).unsqueeze(0)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         terms = self._constant_terms(x.device)
         if terms is None:  # weights that learn, train mode (dropout), inference-mode weights: timm's own
             return super().forward(x, mask)
-        qkv_bias, logit_scale, bias = terms
+        qkv_weight, qkv_bias, logit_scale, bias = terms
         windows, n, c = x.shape
-        qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        qkv = F.linear(x, weight=qkv_weight, bias=qkv_bias)
         q, k, v = qkv.reshape(windows, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * logit_scale

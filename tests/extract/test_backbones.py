@@ -312,3 +312,83 @@ def test_htsat_keeps_its_position_bias_until_the_weights_change():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for ours, want in zip(b.forward_tokens(x), fresh.forward_tokens(x)):
                 assert torch.equal(ours, want), autocast
+
+
+def _plain(model):
+    """A copy of ``model`` with PyTorch's own Linear / Conv2d (no kept casts): the reference."""
+    import copy
+
+    from mettle.extract.backbones.kept_casts import SWAPS
+
+    ref = copy.deepcopy(model)
+    back = {v: k for k, v in SWAPS.items()}
+    for m in ref.modules():
+        if type(m) in back:
+            m.__class__ = back[type(m)]
+            del m._casts
+    return ref
+
+
+def test_kept_casts_are_autocasts_bit_for_bit():
+    """Frozen Linear / Conv2d weights cast once per autocast dtype (kept_casts.py) give exactly what
+    autocast's per-call casts give: float16 and bfloat16, float32 outside autocast, float64 left
+    alone; new weights are followed, .to() drops the kept casts, weights that learn get gradients."""
+    from torch import nn
+
+    from mettle.extract.backbones.kept_casts import KeptCastConv2d, KeptCastLinear, keep_casts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 5), nn.Linear(5, 4, bias=False))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ref = _plain(model)
+    assert keep_casts(model) == 3 and keep_casts(model) == 3  # idempotent
+    assert [type(m) for m in model] == [KeptCastConv2d, nn.Flatten, KeptCastLinear, KeptCastLinear]
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, 3, 8, 8)
+    for dtype in (None, torch.float16, torch.bfloat16, torch.float16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x)
+            assert out.dtype == (dtype or torch.float32) and torch.equal(out, ref(x)), dtype
+    assert len(model[2]._casts) == 2  # one set per autocast dtype
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1)
+    model.load_state_dict(ref.state_dict())  # in place: the kept casts are made again
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert torch.equal(model(x), ref(x))
+        kept = model[2]._casts._kept[torch.float16][1][0]
+        assert kept.dtype == torch.float16 and torch.equal(kept, model[2].weight.half())
+    model.double(), ref.double()  # cast: kept casts dropped; autocast leaves float64 weights alone
+    assert len(model[2]._casts) == 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x.double()), ref(x.double()))
+    model[2].weight.requires_grad_(True)  # a weight that learns: PyTorch's own forward, in the autograd graph
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x.double()).sum().backward()
+    assert model[2].weight.grad is not None and model[2].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, make", [("test_swinv2_tiny", _frames), ("test_htsat_tiny", _audio)])
+def test_frozen_backbones_cast_their_weights_once(name, make):
+    """A built backbone keeps its autocast weight casts: its tokens under autocast are bitwise those of
+    the same model with per-call casts, and a second forward issues some 2-per-layer fewer copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b = create_backbone(name)
+    ref = _plain(b)
+    x = b.preprocess(make(2))
+    layers = sum(1 for m in b.modules() if hasattr(m, "_casts"))
+    assert layers > 0
+
+    def copies(model):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            outs = model.forward_tokens(x)
+        return outs, sum(1 for e in prof.events() if e.name == "aten::_to_copy")
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        b.forward_tokens(x)  # the casts are made once
+        ours, n_ours = copies(b)
+        want, n_want = copies(ref)
+    assert all(torch.equal(o, w) for o, w in zip(ours, want))
+    assert n_want - n_ours >= layers  # every layer's weight (and bias) no longer cast per call
