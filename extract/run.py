@@ -151,7 +151,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
                "decode_s": sum(s.decode_s for s in statuses), "forward_s": sum(s.forward_s for s in statuses),
                "write_s": sum(s.write_s for s in statuses), "workers": len({s.worker for s in statuses}),
                **{k: sum(s.extra.get(k, 0.0) for s in statuses)
-                  for k in ("launch_s", "wait_s", "put_s", "backlog_s", "one_off_s")},
+                  for k in ("stage_s", "launch_s", "wait_s", "put_s", "backlog_s", "one_off_s")},
                "mb_per_second": written / 1e6 / seconds if seconds else 0.0, "setup_s": setup, "teardown_s": teardown,
                "clips_per_second_after_setup": n_clips / (seconds - setup) if seconds > setup else 0.0}
     done = writer.finish(profile) if todo or not writer.done else writer.read_done()

@@ -141,9 +141,10 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
     clip_ids = [manifest.clips[r].clip_id for r in rows]
     status = {cid: OK for cid in clip_ids}
     pending = {m: _Pending() for m in forwards}
-    # this thread: decode (waiting for decoded clips), launch, backlog (waiting for the put thread; forward_s
-    # = launch + backlog); the put thread: wait (for the device's copies), put (into the buffer)
-    timing = {"decode": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0}
+    # this thread: decode (waiting for decoded clips), stage (joining a batch's inputs), launch, backlog
+    # (waiting for the put thread; forward_s = stage + launch + backlog); the put thread: wait (for the
+    # device's copies), put (into the buffer)
+    timing = {"decode": 0.0, "stage": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0}
     one_off_before = sum(fw.one_off_s for fw in forwards.values())  # the forwards live across shards
     backlog: deque[Future] = deque()
 
@@ -197,7 +198,7 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
         t0 = time.perf_counter()
         x = stage_inputs(p.inputs, pinned=forwards[modality].device.type == "cuda")
         p.inputs = [x[n:].clone()] if n < len(x) else []
-        timing["launch"] += time.perf_counter() - t0
+        timing["stage"] += time.perf_counter() - t0
         for s in range(0, n, batch_size):
             settle(MAX_BACKLOG - 1)  # room for this batch
             t0 = time.perf_counter()
@@ -253,10 +254,11 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
             buffer.clear(local)
     device = next(iter(forwards.values())).device if forwards else torch.device("cpu")
     st = ShardStatus(shard, status, seconds=time.perf_counter() - t_start, decode_s=timing["decode"],
-                     forward_s=timing["launch"] + timing["backlog"], device=str(device), peak_memory=peak_memory(device),
+                     forward_s=timing["stage"] + timing["launch"] + timing["backlog"], device=str(device), peak_memory=peak_memory(device),
                      worker=f"{socket.gethostname()}:{os.getpid()}",
                      extra={"autocast": {m: fw.autocast for m, fw in forwards.items()},
-                            "launch_s": timing["launch"], "wait_s": timing["wait"], "put_s": timing["put"],
+                            "stage_s": timing["stage"], "launch_s": timing["launch"], "wait_s": timing["wait"],
+                            "put_s": timing["put"],
                             "backlog_s": timing["backlog"],
                             "one_off_s": sum(fw.one_off_s for fw in forwards.values()) - one_off_before})
     return buffer, st

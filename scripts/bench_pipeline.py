@@ -325,8 +325,8 @@ def main() -> None:
                   f"the device, decode processes; building the models took {ex['build_s']:.1f} s more) | "
                   f"{ex['pipeline_clips_per_s']:.2f} ({100 * ex['ratio_with_setup']:.0f} %) |"]
         p = ex["profile"]
-        lines += [f"\nWhere the median run's {ex['steady_s']:.2f} s after setup went (host seconds): launching the "
-                  f"backbones {p['launch_s']:.2f} (of which one-off work of first batches, the float16 check and "
+        lines += [f"\nWhere the median run's {ex['steady_s']:.2f} s after setup went (host seconds): joining "
+                  f"decoded inputs into batches {p.get('stage_s', 0.0):.2f}, launching the backbones {p['launch_s']:.2f} (of which one-off work of first batches, the float16 check and "
                   f"graph captures, {p.get('one_off_s', 0.0):.2f}), waiting for the put thread "
                   f"{p.get('backlog_s', 0.0):.2f}, waiting for decoded clips {p['decode_s']:.2f}; put thread: waiting "
                   f"for the device {p['wait_s']:.2f}, putting tokens into shard buffers {p['put_s']:.2f}; writes "

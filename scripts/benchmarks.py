@@ -7,16 +7,16 @@ The set, each run as its own process: training cost per step (full-size architec
 and 8: cache vs end-to-end vs adapter baseline, an int8 cache, and on CUDA the cache's step as one
 CUDA graph, as mettle-train runs it there; the tiny architectures); extraction and data-path
 throughput (full-size random-init backbones on the toy dataset, with a torch.profiler table of one
-more extraction; a full-size-layout cache of random tokens); cache sizes per preset and dtype.
+more extraction; extraction's host side alone, with a stand-in for the device work; a
+full-size-layout cache of random tokens); cache sizes per preset and dtype.
 ``--extended`` adds what is not one of the issue's figures (a few minutes more): the graphed step
 at the `full` budget, extraction with ``--cuda-graphs``, extraction with the tiny backbones, and
 the LCD without stage sharing and at width 128.
 
-Time on one H200 (2026-11-27, commit e481915): the full-size training part 4.1 minutes (10
-processes), the full-size extraction with 48 clips 1.7. The set has since grown by two graphed
-training processes and 192 extracted clips instead of 48 (one-off work weighed too much in 15
-batches), and lost the graphed and tiny extractions to ``--extended``: likely 7-8 minutes, not
-yet measured. Each part prints its time; ``--parts`` runs a subset (a machine with a per-command
+Time on one H200 (2026-11-27, commit 15d5e9e, measured in two calls): the training part 2.4
+minutes (12 processes), extraction + tiny + sizes 4.8 (extraction 173 s, tiny 105 s, sizes
+13 s): 7.2 minutes. The host-side extraction added since takes some 20-40 s more (not yet timed
+on a GPU). Each part prints its time; ``--parts`` runs a subset (a machine with a per-command
 limit can take the set in two calls). On a CPU use ``--quick`` (full-size at batch 1 only).
 """
 
@@ -60,6 +60,8 @@ def main() -> None:
         ("extraction", [py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", clips,
           "--device", args.device, "--repeats", "1" if args.quick else "3",
           "--work", work, "--out", args.out, "--data-clips", "16" if args.quick else "64", "--trace"], None),
+        ("extraction", [py, HERE / "bench_extract_host.py", "--backbones", "specific", "--clips", clips,
+          "--device", args.device, "--repeats", "1" if args.quick else "3", "--work", work], "extract_host.md"),
         ("tiny", [py, HERE / "bench_train_cost.py", "--sizes", "tiny", "--batches", "1", "8", "--device", args.device,
           "--modes", "cache:last-grid", "cache:full", "end-to-end", "adapter", "--out", args.out / "train_tiny"], None),
         ("sizes", [py, HERE / "cache_sizes.py"], "cache_sizes.md"),

@@ -30,6 +30,10 @@ class KeptTerms:
         """How many states have terms kept."""
         return len(self._kept)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor kept, all states (some may be a source itself, e.g. a weight already in the dtype)."""
+        return [t for _, kept in self._kept.values() for t in kept]
+
     def clear(self) -> None:
         """Drop everything (the module moved or was cast: the kept tensors belong to the old weights)."""
         self._kept = {}

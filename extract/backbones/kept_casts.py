@@ -84,3 +84,16 @@ def keep_casts(model: nn.Module) -> int:
             m.__class__ = swap
             m._casts = KeptTerms()
     return sum(isinstance(m, _KeptCasts) for m in model.modules())
+
+
+def kept_cast_bytes(model: nn.Module) -> int:
+    """Bytes of the weight copies ``model``'s kept-cast modules hold now (a parameter kept as itself,
+    already in the dtype, costs nothing): what a model that recast per call would not keep."""
+    sizes: dict[int, int] = {}
+    for m in model.modules():
+        if isinstance(m, _KeptCasts):
+            own = {p.data_ptr() for p in m.parameters(recurse=False)}
+            for t in m._casts.tensors():
+                if t.data_ptr() not in own:
+                    sizes[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(sizes.values())

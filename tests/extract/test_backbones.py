@@ -335,7 +335,7 @@ def test_kept_casts_are_autocasts_bit_for_bit():
     alone; new weights are followed, .to() drops the kept casts, weights that learn get gradients."""
     from torch import nn
 
-    from mettle.extract.backbones.kept_casts import KeptCastConv2d, KeptCastLinear, keep_casts
+    from mettle.extract.backbones.kept_casts import KeptCastConv2d, KeptCastLinear, keep_casts, kept_cast_bytes
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 5), nn.Linear(5, 4, bias=False))
@@ -346,11 +346,15 @@ def test_kept_casts_are_autocasts_bit_for_bit():
     assert [type(m) for m in model] == [KeptCastConv2d, nn.Flatten, KeptCastLinear, KeptCastLinear]
     assert model.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+    assert kept_cast_bytes(model) == 0  # outside autocast nothing is cast
     for dtype in (None, torch.float16, torch.bfloat16, torch.float16):
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(x)
             assert out.dtype == (dtype or torch.float32) and torch.equal(out, ref(x)), dtype
     assert len(model[2]._casts) == 2  # one set per autocast dtype
+    assert kept_cast_bytes(model) == 2 * 2 * sum(p.numel() for p in model.parameters())  # two 16-bit copies
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.1)

@@ -1,0 +1,107 @@
+"""Extraction's host side alone: ``mettle-extract`` with the backbones' device work replaced by a
+stand-in that costs nothing, so what is timed is decoding, preprocessing, joining inputs into
+batches, putting tokens into shard buffers and writing shards.
+
+Usage: python scripts/bench_extract_host.py [--backbones specific|tiny] [--clips 48] [--batch-size 32]
+       [--device cpu|cuda] [--repeats 3] [--work DIR] [--decode-threads N]
+
+Why: on the H200 (BENCHMARKS.md, 2026-11-27) the forward with pooling, encoding and the copies to
+the host ran at the pure forward's speed under CUDA graphs (101 %), yet the whole extraction reached
+41 %; the thread that drives the backbones spent about 3.3 s either way, so the host's part of the
+pipeline, not kernel launches, capped it. This measures that part on any machine: its clips/s is
+the most extraction could reach with an infinitely fast device, and its breakdown says where the
+host's time goes. The stand-in hands over, for every batch, tokens of the cache's shapes and
+storage dtype made once (zeros), as a finished batch; everything else is the real pipeline
+(``extract.run.extract``), on ``--device`` (``cuda``: inputs staged in page-locked memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from unittest import mock
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def stand_in():
+    """A replacement for ``TokenForward.encoded``: zeros of each array's stored shape, encoded once per
+    (forward, batch size, storage dtype) and handed over finished (no device work, no wait)."""
+    import torch
+
+    from mettle.extract.tokens import InFlight
+
+    made: dict = {}
+
+    def encoded(self, x, storage):
+        key = (id(self), len(x), storage.name)
+        if key not in made:
+            grouped = [torch.zeros(len(members) * len(x), self.arrays[members[0]].tokens, self.arrays[members[0]].dim)
+                       for members in self.groups]
+            made[key] = self._split(self._encode_groups(grouped, storage))
+        return InFlight(made[key], None)
+
+    return encoded
+
+
+def run(args) -> list[dict]:
+    """``args.repeats`` extractions with the stand-in; each run's profile and clips/s after setup."""
+    from mettle.extract.config import ExtractConfig, load_backbones
+    from mettle.extract.run import extract
+    from mettle.extract.tokens import TokenForward
+    from mettle.manifests import build_manifest
+    from mettle.manifests.toy import ToyParams, generate_toy
+
+    data = args.work / f"toy{args.clips}"
+    generate_toy(data, ToyParams(num_clips=args.clips), processes=os.cpu_count() or 1)  # not part of the timing
+    build_manifest("toy", data_root=str(data), num_clips=args.clips)
+    cfg = ExtractConfig(dataset="toy", cache=str(args.work / f"cache-host-{args.backbones}"), data_root=str(data),
+                        manifest_options={"num_clips": args.clips}, backbones=args.backbones, random_init=True,
+                        device=args.device, batch_size=args.batch_size,
+                        **({"decode_threads": args.decode_threads} if args.decode_threads else {}))
+    backbones = load_backbones(cfg)
+    runs = []
+    with mock.patch.object(TokenForward, "encoded", stand_in()):
+        for _ in range(args.repeats):
+            if Path(cfg.cache).exists():
+                shutil.rmtree(cfg.cache)
+            summary = extract(cfg, progress=False, backbones=backbones)
+            p = summary.profile
+            runs.append(dict(p, clips_per_s=args.clips / (p["seconds"] - p["setup_s"]), bytes=summary.bytes_written))
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbones", default="specific", help="whose token shapes and preprocessing (default: specific)")
+    ap.add_argument("--clips", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=Path("bench_work"))
+    ap.add_argument("--decode-threads", type=int, default=0, help="extraction's decode threads (0: its default)")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    runs = sorted(run(args), key=lambda r: r["clips_per_s"])
+    mid = runs[(len(runs) - 1) // 2]
+    steady = mid["seconds"] - mid["setup_s"]
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {args.device}, "
+          f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones} (shapes and preprocessing; the device work "
+          f"is a stand-in), {args.clips} toy clips, batch {args.batch_size}\n")
+    print("| extraction with a stand-in device | clips/s after setup | MB/s written |\n| --- | --- | --- |")
+    spread = "/".join(f"{r['clips_per_s']:.1f}" for r in runs)
+    print(f"| median of {len(runs)} (runs: {spread}) | "
+          f"{mid['clips_per_s']:.2f} | {mid['bytes'] / 1e6 / steady:.0f} |\n")
+    print(f"Where the median run's {steady:.2f} s after setup went (host seconds): waiting for decoded clips "
+          f"{mid['decode_s']:.2f}, joining inputs into batches {mid['stage_s']:.2f}, the stand-in's launches "
+          f"{mid['launch_s']:.2f}, waiting for the put thread {mid['backlog_s']:.2f}; put thread: putting tokens "
+          f"into shard buffers {mid['put_s']:.2f}; writes {mid['write_s']:.2f} (writer thread); "
+          f"{mid['bytes'] / 1e6 / args.clips:.1f} MB written per clip.")
+
+
+if __name__ == "__main__":
+    main()
