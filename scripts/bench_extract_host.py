@@ -3,7 +3,8 @@ stand-in that costs nothing, so what is timed is decoding, preprocessing, joinin
 batches, putting tokens into shard buffers and writing shards.
 
 Usage: python scripts/bench_extract_host.py [--backbones specific|tiny] [--clips 48] [--batch-size 32]
-       [--device cpu|cuda] [--repeats 3] [--work DIR] [--decode-threads N]
+       [--device cpu|cuda] [--repeats 3] [--work DIR] [--decode-threads N] [--decode-processes N] [--ops N] [--switch-interval S]
+       [--torch-threads N] [--format zarr|hdf5]
 
 Why: on the H200 (BENCHMARKS.md, 2026-11-27) the forward with pooling, encoding and the copies to
 the host ran at the pure forward's speed under CUDA graphs (101 %), yet the whole extraction reached
@@ -28,16 +29,32 @@ from unittest import mock
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def stand_in():
+def launches(ops: int, stats: dict) -> None:
+    """Issue ``ops`` tiny torch operators, as a host launching a GPU's kernels does: each is a short
+    call that releases Python's lock and takes it back. Seconds spent are added to ``stats["s"]``."""
+    import torch
+
+    t = stats.setdefault("tensor", torch.zeros(8))
+    t0 = time.perf_counter()
+    for _ in range(ops):
+        t.add_(1.0)
+    stats["s"] = stats.get("s", 0.0) + time.perf_counter() - t0
+
+
+def stand_in(ops: int = 0, stats: dict | None = None):
     """A replacement for ``TokenForward.encoded``: zeros of each array's stored shape, encoded once per
-    (forward, batch size, storage dtype) and handed over finished (no device work, no wait)."""
+    (forward, batch size, storage dtype) and handed over finished (no device work, no wait); with
+    ``ops``, after issuing that many tiny operators (``launches``), a stand-in for a host-bound GPU."""
     import torch
 
     from mettle.extract.tokens import InFlight
 
     made: dict = {}
+    stats = {} if stats is None else stats
 
     def encoded(self, x, storage):
+        if ops:
+            launches(ops, stats)
         key = (id(self), len(x), storage.name)
         if key not in made:
             grouped = [torch.zeros(len(members) * len(x), self.arrays[members[0]].tokens, self.arrays[members[0]].dim)
@@ -62,16 +79,24 @@ def run(args) -> list[dict]:
     cfg = ExtractConfig(dataset="toy", cache=str(args.work / f"cache-host-{args.backbones}"), data_root=str(data),
                         manifest_options={"num_clips": args.clips}, backbones=args.backbones, random_init=True,
                         device=args.device, batch_size=args.batch_size,
+                        format=args.format, decode_processes=args.decode_processes,
                         **({"decode_threads": args.decode_threads} if args.decode_threads else {}))
     backbones = load_backbones(cfg)
     runs = []
-    with mock.patch.object(TokenForward, "encoded", stand_in()):
-        for _ in range(args.repeats):
-            if Path(cfg.cache).exists():
-                shutil.rmtree(cfg.cache)
+    for _ in range(args.repeats):
+        if Path(cfg.cache).exists():
+            shutil.rmtree(cfg.cache)
+        stats: dict = {}
+        with mock.patch.object(TokenForward, "encoded", stand_in(args.ops, stats)):
             summary = extract(cfg, progress=False, backbones=backbones)
-            p = summary.profile
-            runs.append(dict(p, clips_per_s=args.clips / (p["seconds"] - p["setup_s"]), bytes=summary.bytes_written))
+        p = summary.profile
+        run = dict(p, clips_per_s=args.clips / (p["seconds"] - p["setup_s"]), bytes=summary.bytes_written)
+        if args.ops:  # the same operators alone, right after: what the "device" needs without the pipeline
+            calls = len(backbones) * -(-args.clips * 10 // args.batch_size)
+            alone: dict = {}
+            launches(args.ops * calls, alone)
+            run.update(ops_in_pipeline_s=stats["s"], ops_alone_s=alone["s"])
+        runs.append(run)
     return runs
 
 
@@ -84,7 +109,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("bench_work"))
     ap.add_argument("--decode-threads", type=int, default=0, help="extraction's decode threads (0: its default)")
+    ap.add_argument("--decode-processes", type=int, default=None,
+                    help="extraction's decode processes (default: by device, as mettle-extract; a GPU's default is one "
+                         "per CPU, at most 8)")
+    ap.add_argument("--format", default="zarr", choices=["zarr", "hdf5"])
+    ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads for the process (0: torch's default)")
+    ap.add_argument("--ops", type=int, default=0,
+                    help="tiny torch operators the stand-in issues per batch and backbone, as a host-bound GPU's launches")
+    ap.add_argument("--switch-interval", type=float, default=0.0,
+                    help="Python's thread switch interval in seconds (sys.setswitchinterval; 0: leave the default, 0.005)")
     args = ap.parse_args()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    if args.switch_interval:
+        import sys
+
+        sys.setswitchinterval(args.switch_interval)
     args.work.mkdir(parents=True, exist_ok=True)
     runs = sorted(run(args), key=lambda r: r["clips_per_s"])
     mid = runs[(len(runs) - 1) // 2]
@@ -101,6 +143,11 @@ def main() -> None:
           f"{mid['launch_s']:.2f}, waiting for the put thread {mid['backlog_s']:.2f}; put thread: putting tokens "
           f"into shard buffers {mid['put_s']:.2f}; writes {mid['write_s']:.2f} (writer thread); "
           f"{mid['bytes'] / 1e6 / args.clips:.1f} MB written per clip.")
+    if args.ops:
+        print(f"\nThe stand-in's {args.ops} operators per batch took {mid['ops_in_pipeline_s']:.2f} s in the "
+              f"pipeline and {mid['ops_alone_s']:.2f} s alone ({100 * mid['ops_alone_s'] / steady:.0f} % of the "
+              f"pipeline's time after setup; runs: "
+              + "/".join(f"{100 * r['ops_alone_s'] / (r['seconds'] - r['setup_s']):.0f}" for r in runs) + " %).")
 
 
 if __name__ == "__main__":
