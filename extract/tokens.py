@@ -17,6 +17,7 @@ from mettle.cache import ArraySpec, pool_tokens
 from mettle.cache.dtypes import Encoded, StorageDtype, encode_tensor
 
 from .backbones import Backbone
+from .backbones.kept import clear_kept
 from .graphs import GraphedEncode, capture
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class TokenForward:
                 log.warning("%s: float16 autocast is off by %.2g (relative) from float32; using float32",
                             self.backbone.name, err)
                 self.autocast, outs = False, exact
+                clear_kept(self.backbone)  # its float16 casts and terms would only take memory now
             else:
                 log.info("%s: float16 autocast within %.2g of float32", self.backbone.name, err)
             self.one_off_s += time.perf_counter() - t0

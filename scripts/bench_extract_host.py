@@ -3,17 +3,22 @@ stand-in that costs nothing, so what is timed is decoding, preprocessing, joinin
 batches, putting tokens into shard buffers and writing shards.
 
 Usage: python scripts/bench_extract_host.py [--backbones specific|tiny] [--clips 48] [--batch-size 32]
-       [--device cpu|cuda] [--repeats 3] [--work DIR] [--decode-threads N] [--decode-processes N] [--ops N] [--switch-interval S]
-       [--torch-threads N] [--format zarr|hdf5]
+       [--device cpu|cuda] [--repeats 3] [--work DIR] [--decode-threads N] [--decode-processes N]
+       [--format zarr|hdf5] [--torch-threads N] [--switch-interval S] [--ops N] [--device-ms MS]
 
 Why: on the H200 (BENCHMARKS.md, 2026-11-27) the forward with pooling, encoding and the copies to
 the host ran at the pure forward's speed under CUDA graphs (101 %), yet the whole extraction reached
-41 %; the thread that drives the backbones spent about 3.3 s either way, so the host's part of the
-pipeline, not kernel launches, capped it. This measures that part on any machine: its clips/s is
-the most extraction could reach with an infinitely fast device, and its breakdown says where the
-host's time goes. The stand-in hands over, for every batch, tokens of the cache's shapes and
-storage dtype made once (zeros), as a finished batch; everything else is the real pipeline
+41-51 %, so the host's part of the pipeline capped it. This measures that part on any machine: its
+clips/s is the most extraction could reach with an infinitely fast device, and its breakdown says
+where the host's time goes. The stand-in hands over, for every batch, tokens of the cache's shapes
+and storage dtype made once (zeros); everything else is the real pipeline
 (``extract.run.extract``), on ``--device`` (``cuda``: inputs staged in page-locked memory).
+
+Two stand-ins for a GPU make the host's share visible on a CPU machine: ``--ops N`` issues N tiny
+torch operators per batch (launching kernels: each call releases Python's lock and takes it back;
+compared with the same operators alone), ``--device-ms MS`` makes each batch ready only after MS of
+a stand-in device's time, batches one after another (a GPU stream: the device's busy share of the
+run is extraction's share of a device-bound forward).
 """
 
 from __future__ import annotations
@@ -41,10 +46,35 @@ def launches(ops: int, stats: dict) -> None:
     stats["s"] = stats.get("s", 0.0) + time.perf_counter() - t0
 
 
-def stand_in(ops: int = 0, stats: dict | None = None):
+class StandInDevice:
+    """A stand-in for a GPU's stream: each launched batch takes ``seconds`` of device time, one after
+    the other; ``launch()`` returns what ``InFlight`` waits on (an object with ``synchronize()``)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.free_at, self.busy = seconds, 0.0, 0.0
+
+    def launch(self) -> "_Done":
+        start = max(time.perf_counter(), self.free_at)
+        self.free_at = start + self.seconds
+        self.busy += self.seconds
+        return _Done(self.free_at)
+
+
+class _Done:
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def synchronize(self) -> None:
+        left = self.at - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+
+
+def stand_in(ops: int = 0, stats: dict | None = None, device: StandInDevice | None = None):
     """A replacement for ``TokenForward.encoded``: zeros of each array's stored shape, encoded once per
     (forward, batch size, storage dtype) and handed over finished (no device work, no wait); with
-    ``ops``, after issuing that many tiny operators (``launches``), a stand-in for a host-bound GPU."""
+    ``ops``, after issuing that many tiny operators (``launches``), a stand-in for a host-bound GPU;
+    with ``device``, the batch is ready when that stand-in device has run it."""
     import torch
 
     from mettle.extract.tokens import InFlight
@@ -53,6 +83,7 @@ def stand_in(ops: int = 0, stats: dict | None = None):
     stats = {} if stats is None else stats
 
     def encoded(self, x, storage):
+        stats["calls"] = stats.get("calls", 0) + 1
         if ops:
             launches(ops, stats)
         key = (id(self), len(x), storage.name)
@@ -60,7 +91,7 @@ def stand_in(ops: int = 0, stats: dict | None = None):
             grouped = [torch.zeros(len(members) * len(x), self.arrays[members[0]].tokens, self.arrays[members[0]].dim)
                        for members in self.groups]
             made[key] = self._split(self._encode_groups(grouped, storage))
-        return InFlight(made[key], None)
+        return InFlight(made[key], device.launch() if device is not None else None)
 
     return encoded
 
@@ -87,14 +118,15 @@ def run(args) -> list[dict]:
         if Path(cfg.cache).exists():
             shutil.rmtree(cfg.cache)
         stats: dict = {}
-        with mock.patch.object(TokenForward, "encoded", stand_in(args.ops, stats)):
+        device = StandInDevice(args.device_ms / 1000) if args.device_ms else None
+        with mock.patch.object(TokenForward, "encoded", stand_in(args.ops, stats, device)):
             summary = extract(cfg, progress=False, backbones=backbones)
         p = summary.profile
-        run = dict(p, clips_per_s=args.clips / (p["seconds"] - p["setup_s"]), bytes=summary.bytes_written)
+        run = dict(p, clips_per_s=args.clips / (p["seconds"] - p["setup_s"]), bytes=summary.bytes_written,
+                   device_busy_s=device.busy if device else 0.0)
         if args.ops:  # the same operators alone, right after: what the "device" needs without the pipeline
-            calls = len(backbones) * -(-args.clips * 10 // args.batch_size)
             alone: dict = {}
-            launches(args.ops * calls, alone)
+            launches(args.ops * stats["calls"], alone)
             run.update(ops_in_pipeline_s=stats["s"], ops_alone_s=alone["s"])
         runs.append(run)
     return runs
@@ -116,6 +148,8 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads for the process (0: torch's default)")
     ap.add_argument("--ops", type=int, default=0,
                     help="tiny torch operators the stand-in issues per batch and backbone, as a host-bound GPU's launches")
+    ap.add_argument("--device-ms", type=float, default=0.0,
+                    help="a stand-in device: each batch takes this many ms of its time, batches one after another")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="Python's thread switch interval in seconds (sys.setswitchinterval; 0: leave the default, 0.005)")
     args = ap.parse_args()
@@ -143,6 +177,10 @@ def main() -> None:
           f"{mid['launch_s']:.2f}, waiting for the put thread {mid['backlog_s']:.2f}; put thread: putting tokens "
           f"into shard buffers {mid['put_s']:.2f}; writes {mid['write_s']:.2f} (writer thread); "
           f"{mid['bytes'] / 1e6 / args.clips:.1f} MB written per clip.")
+    if args.device_ms:
+        print(f"\nThe stand-in device ({args.device_ms:g} ms a batch) was busy {mid['device_busy_s']:.2f} s of the "
+              f"{steady:.2f} s ({100 * mid['device_busy_s'] / steady:.0f} %; runs: "
+              + "/".join(f"{100 * r['device_busy_s'] / (r['seconds'] - r['setup_s']):.0f}" for r in runs) + " %).")
     if args.ops:
         print(f"\nThe stand-in's {args.ops} operators per batch took {mid['ops_in_pipeline_s']:.2f} s in the "
               f"pipeline and {mid['ops_alone_s']:.2f} s alone ({100 * mid['ops_alone_s'] / steady:.0f} % of the "

@@ -80,7 +80,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     from mettle.cache import SCALE, CacheMeta, plan_cache
     from mettle.cache.runtime import peak_memory
     from mettle.extract.config import ExtractConfig, load_backbones
-    from mettle.extract.backbones.kept_casts import kept_cast_bytes
+    from mettle.extract.backbones.kept import kept_bytes
     from mettle.extract.tokens import TokenForward
     from mettle.train.config import resolve_config
     from mettle.train.model import MettleModel, count_parameters
@@ -162,7 +162,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
             "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
             "peak_rss": peak_rss, "peak_rss_minus_idle": peak_rss - idle,
             "token_bytes": sum(t.numel() * t.element_size() for t in cached.values()) if from_cache else None,
-            "kept_cast_bytes": sum(kept_cast_bytes(b) for b in backbones.values()) if backbones else 0}
+            "kept_bytes": sum(kept_bytes(b) for b in backbones.values()) if backbones else 0}
 
 
 class AdapterModel(nn.Module):
@@ -280,11 +280,11 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
             out.append(f"\n{r['size']}, batch {r['batch']}: end-to-end / graphs:last-grid = "
                        f"{e2e['seconds_per_step'] / r['seconds_per_step']:.1f}x time, "
                        f"{e2e['peak_gpu'] / max(r['peak_gpu'], 1):.1f}x memory")
-    kept = [r for r in rows if r.get("kept_cast_bytes") and "error" not in r]
-    if kept:  # what the backbones' kept float16 weights (kept_casts.py) add to (b)'s and (c)'s peaks
-        out.append("\nOf (b)'s and (c)'s peaks, float16 weight copies the frozen backbones keep instead of casting "
-                   "every forward (kept_casts.py): " + ", ".join(
-                       f"{r['size']} batch {r['batch']} {r['mode']} {r['kept_cast_bytes'] / 2**20:.0f} MiB" for r in kept))
+    kept = [r for r in rows if r.get("kept_bytes") and "error" not in r]
+    if kept:  # what the frozen backbones keep instead of recomputing (kept.py) adds to (b)'s and (c)'s peaks
+        out.append("\nOf (b)'s and (c)'s peaks, what the frozen backbones keep instead of making every forward "
+                   "(weights cast to float16, attention's weight-only terms; kept.py): " + ", ".join(
+                       f"{r['size']} batch {r['batch']} {r['mode']} {r['kept_bytes'] / 2**20:.0f} MiB" for r in kept))
     timed = [r for r in rows if "process_s" in r]
     if timed:  # where a benchmark set's minutes go: each configuration is a process of its own
         slow = max(timed, key=lambda r: r["process_s"])

@@ -253,16 +253,17 @@ def test_int8_codes_reach_the_gpu_page_locked_and_train_as_decoded(toy_root, tmp
 @pytest.mark.parametrize("name", ["test_swinv2_tiny", "test_htsat_tiny"])
 def test_kept_weight_casts_are_cuda_autocasts_bit_for_bit(name):
     """On CUDA under float16 autocast (extraction's precision), a frozen backbone's kept weight casts
-    (kept_casts.py) and kept attention terms give exactly the per-call casts' tokens, in eager runs
-    and in a captured graph."""
+    (kept_casts.py) and kept attention terms give exactly timm's and torch's per-call tokens, in eager
+    runs and in a captured graph, also one captured before anything was kept."""
     import copy
 
     from mettle.extract.backbones import create_backbone
     from mettle.extract.backbones.kept_casts import SWAPS
+    from mettle.extract.backbones.swinv2_attention import FrozenWindowAttention, WindowAttention
 
     b = create_backbone(name).cuda()
     ref = copy.deepcopy(b)
-    back = {v: k for k, v in SWAPS.items()}
+    back = {**{v: k for k, v in SWAPS.items()}, FrozenWindowAttention: WindowAttention}  # timm's and torch's own
     for m in ref.modules():
         if type(m) in back:
             m.__class__ = back[type(m)]
@@ -270,15 +271,23 @@ def test_kept_weight_casts_are_cuda_autocasts_bit_for_bit(name):
     media = (rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8) if b.modality == "visual"
              else (0.1 * rng.standard_normal((4, 32000))).astype(np.float32))
     x = b.preprocess(media).cuda()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
-        want = ref.forward_tokens(x)
-        for _ in range(2):  # made, then reused
-            assert all(torch.equal(o, w) for o, w in zip(b.forward_tokens(x), want))
+    fresh = copy.deepcopy(b)  # nothing kept yet under CUDA autocast
+
+    def captured(model):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            outs = b.forward_tokens(x)
+            outs = model.forward_tokens(x)
         graph.replay()
         torch.cuda.synchronize()
-        assert all(torch.equal(o, w) for o, w in zip(outs, want))
+        return outs
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+        want = ref.forward_tokens(x)
+        for _ in range(2):  # made, then reused
+            assert all(torch.equal(o, w) for o, w in zip(b.forward_tokens(x), want))
+        assert all(torch.equal(o, w) for o, w in zip(captured(b), want))  # kept ones read by the graph
+        # captured first (no warm-up): nothing is kept during the capture, the graph casts for itself
+        assert all(torch.equal(o, w) for o, w in zip(captured(fresh), want))
+        assert all(torch.equal(o, w) for o, w in zip(fresh.forward_tokens(x), want))

@@ -44,16 +44,72 @@ class KeptTerms:
         ``sources`` changed; None when a source requires a gradient or is an inference tensor."""
         if any(t.requires_grad or t.is_inference() for t in sources):
             return None
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+        key = _key(sources)
         kept = self._kept.get(state)
         if kept is not None and kept[0] == key:
             return kept[1]
+        if _capturing():  # made now, they would only be recorded into the graph: the caller computes them there
+            return None
         with torch.no_grad(), torch.inference_mode(False):
             fresh = tuple(compute())
+            # in place, so that a captured CUDA graph reads the new terms; not where a term is a source itself
+            # (a weight already in the dtype): copying would write into a weight, and a graph reads it anyway
+            ptrs = {t.data_ptr() for t in sources} | ({p for p, _, _ in kept[0]} if kept is not None else set())
             if kept is not None and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                                        and a.data_ptr() not in ptrs and b.data_ptr() not in ptrs
                                         for a, b in zip(kept[1], fresh)):
-                for old, new in zip(kept[1], fresh):  # in place: a captured CUDA graph reads them
+                for old, new in zip(kept[1], fresh):
                     old.copy_(new)
                 fresh = kept[1]
-        self._kept[state] = (key, fresh)
+        self._kept[state] = (_key(sources), fresh)
         return fresh
+
+
+def _key(sources: Sequence[torch.Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def autocast_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What autocast hands a lower-precision op for ``t``: floating tensors but float64 cast to ``dtype``."""
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype in force for ``device``'s kind, or None (also for kinds autocast does not know)."""
+    kind = device.type
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except RuntimeError:  # e.g. "meta"
+        return None
+
+
+def addresses(module: torch.nn.Module) -> tuple[int, ...]:
+    """Where ``module``'s parameters and buffers live: a ``.to()`` that changes nothing leaves it as it was."""
+    return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
+
+
+def kept_bytes(model: torch.nn.Module) -> int:
+    """Bytes the ``KeptTerms`` of ``model``'s modules hold beyond its own parameters and buffers (a term
+    that is a weight itself costs nothing): what a model that recomputed them every forward would not hold."""
+    own = set(addresses(model))
+    sizes: dict[int, int] = {}
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, KeptTerms):
+                for t in value.tensors():
+                    if t.data_ptr() not in own:
+                        sizes[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(sizes.values())
+
+
+def clear_kept(model: torch.nn.Module) -> None:
+    """Drop what every ``KeptTerms`` of ``model``'s modules holds (e.g. the float16 casts once a model
+    falls back to float32: they would only take memory)."""
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, KeptTerms):
+                value.clear()

@@ -22,17 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kept import KeptTerms
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    kind = device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What autocast makes of ``t`` for a lower-precision op: floating tensors but float64 cast."""
-    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+from .kept import KeptTerms, addresses, autocast_cast, autocast_dtype
 
 
 class _KeptCasts:
@@ -40,17 +30,20 @@ class _KeptCasts:
 
     _casts: KeptTerms
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): the kept casts belong to the old tensors
-        self._casts.clear()
-        return super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+    def _apply(self, fn, *args, **kwargs):  # moved or cast (.to(), .half()): the kept casts belong to the old tensors
+        before = addresses(self)  # type: ignore[arg-type]
+        out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        if addresses(self) != before:  # type: ignore[arg-type]
+            self._casts.clear()
+        return out
 
     def _kept_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        dtype = _autocast_dtype(x.device)
+        dtype = autocast_dtype(x.device)
         if dtype is None or self.weight.device != x.device:  # type: ignore[attr-defined]
             return None
         bias = self.bias  # type: ignore[attr-defined]
         sources = (self.weight,) if bias is None else (self.weight, bias)  # type: ignore[attr-defined]
-        kept = self._casts.get(dtype, sources, lambda: tuple(_cast(t, dtype) for t in sources))
+        kept = self._casts.get(dtype, sources, lambda: tuple(autocast_cast(t, dtype) for t in sources))
         if kept is None:
             return None
         return kept[0], (kept[1] if bias is not None else None)
@@ -84,16 +77,3 @@ def keep_casts(model: nn.Module) -> int:
             m.__class__ = swap
             m._casts = KeptTerms()
     return sum(isinstance(m, _KeptCasts) for m in model.modules())
-
-
-def kept_cast_bytes(model: nn.Module) -> int:
-    """Bytes of the weight copies ``model``'s kept-cast modules hold now (a parameter kept as itself,
-    already in the dtype, costs nothing): what a model that recast per call would not keep."""
-    sizes: dict[int, int] = {}
-    for m in model.modules():
-        if isinstance(m, _KeptCasts):
-            own = {p.data_ptr() for p in m.parameters(recurse=False)}
-            for t in m._casts.tensors():
-                if t.data_ptr() not in own:
-                    sizes[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(sizes.values())

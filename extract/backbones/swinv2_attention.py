@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kept import KeptTerms
+from .kept import KeptTerms, addresses, autocast_cast, autocast_dtype
 
 try:  # imported only where a timm Swin-V2 is built (swinv2.py), so timm is there
     from timm.models.swin_transformer_v2 import WindowAttention
@@ -75,19 +75,17 @@ def _swap(attn: nn.Module) -> None:
     attn._terms = KeptTerms()
 
 
-def _autocast_state(device: torch.device) -> tuple:
-    kind = device.type
-    return (kind, torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None)
-
-
 class FrozenWindowAttention(WindowAttention if WindowAttention is not None else nn.Module):  # type: ignore[misc]
     """timm's ``WindowAttention`` with its weight-only terms kept: (windows * B, N, C) -> (windows * B, N, C)."""
 
     _terms: KeptTerms
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): the kept terms belong to the old tensors
-        self._terms.clear()
-        return super()._apply(fn, *args, **kwargs)
+    def _apply(self, fn, *args, **kwargs):  # moved or cast (.to(), .half()): the kept terms belong to the old tensors
+        before = addresses(self)
+        out = super()._apply(fn, *args, **kwargs)
+        if addresses(self) != before:
+            self._terms.clear()
+        return out
 
     def _constant_terms(self, device: torch.device) -> tuple[torch.Tensor, ...] | None:
         """(q/k/v weight and bias in autocast's dtype, logit scale, position bias) as timm's forward computes
@@ -96,15 +94,15 @@ class FrozenWindowAttention(WindowAttention if WindowAttention is not None else 
             return None
         sources = [self.qkv.weight, self.q_bias, self.k_bias, self.v_bias, self.logit_scale,
                    *self.cpb_mlp.parameters(), self.relative_coords_table, self.relative_position_index]
-        state = (_autocast_state(device), tuple(self.window_size))
-        return self._terms.get(state, sources, lambda: self._compute_terms(state[0][1]))
+        dtype = autocast_dtype(device)
+        state = (device.type, dtype, tuple(self.window_size))
+        return self._terms.get(state, sources, lambda: self._compute_terms(dtype))
 
-    def _compute_terms(self, autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    def _compute_terms(self, dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
         """The same operations as timm's forward, in the caller's precision."""
         qkv_weight, qkv_bias = self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        if autocast_dtype is not None and qkv_bias.dtype != torch.float64:  # autocast casts both in F.linear
-            qkv_bias = qkv_bias.to(autocast_dtype)  # every time: once, here (it leaves float64 alone)
-            qkv_weight = qkv_weight.to(autocast_dtype)
+        if dtype is not None:  # autocast casts both in F.linear every time: once, here
+            qkv_weight, qkv_bias = autocast_cast(qkv_weight, dtype), autocast_cast(qkv_bias, dtype)
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
         n = self.window_size[0] * self.window_size[1]
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)

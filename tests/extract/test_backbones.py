@@ -335,7 +335,8 @@ def test_kept_casts_are_autocasts_bit_for_bit():
     alone; new weights are followed, .to() drops the kept casts, weights that learn get gradients."""
     from torch import nn
 
-    from mettle.extract.backbones.kept_casts import KeptCastConv2d, KeptCastLinear, keep_casts, kept_cast_bytes
+    from mettle.extract.backbones.kept import kept_bytes
+    from mettle.extract.backbones.kept_casts import KeptCastConv2d, KeptCastLinear, keep_casts
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 5), nn.Linear(5, 4, bias=False))
@@ -348,13 +349,15 @@ def test_kept_casts_are_autocasts_bit_for_bit():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         model(x)
-    assert kept_cast_bytes(model) == 0  # outside autocast nothing is cast
+    assert kept_bytes(model) == 0  # outside autocast nothing is cast
     for dtype in (None, torch.float16, torch.bfloat16, torch.float16):
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(x)
             assert out.dtype == (dtype or torch.float32) and torch.equal(out, ref(x)), dtype
     assert len(model[2]._casts) == 2  # one set per autocast dtype
-    assert kept_cast_bytes(model) == 2 * 2 * sum(p.numel() for p in model.parameters())  # two 16-bit copies
+    assert kept_bytes(model) == 2 * 2 * sum(p.numel() for p in model.parameters())  # two 16-bit copies
+    model.to("cpu")  # moves nothing: the kept casts stay
+    assert len(model[2]._casts) == 2
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.1)
@@ -396,3 +399,71 @@ def test_frozen_backbones_cast_their_weights_once(name, make):
         want, n_want = copies(ref)
     assert all(torch.equal(o, w) for o, w in zip(ours, want))
     assert n_want - n_ours >= layers  # every layer's weight (and bias) no longer cast per call
+
+
+def test_kept_terms_that_are_weights_themselves_stay_kept():
+    """A kept term may be a weight itself (float32 attention terms, a bfloat16 weight under bfloat16
+    autocast): after new weights are loaded it is kept again, not made anew (nor copied onto itself,
+    which would move the weight's version counter) in every forward."""
+    from torch import nn
+
+    from mettle.extract.backbones.kept_casts import keep_casts
+    from mettle.extract.backbones.swinv2_attention import FrozenWindowAttention
+
+    lin = nn.Linear(4, 3).to(torch.bfloat16).requires_grad_(False)
+    keep_casts(lin)
+    x = torch.randn(2, 4)
+    b = create_backbone("test_swinv2_tiny")
+    frames = b.preprocess(_frames(1))
+    made = []
+    compute = FrozenWindowAttention._compute_terms
+
+    def counting(self, dtype):
+        made.append(dtype)
+        return compute(self, dtype)
+
+    FrozenWindowAttention._compute_terms = counting
+    try:
+        with torch.no_grad():
+            for reload in (False, True):
+                if reload:
+                    lin.load_state_dict(lin.state_dict())  # in place: version counters move once
+                    b.load_state_dict(b.state_dict())
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    lin(x)
+                version = lin.weight._version
+                b.forward_tokens(frames)
+                before = len(made)
+                for _ in range(2):
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        lin(x)
+                    b.forward_tokens(frames)
+                assert lin.weight._version == version and len(made) == before, reload
+                assert lin._casts._kept[torch.bfloat16][1][0] is lin.weight
+    finally:
+        FrozenWindowAttention._compute_terms = compute
+
+
+def _arrays_of(b):
+    """The default cache arrays of one backbone (a one-clip plan)."""
+    from mettle.cache import plan_cache
+    from mettle.manifests import Clip, Manifest
+
+    manifest = Manifest("t", (Clip("c0", ("train",), 10, 10.0, {"video": "c0"}),), {"event": ("a", "b")})
+    return [a for a in plan_cache(manifest, {b.modality: b.record()}).arrays if a.modality == b.modality]
+
+
+def test_autocast_fallback_to_float32_drops_the_kept_casts(monkeypatch):
+    """When float16 autocast is off by too much and extraction falls back to float32, the float16
+    casts the check made are dropped (they would only take memory)."""
+    from mettle.extract import tokens as tokens_mod
+    from mettle.extract.backbones.kept import kept_bytes
+    from mettle.extract.tokens import TokenForward
+
+    b = create_backbone("test_htsat_tiny")
+    arrays = _arrays_of(b)
+    monkeypatch.setattr(tokens_mod, "AUTOCAST_TOLERANCE", -1.0)  # any difference is too much
+    fw = TokenForward(b, arrays, torch.device("cpu"), "float16")
+    fw._check_autocast = True  # as precision "auto" does on a GPU
+    fw(b.preprocess(_audio(2)))
+    assert fw.autocast is False and kept_bytes(b) == 0

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kept import KeptTerms
+from ..kept import KeptTerms, addresses
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -64,9 +64,12 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self._kept = KeptTerms()  # see _bias
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(): kept biases belong to the old tensors
-        self._kept.clear()
-        return super()._apply(fn, *args, **kwargs)
+    def _apply(self, fn, *args, **kwargs):  # moved or cast (.to(), .half()): kept biases belong to the old tensors
+        before = addresses(self)
+        out = super()._apply(fn, *args, **kwargs)
+        if addresses(self) != before:
+            self._kept.clear()
+        return out
 
     def _bias(self, n: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The position bias ``(heads, n, n)``, plus the shifted-window ``mask`` as ``(nW, heads, n, n)``, in
