@@ -53,10 +53,11 @@ class StandInDevice:
     def __init__(self, seconds: float) -> None:
         self.seconds, self.free_at, self.busy = seconds, 0.0, 0.0
 
-    def launch(self) -> "_Done":
+    def launch(self, share: float = 1.0) -> "_Done":
+        """A batch of ``share`` of the full batch size (its time in proportion)."""
         start = max(time.perf_counter(), self.free_at)
-        self.free_at = start + self.seconds
-        self.busy += self.seconds
+        self.free_at = start + self.seconds * share
+        self.busy += self.seconds * share
         return _Done(self.free_at)
 
 
@@ -70,7 +71,7 @@ class _Done:
             time.sleep(left)
 
 
-def stand_in(ops: int = 0, stats: dict | None = None, device: StandInDevice | None = None):
+def stand_in(ops: int = 0, stats: dict | None = None, device: StandInDevice | None = None, batch_size: int = 32):
     """A replacement for ``TokenForward.encoded``: zeros of each array's stored shape, encoded once per
     (forward, batch size, storage dtype) and handed over finished (no device work, no wait); with
     ``ops``, after issuing that many tiny operators (``launches``), a stand-in for a host-bound GPU;
@@ -91,7 +92,7 @@ def stand_in(ops: int = 0, stats: dict | None = None, device: StandInDevice | No
             grouped = [torch.zeros(len(members) * len(x), self.arrays[members[0]].tokens, self.arrays[members[0]].dim)
                        for members in self.groups]
             made[key] = self._split(self._encode_groups(grouped, storage))
-        return InFlight(made[key], device.launch() if device is not None else None)
+        return InFlight(made[key], device.launch(len(x) / batch_size) if device is not None else None)
 
     return encoded
 
@@ -119,7 +120,7 @@ def run(args) -> list[dict]:
             shutil.rmtree(cfg.cache)
         stats: dict = {}
         device = StandInDevice(args.device_ms / 1000) if args.device_ms else None
-        with mock.patch.object(TokenForward, "encoded", stand_in(args.ops, stats, device)):
+        with mock.patch.object(TokenForward, "encoded", stand_in(args.ops, stats, device, args.batch_size)):
             summary = extract(cfg, progress=False, backbones=backbones)
         p = summary.profile
         run = dict(p, clips_per_s=args.clips / (p["seconds"] - p["setup_s"]), bytes=summary.bytes_written,
@@ -149,7 +150,8 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=0,
                     help="tiny torch operators the stand-in issues per batch and backbone, as a host-bound GPU's launches")
     ap.add_argument("--device-ms", type=float, default=0.0,
-                    help="a stand-in device: each batch takes this many ms of its time, batches one after another")
+                    help="a stand-in device: each full batch takes this many ms of its time (a partial one in "
+                         "proportion), batches one after another")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="Python's thread switch interval in seconds (sys.setswitchinterval; 0: leave the default, 0.005)")
     args = ap.parse_args()
