@@ -36,7 +36,9 @@ class TokenForward:
             the first batch's tokens stay within ``AUTOCAST_TOLERANCE`` of float32, else float32).
         graph_batch: on CUDA, :meth:`encoded` runs batches of this many segments as one CUDA graph
             (``graphs.py``; captured at the first such batch after the precision check, and checked
-            against the eager run). None: always eager.
+            against the eager run), and a smaller batch as a graph of its own from the second time its
+            size comes (each shard's last batch is partial, of the same size in every full shard).
+            None: always eager.
 
     ``__call__(x)`` takes a preprocessed batch ``(B, ...)`` and returns ``{key: (B, n, d)}`` on the CPU,
     in ``arrays`` order (float32; unpooled blocks float16 under autocast). :meth:`encoded` is the
@@ -58,6 +60,7 @@ class TokenForward:
         self.autocast_error: float | None = None
         self.graph_batch = graph_batch if device.type == "cuda" else None
         self.graphs: dict[tuple, GraphedEncode | None] = {}  # (storage, shape, dtype) -> graph, None: eager
+        self._partial_seen: dict[tuple, int] = {}  # partial batches' keys -> times run eagerly
         self.one_off_s = 0.0  # host seconds in the precision check and graph captures (profiles report it)
 
     def _forward(self, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
@@ -152,9 +155,13 @@ class TokenForward:
 
     def _graph(self, x: torch.Tensor, storage: StorageDtype) -> GraphedEncode | None:
         """The CUDA graph for batches like ``x`` (captured on first use), or None: run eagerly."""
-        if self.graph_batch is None or len(x) != self.graph_batch or self._check_autocast:
+        if self.graph_batch is None or len(x) > self.graph_batch or self._check_autocast:
             return None
         key = (storage.name, tuple(x.shape), x.dtype)
+        if key not in self.graphs and len(x) < self.graph_batch:  # a partial batch: captured once it recurs
+            seen = self._partial_seen[key] = self._partial_seen.get(key, 0) + 1
+            if seen < 2:
+                return None
         if key not in self.graphs:
             def run(inp: torch.Tensor) -> dict[str, Encoded]:
                 outs = self._forward(inp.to(self.device, non_blocking=True), self.autocast)

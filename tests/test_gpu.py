@@ -102,8 +102,9 @@ def test_tokens_encoded_on_the_gpu_reach_the_host_as_the_cpu_encodes_them(storag
 
 
 def test_cuda_graph_extraction_equals_eager(toy_root, tmp_path, caplog):
-    """``--cuda-graphs``: full batches replay one captured graph per backbone; the cache equals the eager
-    run's (a partial batch at each shard's end runs eagerly)."""
+    """``--cuda-graphs``: full batches replay one captured graph per backbone, and the partial batch
+    at each shard's end (6 segments here, in both shards) one of its own from its second time; the
+    cache equals the eager run's."""
     import logging
 
     common = dict(dataset="toy", data_root=str(toy_root), manifest_options={"num_clips": 12, "frames": True},
@@ -111,7 +112,8 @@ def test_cuda_graph_extraction_equals_eager(toy_root, tmp_path, caplog):
     extract(ExtractConfig(cache=str(tmp_path / "eager"), **common), progress=False)
     with caplog.at_level(logging.INFO, logger="mettle.extract.graphs"):
         extract(ExtractConfig(cache=str(tmp_path / "graphs"), cuda_graphs=True, **common), progress=False)
-    assert sum("run as one CUDA graph" in r.getMessage() for r in caplog.records) == 2, caplog.text
+    captured = [r.getMessage() for r in caplog.records if "run as one CUDA graph" in r.getMessage()]
+    assert len(captured) == 4 and sum("(6," in m for m in captured) == 2, caplog.text
     a, b = open_cache(tmp_path / "eager"), open_cache(tmp_path / "graphs")
     for key in a.keys():
         x, y = a.read(key, range(6)), b.read(key, range(6))
