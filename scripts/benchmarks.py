@@ -15,8 +15,8 @@ the LCD without stage sharing and at width 128.
 
 Time on one H200 (2026-11-27, commit 15d5e9e, measured in two calls): the training part 2.4
 minutes (12 processes), extraction + tiny + sizes 4.8 (extraction 173 s, tiny 105 s, sizes
-13 s): 7.2 minutes. The host-side extraction added since takes some 20-40 s more (not yet timed
-on a GPU). Each part prints its time; ``--parts`` runs a subset (a machine with a per-command
+13 s): 7.2 minutes. The host-side extraction added since (one run) takes some 10-20 s more (not
+yet timed on a GPU). Each part prints its time; ``--parts`` runs a subset (a machine with a per-command
 limit can take the set in two calls). On a CPU use ``--quick`` (full-size at batch 1 only).
 """
 
@@ -60,8 +60,9 @@ def main() -> None:
         ("extraction", [py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", clips,
           "--device", args.device, "--repeats", "1" if args.quick else "3",
           "--work", work, "--out", args.out, "--data-clips", "16" if args.quick else "64", "--trace"], None),
+        # a diagnostic, not one of the issue's figures: one run, to keep the set under 8 minutes on a GPU
         ("extraction", [py, HERE / "bench_extract_host.py", "--backbones", "specific", "--clips", clips,
-          "--device", args.device, "--repeats", "1" if args.quick else "3", "--work", work], "extract_host.md"),
+          "--device", args.device, "--repeats", "1", "--work", work], "extract_host.md"),
         ("tiny", [py, HERE / "bench_train_cost.py", "--sizes", "tiny", "--batches", "1", "8", "--device", args.device,
           "--modes", "cache:last-grid", "cache:full", "end-to-end", "adapter", "--out", args.out / "train_tiny"], None),
         ("sizes", [py, HERE / "cache_sizes.py"], "cache_sizes.md"),
