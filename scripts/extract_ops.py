@@ -1,12 +1,17 @@
 """Operators the host issues per batch: the backbones' pure forward against extraction's
 ``TokenForward.encoded`` (forward + pooling + encoding + copies), counted with torch.profiler.
 
-Usage: python scripts/extract_ops.py [--backbones specific|tiny] [--batch 4] [--dtype float16]
+Usage: python scripts/extract_ops.py [--backbones specific|tiny] [--batch 4] [--dtype float16] [--autocast]
 
 Why: on a GPU, extraction of the full-size backbones is bound by the host launching operators, not
 by the GPU (BENCHMARKS.md, section "GPU figures"), so its cost against the pure forward is about the
 ratio of these counts. Counted on the CPU, where the same operators run (a GPU run adds the copies to
 the host as operators of their own). "kernels" leaves out operators that only make views of memory.
+
+``--autocast`` counts instead what a GPU extraction runs: the pure forward under float16 autocast,
+operators as dispatched to kernels (below autocast, so its casts are counted), for the frozen
+backbone as built (weights cast once: ``extract/backbones/kept_casts.py``) and for a copy whose
+Linear / Conv2d modules are PyTorch's own (autocast casts their weights in every forward).
 """
 
 from __future__ import annotations
@@ -32,6 +37,63 @@ def count(fn) -> collections.Counter:
     return collections.Counter(e.name for e in prof.events() if e.cpu_parent is None)
 
 
+def dispatched(fn) -> collections.Counter:
+    """Operators ``fn`` runs as dispatched to kernels (after autograd and autocast), by name, views left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = "aten::" + func.overloadpacket.__name__
+            if name not in VIEWS and name not in ALLOCS:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as mode:
+        fn()
+    return mode.ops
+
+
+ALLOCS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+          "aten::_reshape_alias", "aten::view_as"}  # no kernel of their own
+
+
+def per_call_casts(b):
+    """A copy of backbone ``b`` whose Linear / Conv2d are PyTorch's own: autocast recasts their weights."""
+    import copy
+
+    from mettle.extract.backbones.kept_casts import SWAPS
+
+    plain = copy.deepcopy(b)
+    back = {v: k for k, v in SWAPS.items()}
+    for m in plain.modules():
+        if type(m) in back:
+            m.__class__ = back[type(m)]
+    return plain
+
+
+def autocast_counts(models: dict, meta, media: dict) -> None:
+    import torch
+
+    print("| backbone | pure forward, float16 autocast: kernels (casts) with weights cast once | "
+          "with per-call casts | fewer |")
+    print("| --- | --- | --- | --- |")
+    for m, b in models.items():
+        idx = [a.block_index for a in meta.arrays if a.modality == m]
+        x = b.preprocess(media[m])
+        counts = {}
+        for name, model in (("kept", b), ("plain", per_call_casts(b))):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+                model.forward_tokens(x, idx)  # the kept casts and terms are made
+                counts[name] = dispatched(lambda: model.forward_tokens(x, idx))
+        k, p = (sum(counts[n].values()) for n in ("kept", "plain"))
+        casts = {n: counts[n]["aten::_to_copy"] for n in counts}
+        print(f"| {b.name} | {k} ({casts['kept']}) | {p} ({casts['plain']}) | {p - k} ({100 * (p - k) / p:.0f} %) |")
+
+
 def main() -> None:
     import numpy as np
     import torch
@@ -46,6 +108,8 @@ def main() -> None:
     ap.add_argument("--backbones", default="specific")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--autocast", action="store_true", help="count the float16-autocast forward's kernels instead "
+                    "(weights cast once against per-call casts)")
     args = ap.parse_args()
     models = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=args.backbones, random_init=True))
     manifest = Manifest("ops", (Clip("c0", ("train",), 10, 10.0, {"video": "c0"}),), {"event": ("a", "b")})
@@ -53,6 +117,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     media = {"visual": rng.integers(0, 256, (args.batch, 112, 112, 3), dtype=np.uint8),
              "audio": (0.1 * rng.standard_normal((args.batch, 32000))).astype(np.float32)}
+    if args.autocast:
+        print(f"backbones {args.backbones}, batch {args.batch}, CPU float16 autocast, default preset")
+        autocast_counts(models, meta, media)
+        return
     print(f"backbones {args.backbones}, batch {args.batch}, {args.dtype}, default preset and budget")
     print("| backbone | arrays | pure forward: operators (kernels) | encoded(): operators (kernels) | extra |")
     print("| --- | --- | --- | --- | --- |")
