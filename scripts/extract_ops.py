@@ -61,22 +61,10 @@ ALLOCS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_e
           "aten::_reshape_alias", "aten::view_as"}  # no kernel of their own
 
 
-def per_call_casts(b):
-    """A copy of backbone ``b`` whose Linear / Conv2d are PyTorch's own: autocast recasts their weights."""
-    import copy
-
-    from mettle.extract.backbones.kept_casts import SWAPS
-
-    plain = copy.deepcopy(b)
-    back = {v: k for k, v in SWAPS.items()}
-    for m in plain.modules():
-        if type(m) in back:
-            m.__class__ = back[type(m)]
-    return plain
-
-
 def autocast_counts(models: dict, meta, media: dict) -> None:
     import torch
+
+    from mettle.extract.backbones.kept_casts import per_call_copy
 
     print("| backbone | pure forward, float16 autocast: kernels (casts) with weights cast once | "
           "with per-call casts | fewer |")
@@ -85,7 +73,7 @@ def autocast_counts(models: dict, meta, media: dict) -> None:
         idx = [a.block_index for a in meta.arrays if a.modality == m]
         x = b.preprocess(media[m])
         counts = {}
-        for name, model in (("kept", b), ("plain", per_call_casts(b))):
+        for name, model in (("kept", b), ("plain", per_call_copy(b))):
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
                 model.forward_tokens(x, idx)  # the kept casts and terms are made
                 counts[name] = dispatched(lambda: model.forward_tokens(x, idx))

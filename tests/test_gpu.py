@@ -260,15 +260,14 @@ def test_kept_weight_casts_are_cuda_autocasts_bit_for_bit(name):
     import copy
 
     from mettle.extract.backbones import create_backbone
-    from mettle.extract.backbones.kept_casts import SWAPS
+    from mettle.extract.backbones.kept_casts import per_call_copy
     from mettle.extract.backbones.swinv2_attention import FrozenWindowAttention, WindowAttention
 
     b = create_backbone(name).cuda()
-    ref = copy.deepcopy(b)
-    back = {**{v: k for k, v in SWAPS.items()}, FrozenWindowAttention: WindowAttention}  # timm's and torch's own
+    ref = per_call_copy(b)  # torch's own Linear / Conv2d, and (below) timm's own attention
     for m in ref.modules():
-        if type(m) in back:
-            m.__class__ = back[type(m)]
+        if type(m) is FrozenWindowAttention:
+            m.__class__ = WindowAttention
     rng = np.random.default_rng(0)
     media = (rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8) if b.modality == "visual"
              else (0.1 * rng.standard_normal((4, 32000))).astype(np.float32))

@@ -77,3 +77,17 @@ def keep_casts(model: nn.Module) -> int:
             m.__class__ = swap
             m._casts = KeptTerms()
     return sum(isinstance(m, _KeptCasts) for m in model.modules())
+
+
+def per_call_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose Linear / Conv2d modules are PyTorch's own again (autocast casts
+    their weights in every forward): the reference kept casts are compared and counted against."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    back = {v: k for k, v in SWAPS.items()}
+    for m in plain.modules():
+        if type(m) in back:
+            m.__class__ = back[type(m)]
+            del m._casts
+    return plain

@@ -314,21 +314,6 @@ def test_htsat_keeps_its_position_bias_until_the_weights_change():
                 assert torch.equal(ours, want), autocast
 
 
-def _plain(model):
-    """A copy of ``model`` with PyTorch's own Linear / Conv2d (no kept casts): the reference."""
-    import copy
-
-    from mettle.extract.backbones.kept_casts import SWAPS
-
-    ref = copy.deepcopy(model)
-    back = {v: k for k, v in SWAPS.items()}
-    for m in ref.modules():
-        if type(m) in back:
-            m.__class__ = back[type(m)]
-            del m._casts
-    return ref
-
-
 def test_kept_casts_are_autocasts_bit_for_bit():
     """Frozen Linear / Conv2d weights cast once per autocast dtype (kept_casts.py) give exactly what
     autocast's per-call casts give: float16 and bfloat16, float32 outside autocast, float64 left
@@ -336,13 +321,13 @@ def test_kept_casts_are_autocasts_bit_for_bit():
     from torch import nn
 
     from mettle.extract.backbones.kept import kept_bytes
-    from mettle.extract.backbones.kept_casts import KeptCastConv2d, KeptCastLinear, keep_casts
+    from mettle.extract.backbones.kept_casts import KeptCastConv2d, KeptCastLinear, keep_casts, per_call_copy
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 5), nn.Linear(5, 4, bias=False))
     for p in model.parameters():
         p.requires_grad_(False)
-    ref = _plain(model)
+    ref = per_call_copy(model)
     assert keep_casts(model) == 3 and keep_casts(model) == 3  # idempotent
     assert [type(m) for m in model] == [KeptCastConv2d, nn.Flatten, KeptCastLinear, KeptCastLinear]
     assert model.state_dict().keys() == ref.state_dict().keys()
@@ -382,8 +367,10 @@ def test_frozen_backbones_cast_their_weights_once(name, make):
     the same model with per-call casts, and a second forward issues some 2-per-layer fewer copies."""
     from torch.profiler import ProfilerActivity, profile
 
+    from mettle.extract.backbones.kept_casts import per_call_copy
+
     b = create_backbone(name)
-    ref = _plain(b)
+    ref = per_call_copy(b)
     x = b.preprocess(make(2))
     layers = sum(1 for m in b.modules() if hasattr(m, "_casts"))
     assert layers > 0
