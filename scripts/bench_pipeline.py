@@ -3,7 +3,7 @@ sequential read of the same bytes.
 
 Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48] [--batch-size 32]
        [--device cpu] [--repeats 3] [--work DIR] [--out DIR] [--trace] [--cuda-graphs]
-       [--data-clips 64] [--data-dtype float16|int8]
+       [--data-clips 64] [--data-dtype float16|int8] [--switch-interval S] [--no-data-path]
 
 1. ``mettle-extract`` on the toy dataset (decode + forward + write, clips/s) against the backbones'
    forward alone on inputs of the same shapes, same device, batch size and precision (float16
@@ -299,10 +299,18 @@ def main() -> None:
                     help="clips of the full-size synthetic cache the data path is also measured on (0: skip)")
     ap.add_argument("--data-dtype", default="float16", choices=["float16", "int8"],
                     help="that cache's dtype; int8 is read both as training reads it (codes) and decoded")
+    ap.add_argument("--no-data-path", action="store_true", help="skip the extracted cache's data path (extraction only)")
+    ap.add_argument("--switch-interval", type=float, default=0.0,
+                    help="Python's thread switch interval in seconds for this process (sys.setswitchinterval; 0: "
+                         "the default, 0.005): how long the launching thread may wait for the lock (BENCHMARKS.md)")
     args = ap.parse_args()
+    if args.switch_interval:
+        import sys
+
+        sys.setswitchinterval(args.switch_interval)
     args.work.mkdir(parents=True, exist_ok=True)
     ex = extraction(args) if args.clips else None  # --clips 0: the data path on the full-size layout only
-    dp = data_path(Path(ex["cache"])) if ex and not args.cuda_graphs else None  # graphs: extraction only
+    dp = data_path(Path(ex["cache"])) if ex and not (args.cuda_graphs or args.no_data_path) else None  # graphs: extraction only
     full = decoded = None
     if args.data_clips:
         layout = full_size_cache(args.work, args.data_clips, dtype=args.data_dtype)
@@ -310,7 +318,8 @@ def main() -> None:
         decoded = data_path(layout, codes=False) if args.data_dtype == "int8" else None
     lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {args.device}, "
              f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones}, {args.clips} toy clips, batch {args.batch_size}"
-             + ("; extraction with --cuda-graphs" if args.cuda_graphs else ""),
+             + ("; extraction with --cuda-graphs" if args.cuda_graphs else "")
+             + (f"; switch interval {args.switch_interval * 1e3:g} ms" if args.switch_interval else ""),
              ""]
     if ex:
         lines += ["| extraction | clips/s |", "| --- | --- |",
