@@ -110,8 +110,20 @@ def encode(x: np.ndarray, dtype: StorageDtype) -> tuple[np.ndarray, np.ndarray |
     return e.codes.numpy(), None if e.scale is None else e.scale.numpy()
 
 
-def decode(codes: np.ndarray, scale: np.ndarray | None, out: str = "float32") -> np.ndarray:
-    """Stored codes (+ scales) -> float tokens of numpy dtype ``out``."""
+def decode(codes: np.ndarray, scale: np.ndarray | None, out: str = "float32",
+           into: np.ndarray | None = None) -> np.ndarray:
+    """Stored codes (+ scales) -> float tokens of numpy dtype ``out``, written into ``into`` when given
+    (an array of the codes' shape and dtype ``out``, e.g. a page-locked batch's numpy view).
+
+    int8: ``float32(code) * scale``, then rounded to ``out``, in one pass with no temporary (numpy's
+    ufunc computes in float32 and casts each product on output): a decoded batch is 4x the codes'
+    bytes, and the temporaries of the two-step form took most of the time (BENCHMARKS.md)."""
     if scale is None:
-        return np.asarray(codes).astype(out, copy=False)
-    return (codes.astype(np.float32) * scale[..., None].astype(np.float32)).astype(out, copy=False)
+        if into is None:
+            return np.asarray(codes).astype(out, copy=False)  # already in ``out``: the array itself
+        into[...] = codes
+        return into
+    if into is None:
+        into = np.empty(codes.shape, dtype=out)
+    np.multiply(codes, scale[..., None], out=into, dtype=np.float32, casting="same_kind")
+    return into

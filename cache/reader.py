@@ -80,11 +80,7 @@ class Cache(TokenSource):
         if direct or codes_only:
             return codes
         scale = self.store.read(key + SCALE, rows) if self._dtype.scaled else None
-        tokens = decode(codes, scale, out)
-        if into is None:
-            return tokens
-        into[...] = tokens
-        return into
+        return decode(codes, scale, out, into)  # into: decoded straight into it
 
     def reads_directly(self, out: str) -> bool:
         """Whether :meth:`read` in dtype ``out`` goes straight from the file into ``into`` (no decoding):

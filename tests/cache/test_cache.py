@@ -396,3 +396,21 @@ def test_int8_codes_and_scales_read_as_stored(manifest, tmp_path, storage):
         open_cache(tmp_path / "f").read(key, rows, "int8")
     plain = next(iter(open_cache(tmp_path / "f").iterate([rows], [key], codes=[key])))  # floats: codes ignored
     assert set(plain["tokens"]) == {key} and plain["tokens"][key].dtype == torch.float16
+
+
+def test_int8_decoding_in_one_pass_equals_the_two_step_form():
+    """``decode`` multiplies codes by their scales in one pass (into a given array or a new one): the
+    same numbers as converting to float32, multiplying and rounding to the output dtype."""
+    from mettle.cache.dtypes import decode
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (3, 10, 9, 16), dtype=np.int8)
+    scale = (rng.random((3, 10, 9)) * 0.1).astype(np.float32)
+    for out in ("float32", "float16"):
+        want = (codes.astype(np.float32) * scale[..., None]).astype(out)
+        into = np.full(codes.shape, np.nan, dtype=out)
+        assert decode(codes, scale, out, into) is into and np.array_equal(into, want), out
+        got = decode(codes, scale, out)
+        assert got.dtype == np.dtype(out) and np.array_equal(got, want), out
+    halves = rng.standard_normal((2, 4)).astype(np.float16)
+    assert decode(halves, None, "float16") is halves  # nothing to do: the array itself
