@@ -61,8 +61,26 @@ class KeptTerms:
                 for old, new in zip(kept[1], fresh):
                     old.copy_(new)
                 fresh = kept[1]
-        self._kept[state] = (_key(sources), fresh)
+        self._kept[state] = (key, fresh)  # no source was written to: the key still holds
         return fresh
+
+
+class DropsKeptWhenMoved:
+    """``nn.Module`` mixin: a ``.to()`` / ``.half()`` that moves or casts the module's tensors drops what
+    its ``KeptTerms`` hold (they belong to the old tensors); one that moves nothing keeps them."""
+
+    def _apply(self, fn, *args, **kwargs):
+        before = addresses(self)  # type: ignore[arg-type]
+        out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        if addresses(self) != before:  # type: ignore[arg-type]
+            for terms in terms_of(self):  # type: ignore[arg-type]
+                terms.clear()
+        return out
+
+
+def terms_of(module: torch.nn.Module) -> list[KeptTerms]:
+    """The ``KeptTerms`` ``module`` holds itself (not its children's)."""
+    return [v for v in vars(module).values() if isinstance(v, KeptTerms)]
 
 
 def _key(sources: Sequence[torch.Tensor]) -> tuple:
@@ -98,11 +116,10 @@ def kept_bytes(model: torch.nn.Module) -> int:
     own = set(addresses(model))
     sizes: dict[int, int] = {}
     for m in model.modules():
-        for value in vars(m).values():
-            if isinstance(value, KeptTerms):
-                for t in value.tensors():
-                    if t.data_ptr() not in own:
-                        sizes[t.data_ptr()] = t.numel() * t.element_size()
+        for terms in terms_of(m):
+            for t in terms.tensors():
+                if t.data_ptr() not in own:
+                    sizes[t.data_ptr()] = t.numel() * t.element_size()
     return sum(sizes.values())
 
 
@@ -110,6 +127,5 @@ def clear_kept(model: torch.nn.Module) -> None:
     """Drop what every ``KeptTerms`` of ``model``'s modules holds (e.g. the float16 casts once a model
     falls back to float32: they would only take memory)."""
     for m in model.modules():
-        for value in vars(m).values():
-            if isinstance(value, KeptTerms):
-                value.clear()
+        for terms in terms_of(m):
+            terms.clear()

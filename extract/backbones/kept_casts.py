@@ -22,20 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kept import KeptTerms, addresses, autocast_cast, autocast_dtype
+from .kept import DropsKeptWhenMoved, KeptTerms, autocast_cast, autocast_dtype
 
 
-class _KeptCasts:
+class _KeptCasts(DropsKeptWhenMoved):
     """Mixin: ``_kept_weights(x)`` -> (weight, bias) cast for the running autocast, or None (run as usual)."""
 
     _casts: KeptTerms
-
-    def _apply(self, fn, *args, **kwargs):  # moved or cast (.to(), .half()): the kept casts belong to the old tensors
-        before = addresses(self)  # type: ignore[arg-type]
-        out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
-        if addresses(self) != before:  # type: ignore[arg-type]
-            self._casts.clear()
-        return out
 
     def _kept_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         dtype = autocast_dtype(x.device)

@@ -3,8 +3,9 @@
 timm's ``WindowAttention`` recomputes in every forward of every block three terms that depend on
 the weights alone (four under autocast, which casts the q/k/v weight every time): the joined q/k/v
 bias, the clamped and exponentiated logit scale, and the continuous relative-position bias (a
-two-layer MLP over a fixed coordinate table, gathered into the window's pairs, then ``16 * sigmoid``). For frozen weights they are constants: 13 of the 38
-operators one attention issues, 10 of them kernels. On a GPU, extraction and end-to-end training
+two-layer MLP over a fixed coordinate table, gathered into the window's pairs, then ``16 *
+sigmoid``). For frozen weights they are constants: 13 of the 38 operators one attention issues, 10
+of them kernels. On a GPU, extraction and end-to-end training
 with the full-size Swin-V2-L are bound by the host issuing kernels (BENCHMARKS.md), so the terms
 are computed once per device and precision and reused.
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kept import KeptTerms, addresses, autocast_cast, autocast_dtype
+from .kept import DropsKeptWhenMoved, KeptTerms, autocast_cast, autocast_dtype
 
 try:  # imported only where a timm Swin-V2 is built (swinv2.py), so timm is there
     from timm.models.swin_transformer_v2 import WindowAttention
@@ -47,7 +48,7 @@ def _eligible(attn: nn.Module) -> bool:
 
 def freeze_window_attention(model: nn.Module) -> int:
     """Make every timm Swin-V2 ``WindowAttention`` of ``model`` reuse its weight-only terms; returns how
-    many. None when this timm's forward differs from ours on one module's random window: the forward
+    many. 0 when this timm's forward differs from ours on one module's random window: the forward
     is the same code for every module, so one check tells for all."""
     modules = [m for m in model.modules() if _eligible(m)]
     if not modules:
@@ -75,17 +76,11 @@ def _swap(attn: nn.Module) -> None:
     attn._terms = KeptTerms()
 
 
-class FrozenWindowAttention(WindowAttention if WindowAttention is not None else nn.Module):  # type: ignore[misc]
+class FrozenWindowAttention(DropsKeptWhenMoved,  # type: ignore[misc]
+                            WindowAttention if WindowAttention is not None else nn.Module):
     """timm's ``WindowAttention`` with its weight-only terms kept: (windows * B, N, C) -> (windows * B, N, C)."""
 
     _terms: KeptTerms
-
-    def _apply(self, fn, *args, **kwargs):  # moved or cast (.to(), .half()): the kept terms belong to the old tensors
-        before = addresses(self)
-        out = super()._apply(fn, *args, **kwargs)
-        if addresses(self) != before:
-            self._terms.clear()
-        return out
 
     def _constant_terms(self, device: torch.device) -> tuple[torch.Tensor, ...] | None:
         """(q/k/v weight and bias in autocast's dtype, logit scale, position bias) as timm's forward computes

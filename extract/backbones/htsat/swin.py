@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kept import KeptTerms, addresses
+from ..kept import DropsKeptWhenMoved, KeptTerms
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def from_windows(x: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
     return x.reshape(-1, h, w, c)
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(DropsKeptWhenMoved, nn.Module):
     """Multi-head self-attention inside windows, with a learned relative position bias."""
 
     def __init__(self, dim: int, window: int, heads: int) -> None:
@@ -63,13 +63,6 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
         self._kept = KeptTerms()  # see _bias
-
-    def _apply(self, fn, *args, **kwargs):  # moved or cast (.to(), .half()): kept biases belong to the old tensors
-        before = addresses(self)
-        out = super()._apply(fn, *args, **kwargs)
-        if addresses(self) != before:
-            self._kept.clear()
-        return out
 
     def _bias(self, n: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The position bias ``(heads, n, n)``, plus the shifted-window ``mask`` as ``(nW, heads, n, n)``, in
