@@ -99,20 +99,16 @@ def stand_in(ops: int = 0, stats: dict | None = None, device: StandInDevice | No
 
 def run(args) -> list[dict]:
     """``args.repeats`` extractions with the stand-in; each run's profile and clips/s after setup."""
-    from mettle.extract.config import ExtractConfig, load_backbones
+    from bench_pipeline import toy_extract_config  # this folder's: the same toy data and config
+
+    from mettle.extract.config import load_backbones
     from mettle.extract.run import extract
     from mettle.extract.tokens import TokenForward
-    from mettle.manifests import build_manifest
-    from mettle.manifests.toy import ToyParams, generate_toy
 
-    data = args.work / f"toy{args.clips}"
-    generate_toy(data, ToyParams(num_clips=args.clips), processes=os.cpu_count() or 1)  # not part of the timing
-    build_manifest("toy", data_root=str(data), num_clips=args.clips)
-    cfg = ExtractConfig(dataset="toy", cache=str(args.work / f"cache-host-{args.backbones}"), data_root=str(data),
-                        manifest_options={"num_clips": args.clips}, backbones=args.backbones, random_init=True,
-                        device=args.device, batch_size=args.batch_size,
-                        format=args.format, decode_processes=args.decode_processes,
-                        **({"decode_threads": args.decode_threads} if args.decode_threads else {}))
+    cfg = toy_extract_config(args.work, args.clips, f"cache-host-{args.backbones}", backbones=args.backbones,
+                             device=args.device, batch_size=args.batch_size, format=args.format,
+                             decode_processes=args.decode_processes,
+                             **({"decode_threads": args.decode_threads} if args.decode_threads else {}))
     backbones = load_backbones(cfg)
     runs = []
     for _ in range(args.repeats):

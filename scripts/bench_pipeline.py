@@ -46,19 +46,27 @@ def _drop_page_cache() -> bool:
         return False
 
 
-def extraction(args) -> dict:
-    """Extraction against the pure forward ``args.repeats`` times, side by side; the run with the
-    median ratio (a shared machine's timings vary by 10 % and more between runs)."""
-    from mettle.extract.config import ExtractConfig, load_backbones
+def toy_extract_config(work: Path, clips: int, cache: str, **options):
+    """The toy dataset of ``clips`` clips under ``work`` (rendered once, not part of any timing) and an
+    ``ExtractConfig`` for extracting it into ``work / cache`` with random-init backbones and ``options``."""
+    from mettle.extract.config import ExtractConfig
     from mettle.manifests import build_manifest
     from mettle.manifests.toy import ToyParams, generate_toy
 
-    data = args.work / f"toy{args.clips}"  # the toy generator refuses a folder made with other parameters
-    generate_toy(data, ToyParams(num_clips=args.clips), processes=os.cpu_count() or 1)  # not part of the timing
-    build_manifest("toy", data_root=str(data), num_clips=args.clips)
-    cfg = ExtractConfig(dataset="toy", cache=str(args.work / f"cache-{args.backbones}"), data_root=str(data),
-                        manifest_options={"num_clips": args.clips}, backbones=args.backbones, random_init=True,
-                        device=args.device, batch_size=args.batch_size, cuda_graphs=args.cuda_graphs)
+    data = work / f"toy{clips}"  # the toy generator refuses a folder made with other parameters
+    generate_toy(data, ToyParams(num_clips=clips), processes=os.cpu_count() or 1)
+    build_manifest("toy", data_root=str(data), num_clips=clips)
+    return ExtractConfig(dataset="toy", cache=str(work / cache), data_root=str(data), manifest_options={"num_clips": clips},
+                         random_init=True, **options)
+
+
+def extraction(args) -> dict:
+    """Extraction against the pure forward ``args.repeats`` times, side by side; the run with the
+    median ratio (a shared machine's timings vary by 10 % and more between runs)."""
+    from mettle.extract.config import load_backbones
+
+    cfg = toy_extract_config(args.work, args.clips, f"cache-{args.backbones}", backbones=args.backbones,
+                             device=args.device, batch_size=args.batch_size, cuda_graphs=args.cuda_graphs)
     t0 = time.perf_counter()
     backbones = load_backbones(cfg)  # built once (Swin-V2-L takes a while), used by every run
     build = time.perf_counter() - t0
