@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # The checks a short GPU loan should run, in order of worth, each under its own time limit, writing
-# its tables and logs into OUT (default ./gpu_checks). About 6-7 minutes on an H200 (estimated from
-# the parts' times of 2026-11-27, not yet run as one script). See BENCHMARKS.md, "Fourth session".
+# its tables and logs into OUT (default ./gpu_checks). All parts: about 8-9 minutes on an H200
+# (estimated from the parts' times of 2026-11-27, not yet run as one script): more than one call of
+# the device tool may run (600 s), so name the parts to run in two calls. See BENCHMARKS.md.
 #
-# Usage: bash scripts/gpu_checks.sh [OUT] [WORK]
-#   1. the GPU tests (kept weight casts, graphed extraction with partial batches, graphed training)
-#   2. extraction eager and with --cuda-graphs, three runs each, 192 toy clips (whether graphs should
-#      be extraction's default on CUDA, as they are for training)
-#   3. eager extraction with a 0.5 ms switch interval; py-spy's view of who holds Python's lock during one
-#      eager extraction (needs py-spy)
-#   4. extraction's host side alone on this machine (a stand-in for the device work)
-#   5. end-to-end against the graphed cache step, full size, batch 1 and 8 (end-to-end's backbones now
-#      keep their float16 weight casts)
+# Usage: bash scripts/gpu_checks.sh [OUT] [WORK] [PART ...]      (no PART: all, in this order)
+#   gpu_tests       the GPU tests (kept weight casts, graphed extraction with partial batches, training graphs)
+#   train           end-to-end against the eager and the graphed cache step, full size, batch 1 and 8
+#                   (end-to-end's backbones keep their float16 weight casts; LCD chunks of 32 MiB on CUDA)
+#   train_chunks    the graphed cache step with lcd.chunk_mib=16 (the CUDA default before 2026-11-27's
+#                   fifth session) and 64: what fewer, larger chunks buy in time and cost in memory
+#   step_profile    kernels and peak memory of one eager step at chunk_mib 16 / 32 / 64 (step_profile.py)
+#   extract_eager   extraction, 192 toy clips, three runs (kept weight casts now in the forward)
+#   extract_graphs  the same with --cuda-graphs (whether graphs should be extraction's default on CUDA)
+#   extract_switch  eager extraction with a 0.5 ms switch interval
+#   spy             py-spy's view of who holds Python's lock during one eager extraction (needs py-spy)
+#   extract_host    extraction's host side alone on this machine (a stand-in for the device work)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 WORK=${2:-/tmp/bwork}
+shift $(( $# < 2 ? $# : 2 ))
+PARTS=${*:-gpu_tests train train_chunks step_profile extract_eager extract_graphs extract_switch spy extract_host}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -26,30 +32,45 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "$name: exit $? in $(( $(date +%s) - start )) s"
 }
-step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs
-tail -3 "$OUT/gpu_tests.log"
-step extract_eager 200 $PY scripts/bench_pipeline.py --backbones specific --clips 192 --device cuda --repeats 3 \
-    --work "$WORK" --out "$OUT" --data-clips 0 --no-data-path
-step extract_graphs 150 $PY scripts/bench_pipeline.py --backbones specific --clips 192 --device cuda --repeats 3 \
-    --work "$WORK" --out "$OUT" --data-clips 0 --cuda-graphs
-# the launching thread waits up to Python's switch interval (5 ms) for the lock after each operator when
-# another thread runs Python (BENCHMARKS.md, a 1000x slowdown in a throwaway test): the same, at 0.5 ms
-step extract_switch 200 $PY scripts/bench_pipeline.py --backbones specific --clips 192 --device cuda --repeats 3 \
-    --work "$WORK" --out "$OUT/switch" --data-clips 0 --no-data-path \
-    --switch-interval 0.0005
-if command -v py-spy > /dev/null; then
-    step spy 120 py-spy record --gil --threads -r 50 -f raw -o "$OUT/spy_gil.txt" -- \
-        $PY scripts/bench_pipeline.py --backbones specific --clips 192 --device cuda --repeats 1 --work "$WORK" \
-        --data-clips 0 --no-data-path
-    $PY scripts/spy_threads.py "$OUT/spy_gil.txt" --within extract > "$OUT/spy_gil.md" 2>&1
-else
-    echo "spy: skipped (py-spy is not installed)"
-fi
-step extract_host 90 $PY scripts/bench_extract_host.py --backbones specific --clips 192 --device cuda --repeats 1 \
-    --work "$WORK"
-step train 200 $PY scripts/bench_train_cost.py --sizes full --batches 1 8 --device cuda --steps 3 \
-    --modes cache:last-grid end-to-end graphs:last-grid --out "$OUT/train"
-for f in extract_eager extract_graphs extract_switch extract_host train; do
-    echo "== $f"; grep -v '^$' "$OUT/$f.log" | grep -v 'Warning\|warn' | head -30
+show() {  # the lines of a part's log worth reading in the tool's reply
+    echo "== $1"; grep -v '^$' "$OUT/$1.log" | grep -v 'Warning\|warn\|USDT\|gpuGetDevice' | tail -${2:-30}
+}
+EXTRACT="$PY scripts/bench_pipeline.py --backbones specific --clips 192 --device cuda --work $WORK --data-clips 0"
+TRAIN="$PY scripts/bench_train_cost.py --sizes full --batches 1 8 --device cuda --steps 3"
+for part in $PARTS; do
+    case $part in
+    gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs
+        show gpu_tests 4 ;;
+    train) step train 200 $TRAIN --modes cache:last-grid end-to-end graphs:last-grid --out "$OUT/train"
+        show train ;;
+    train_chunks)
+        for mib in 16 64; do
+            step train_chunk$mib 100 $TRAIN --modes graphs:last-grid --set lcd.chunk_mib=$mib --out "$OUT/train_chunk$mib"
+            show train_chunk$mib 8
+        done ;;
+    step_profile) step step_profile 120 $PY scripts/step_profile.py --device cuda --set lcd.chunk_mib=16 \
+            --compare lcd.chunk_mib=32 --compare lcd.chunk_mib=64
+        show step_profile 10 ;;
+    extract_eager) step extract_eager 200 $EXTRACT --repeats 3 --out "$OUT" --no-data-path
+        show extract_eager ;;
+    extract_graphs) step extract_graphs 150 $EXTRACT --repeats 3 --out "$OUT/graphs" --cuda-graphs
+        show extract_graphs ;;
+    # the launching thread waits up to Python's switch interval (5 ms) for the lock after each operator
+    # when another thread runs Python (a 1000x slowdown in a throwaway test): the same, at 0.5 ms
+    extract_switch) step extract_switch 200 $EXTRACT --repeats 3 --out "$OUT/switch" --no-data-path \
+            --switch-interval 0.0005
+        show extract_switch ;;
+    spy) if command -v py-spy > /dev/null; then
+            step spy 120 py-spy record --gil --threads -r 50 -f raw -o "$OUT/spy_gil.txt" -- $EXTRACT --repeats 1 \
+                --no-data-path
+            $PY scripts/spy_threads.py "$OUT/spy_gil.txt" --within extract > "$OUT/spy_gil.md" 2>&1
+            echo "== spy"; head -14 "$OUT/spy_gil.md"
+        else
+            echo "spy: skipped (py-spy is not installed)"
+        fi ;;
+    extract_host) step extract_host 90 $PY scripts/bench_extract_host.py --backbones specific --clips 192 \
+            --device cuda --repeats 1 --work "$WORK"
+        show extract_host ;;
+    *) echo "unknown part $part (see the usage at the top of $0)"; exit 2 ;;
+    esac
 done
-[ -f "$OUT/spy_gil.md" ] && { echo "== spy"; head -14 "$OUT/spy_gil.md"; }

@@ -29,6 +29,10 @@ class LCDConfig:
         comma-separated block names (``stage2.block17,stage3.block1``).
     share: ``stage`` (layers of one backbone stage share the value/output projections and the MLP;
         meta-tokens, queries and gates stay per layer) | ``none`` (every layer its own).
+    chunk_mib: the layers of a group run in chunks whose transient tensors (float32 normalised
+        tokens, meta-token activations) stay under this many MiB; ``0`` takes the device's default
+        (fewer, larger chunks on CUDA, where each chunk's ~100 kernels are the cost). Speed and
+        transient memory only: every value gives the same numbers.
     The queries are per layer and per head (``heads x meta_tokens x D_l``); with
     ``meta_tokens <= dim / heads`` that is the same function class as query and key projections.
     """
@@ -43,6 +47,7 @@ class LCDConfig:
     gate_init: float = 0.5
     attention: str = "folded"  # folded | naive (the same mathematics; naive projects every token)
     share: str = "stage"  # stage | none: a stage's layers share value/output projections and the MLP
+    chunk_mib: int = 0  # transient memory per batched group of layers; 0: by device (lcd.py, LCD.CHUNK_MIB)
 
 
 @dataclass(frozen=True)

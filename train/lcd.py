@@ -215,21 +215,33 @@ class LCD(nn.Module):
 
     Layers of one stage (same width and token count) run together: one batched attention per group
     instead of one per layer, which on a GPU removes most kernel launches (a Swin-V2-L stage has 18
-    blocks). A group is split into chunks whose float32 normalised tokens stay under
-    ``chunk_bytes`` and whose meta-token activations stay under ``meta_bytes``, so the transient
+    blocks). A group is split into chunks whose float32 normalised tokens stay under ``lcd.chunk_mib``
+    (by device: ``CHUNK_MIB``) and whose meta-token activations stay under as much, so the transient
     memory does not grow with the number of layers.
     """
 
-    chunk_bytes = 16 << 20  # measured: larger chunks were slower on CPU at batch 8 (cache misses)
-    # and at most this much of the activations after the attention (some 8 float32 (K, d) per layer and
-    # segment), which dominate with few tokens a layer: full-size, batch 8, one token a layer: 862 -> 518
-    # MiB above idle on the CPU; the last-grid and full budgets chunk as before (BENCHMARKS.md)
-    meta_bytes = 16 << 20
+    # MiB of float32 normalised tokens per chunk, and at most as much of the activations after the
+    # attention (some 8 float32 (K, d) per layer and segment, which dominate with few tokens a layer:
+    # full-size, batch 8, one token a layer: 862 -> 518 MiB above idle on the CPU at 16), by device
+    # type; lcd.chunk_mib overrides. CPU: larger chunks were slower at batch 8 (cache misses). CUDA:
+    # a chunk is ~100 small kernels (forward + backward), which bound a step there (BENCHMARKS.md);
+    # at 16 MiB a full-size batch of 8 ran nearly every layer as a chunk of its own
+    CHUNK_MIB = {"cpu": 16, "cuda": 32}
+    chunk_bytes: int | None = None  # tests: set to split differently (1: every layer its own chunk)
+    meta_bytes: int | None = None
+    # Recompute the part after the attention in backward (True), keep its activations (False), or
+    # (None) recompute only when all layers' activations would exceed one chunk's budget. Why: at
+    # batch 1 the recomputation is ~15 kernels a chunk for a few MiB (full-size, CPU profile:
+    # 688 -> 560 operators a step, peak +2 MiB); at batch 8 keeping them costs +130 MiB
+    # (scripts/step_profile.py, BENCHMARKS.md). The same numbers either way.
+    recompute: bool | None = None
 
     def __init__(self, arrays: Sequence[ArraySpec], cfg: LCDConfig) -> None:
         super().__init__()
         if not arrays:
             raise ConfigError("LCD needs at least one layer. Fix: check lcd.layers")
+        if cfg.chunk_mib < 0:
+            raise ConfigError(f"lcd.chunk_mib={cfg.chunk_mib} is negative. Fix: a size in MiB, or 0 for the device's default")
         if cfg.share not in SHARES:
             raise ConfigError(f"lcd.share={cfg.share!r} is unknown. Fix: use one of {', '.join(SHARES)}")
         self.cfg = cfg
@@ -264,24 +276,30 @@ class LCD(nn.Module):
             total = sum(layer(x, self.readouts[g], s) for x, s, layer, g in zip(xs, ss, self.layers, self.owner))
         else:
             total = 0
+            budget = (self.cfg.chunk_mib or self.CHUNK_MIB.get(first.device.type, 16)) << 20
+            chunk_bytes, meta_bytes = self.chunk_bytes or budget, self.meta_bytes or budget
+            meta = 8 * self.cfg.meta_tokens * self.cfg.dim * 4 * b * t  # ~ one layer's meta-token activations
+            recompute = self.recompute if self.recompute is not None else meta * len(self.layers) > meta_bytes
             for group in self.groups:
                 per = xs[group[0]][0].numel() * 4 * b * t  # float32 bytes of one layer's tokens
-                meta = 8 * self.cfg.meta_tokens * self.cfg.dim * 4 * b * t  # ~ its meta-token activations
-                step = max(1, min(self.chunk_bytes // max(per, 1), self.meta_bytes // meta))
+                step = max(1, min(chunk_bytes // max(per, 1), meta_bytes // meta))
                 for c in range(0, len(group), step):
-                    total = total + self._group(group[c:c + step], xs, ss)
+                    total = total + self._group(group[c:c + step], xs, ss, recompute)
         return (total / len(self.layers)).view(b, t, *total.shape[1:])
 
-    def _group(self, idx: list[int], xs: list[torch.Tensor], ss: list[torch.Tensor | None]) -> torch.Tensor:
+    def _group(self, idx: list[int], xs: list[torch.Tensor], ss: list[torch.Tensor | None],
+               recompute: bool = True) -> torch.Tensor:
         """Sum over the layers ``idx`` (one readout, one token shape) of their (S, K, d) meta-tokens.
 
         The part after the attention (output projection, MLP, preservation) works on K meta-tokens
         per segment and layer, cheap to compute but, kept for backward, as large as the float16
-        tokens themselves (several (L, S, K, d) float32 activations); it is recomputed in backward.
+        tokens themselves (several (L, S, K, d) float32 activations); with ``recompute`` it is
+        recomputed in backward instead (see :attr:`recompute`).
         """
         coded = [i for i in idx if ss[i] is not None]
         if coded and len(coded) < len(idx):  # codes beside floats (AVS: a block the head reads comes decoded)
-            return self._group(coded, xs, ss) + self._group([i for i in idx if ss[i] is None], xs, ss)
+            return (self._group(coded, xs, ss, recompute)
+                    + self._group([i for i in idx if ss[i] is None], xs, ss, recompute))
         cfg, readout = self.cfg, self.readouts[self.owner[idx[0]]]
         layers = [self.layers[i] for i in idx]
         read = mean = gate = None
@@ -306,6 +324,6 @@ class LCD(nn.Module):
             if gate is not None:
                 m = m + gate * readout.v(mean).unsqueeze(2)
             return m.expand(-1, segments, -1, -1).sum(0)
-        if torch.is_grad_enabled():
+        if recompute and torch.is_grad_enabled():
             return _Recompute.apply(finish, meta, read, mean, gate)
         return finish(meta, read, mean, gate)

@@ -77,9 +77,11 @@ def _twins(share="stage", **kw):
 @pytest.mark.parametrize("share,chunk,meta", [("stage", 64 << 20, 64 << 20), ("none", 64 << 20, 64 << 20),
                                                ("stage", 1, 64 << 20), ("stage", 64 << 20, 1)])
 @pytest.mark.parametrize("kw", [{}, {"adapt": False}, {"preserve": False}])
-def test_grouped_attention_equals_naive(share, chunk, meta, kw):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_grouped_attention_equals_naive(share, chunk, meta, kw, recompute):
     folded, naive = _twins(share, **kw)
     folded.chunk_bytes, folded.meta_bytes = chunk, meta  # 1: every layer its own chunk
+    folded.recompute = recompute  # the part after the attention recomputed in backward, or kept
     tokens = _tokens()
     a, b = folded(tokens), naive(tokens)
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -89,6 +91,42 @@ def test_grouped_attention_equals_naive(share, chunk, meta, kw):
     grads = dict(naive.named_parameters())
     for n, p in folded.named_parameters():
         assert torch.allclose(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_chunks_and_recomputation_follow_the_budget(monkeypatch):
+    """lcd.chunk_mib sets how many layers a chunk holds (0: the device type's default), and the part
+    after the attention is recomputed in backward only when all layers' activations exceed it."""
+    import mettle.train.lcd as lcd_module
+
+    calls = {"attend": 0, "recompute": 0}
+    attend, recompute = lcd_module._GroupAttend.apply, lcd_module._Recompute.apply
+
+    def counted(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+    monkeypatch.setattr(lcd_module._GroupAttend, "apply", counted("attend", attend))
+    monkeypatch.setattr(lcd_module._Recompute, "apply", counted("recompute", recompute))
+    arrays = [ArraySpec(f"visual/stage0.block{i}", "visual", f"stage0.block{i}", i, 0, 12, (4, 4), (4, 4))
+              for i in range(6)]
+
+    def run(b, t, chunk_mib=0, default=None):
+        calls.update(attend=0, recompute=0)
+        lcd = LCD(arrays, LCDConfig(meta_tokens=4, dim=64, heads=4, chunk_mib=chunk_mib))
+        if default is not None:
+            monkeypatch.setitem(LCD.CHUNK_MIB, "cpu", default)
+        lcd({a.key: torch.randn(b, t, 16, 12) for a in arrays}).sum().backward()
+        return calls["attend"], calls["recompute"]
+
+    # one layer's meta-token activations: 8 x K x d x 4 bytes = 8 KiB a segment; 1 MiB = 128 segments
+    assert run(1, 16, chunk_mib=1) == (1, 0)  # 6 x 128 KiB kept: under 1 MiB, one chunk, no recompute
+    assert run(8, 16, chunk_mib=1) == (6, 6)  # 1 MiB a layer: a chunk each, recomputed
+    assert run(4, 16, chunk_mib=1) == (3, 3)  # 512 KiB a layer: two a chunk
+    assert run(4, 16, chunk_mib=4) == (1, 0)  # 3 MiB in all: under 4
+    assert run(4, 16, default=1) == (3, 3)  # 0: the device's default (here patched to 1 MiB on the CPU)
+    with pytest.raises(ConfigError, match="lcd.chunk_mib=-1"):
+        LCD(arrays, LCDConfig(chunk_mib=-1))
 
 
 def test_grouped_attention_keeps_no_float32_copy_of_the_tokens():
