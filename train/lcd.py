@@ -65,6 +65,18 @@ def _stacked(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)  # one layer: a view, no copy
 
 
+def _normalize_stacked(xs: Sequence[torch.Tensor], scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``_normalize(_stacked(xs), scale)``, with the layers stacked straight into the float32 copy:
+    one kernel and no stacked float16 copy of the tokens (the cast and the stack were two)."""
+    if len(xs) == 1:
+        return _normalize(xs[0].unsqueeze(0), scale)
+    dtype = torch.promote_types(xs[0].dtype, torch.float32)
+    x = torch.stack(xs, out=torch.empty((len(xs), *xs[0].shape), dtype=dtype, device=xs[0].device))
+    if scale is not None:
+        x.mul_(scale.unsqueeze(-1))  # x is this function's own copy
+    return nn.functional.layer_norm(x, x.shape[-1:], eps=_EPS)
+
+
 class _GroupAttend(torch.autograd.Function):
     """Attention read-out of L layers of one width at once, keeping no float32 copy of their tokens.
 
@@ -81,20 +93,23 @@ class _GroupAttend(torch.autograd.Function):
     def forward(ctx, query: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,  # type: ignore[override]
                 *xs: torch.Tensor):
         h = query.shape[1]
-        xn = _normalize(_stacked(xs), scale)  # (L, S, N, D) float32, transient
+        xn = _normalize_stacked(xs, scale)  # (L, S, N, D) float32, transient
         attn = torch.einsum("lhkD,lsnD->lshkn", query, xn).softmax(-1)
         z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
         read = torch.einsum("lshkD,hjD->lskhj", z, weight.view(h, -1, weight.shape[1]))
         mean = xn.mean(2)
         ctx.save_for_backward(query, weight, attn, scale, *xs)
         ctx.mark_non_differentiable(mean)
+        ctx.set_materialize_grads(False)  # mean's gradient, always unused, is not made as zeros
         return read.flatten(3), mean
 
     @staticmethod
-    def backward(ctx, dread: torch.Tensor, _dmean: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, dread: torch.Tensor | None, _dmean: None):  # type: ignore[override]
         query, weight, attn, scale, *xs = ctx.saved_tensors
+        if dread is None:  # nothing downstream used the read-out
+            return (None, None, None, *([None] * len(xs)))
         h = query.shape[1]
-        xn = _normalize(_stacked(xs), scale)
+        xn = _normalize_stacked(xs, scale)
         z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
         w = weight.view(h, -1, weight.shape[1])
         dread = dread.reshape(*dread.shape[:3], h, -1)  # (L, S, K, h, dh)
