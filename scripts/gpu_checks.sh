@@ -16,6 +16,9 @@
 #   extract_switch  eager extraction with a 0.5 ms switch interval
 #   spy             py-spy's view of who holds Python's lock during one eager extraction (needs py-spy)
 #   extract_host    extraction's host side alone on this machine (a stand-in for the device work)
+# Two calls of the device tool, ~6 and ~7 minutes (estimated): `... OUT WORK gpu_tests train
+# train_chunks step_profile`, then `... OUT WORK extract_eager extract_graphs extract_switch spy
+# extract_host`. DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a CPU, to try the script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
@@ -35,20 +38,25 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 show() {  # the lines of a part's log worth reading in the tool's reply
     echo "== $1"; grep -v '^$' "$OUT/$1.log" | grep -v 'Warning\|warn\|USDT\|gpuGetDevice' | tail -${2:-30}
 }
-EXTRACT="$PY scripts/bench_pipeline.py --backbones specific --clips 192 --device cuda --work $WORK --data-clips 0"
-TRAIN="$PY scripts/bench_train_cost.py --sizes full --batches 1 8 --device cuda --steps 3"
+DEVICE=${DEVICE:-cuda}
+BACKBONES=${BACKBONES:-specific}
+SIZE=${SIZE:-full}
+GRAPHED=graphs:last-grid
+[ "$DEVICE" = cuda ] || GRAPHED=cache:last-grid  # CUDA graphs need CUDA: the eager step, to try the script
+EXTRACT="$PY scripts/bench_pipeline.py --backbones $BACKBONES --clips 192 --device $DEVICE --work $WORK --data-clips 0"
+TRAIN="$PY scripts/bench_train_cost.py --sizes $SIZE --batches 1 8 --device $DEVICE --steps 3"
 for part in $PARTS; do
     case $part in
     gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs
         show gpu_tests 4 ;;
-    train) step train 200 $TRAIN --modes cache:last-grid end-to-end graphs:last-grid --out "$OUT/train"
+    train) step train 200 $TRAIN --modes cache:last-grid end-to-end $GRAPHED --out "$OUT/train"
         show train ;;
     train_chunks)
         for mib in 16 64; do
-            step train_chunk$mib 100 $TRAIN --modes graphs:last-grid --set lcd.chunk_mib=$mib --out "$OUT/train_chunk$mib"
+            step train_chunk$mib 100 $TRAIN --modes $GRAPHED --set lcd.chunk_mib=$mib --out "$OUT/train_chunk$mib"
             show train_chunk$mib 8
         done ;;
-    step_profile) step step_profile 120 $PY scripts/step_profile.py --device cuda --set lcd.chunk_mib=16 \
+    step_profile) step step_profile 120 $PY scripts/step_profile.py --device $DEVICE --size $SIZE --set lcd.chunk_mib=16 \
             --compare lcd.chunk_mib=32 --compare lcd.chunk_mib=64
         show step_profile 10 ;;
     extract_eager) step extract_eager 200 $EXTRACT --repeats 3 --out "$OUT" --no-data-path
@@ -68,8 +76,8 @@ for part in $PARTS; do
         else
             echo "spy: skipped (py-spy is not installed)"
         fi ;;
-    extract_host) step extract_host 90 $PY scripts/bench_extract_host.py --backbones specific --clips 192 \
-            --device cuda --repeats 1 --work "$WORK"
+    extract_host) step extract_host 90 $PY scripts/bench_extract_host.py --backbones $BACKBONES --clips 192 \
+            --device $DEVICE --repeats 1 --work "$WORK"
         show extract_host ;;
     *) echo "unknown part $part (see the usage at the top of $0)"; exit 2 ;;
     esac
