@@ -10,7 +10,8 @@
 #                   (end-to-end's backbones keep their float16 weight casts; LCD chunks of 32 MiB on CUDA)
 #   train_chunks    the graphed cache step with lcd.chunk_mib=16 (the CUDA default before 2026-11-27's
 #                   fifth session) and 64: what fewer, larger chunks buy in time and cost in memory
-#   step_profile    kernels and peak memory of one eager step at chunk_mib 16 / 32 / 64 (step_profile.py)
+#   step_profile    kernels and peak memory of one eager step at chunk_mib 16 / 32 / 64, and without the
+#                   AVE head's GRU (on the CPU its cell loop is 669 of the 702 operators outside the LCD)
 #   train_workspace the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
 #                   (CUBLAS_WORKSPACE_CONFIG=:4096:1): part of (a)'s peak may be workspaces (a guess)
 #   extract_eager   extraction, 192 toy clips, three runs (kept weight casts now in the forward)
@@ -59,8 +60,8 @@ for part in $PARTS; do
             show train_chunk$mib 8
         done ;;
     step_profile) step step_profile 120 $PY scripts/step_profile.py --device $DEVICE --size $SIZE --set lcd.chunk_mib=16 \
-            --compare lcd.chunk_mib=32 --compare lcd.chunk_mib=64
-        show step_profile 10 ;;
+            --compare lcd.chunk_mib=32 --compare lcd.chunk_mib=64 --compare head.temporal=none
+        show step_profile 12 ;;
     train_workspace) step train_workspace 100 env CUBLAS_WORKSPACE_CONFIG=:4096:1 $TRAIN --modes $GRAPHED \
             --out "$OUT/train_workspace"
         show train_workspace 8 ;;
