@@ -14,20 +14,22 @@
 #                   AVE head's GRU (on the CPU its cell loop is 669 of the 702 operators outside the LCD)
 #   train_workspace the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
 #                   (CUBLAS_WORKSPACE_CONFIG=:4096:1): part of (a)'s peak may be workspaces (a guess)
+#   encode_profile  host time per operator: the pure forward against TokenForward.encoded (71 % of it eagerly
+#                   on the H200 for ~5 % more operators: where does the rest go?)
 #   extract_eager   extraction, 192 toy clips, three runs (kept weight casts now in the forward)
 #   extract_graphs  the same with --cuda-graphs (whether graphs should be extraction's default on CUDA)
 #   extract_switch  eager extraction with a 0.5 ms switch interval
 #   spy             py-spy's view of who holds Python's lock during one eager extraction (needs py-spy)
 #   extract_host    extraction's host side alone on this machine (a stand-in for the device work)
 # Two calls of the device tool, ~6 and ~7 minutes (estimated): `... OUT WORK gpu_tests train
-# train_chunks step_profile train_workspace`, then `... OUT WORK extract_eager extract_graphs extract_switch spy
-# extract_host`. DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a CPU, to try the script.
+# train_chunks step_profile train_workspace`, then `... OUT WORK encode_profile extract_eager extract_graphs extract_switch
+# spy extract_host`. DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a CPU, to try the script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 WORK=${2:-/tmp/bwork}
 shift $(( $# < 2 ? $# : 2 ))
-PARTS=${*:-gpu_tests train train_chunks step_profile train_workspace extract_eager extract_graphs extract_switch spy extract_host}
+PARTS=${*:-gpu_tests train train_chunks step_profile train_workspace encode_profile extract_eager extract_graphs extract_switch spy extract_host}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -65,6 +67,8 @@ for part in $PARTS; do
     train_workspace) step train_workspace 100 env CUBLAS_WORKSPACE_CONFIG=:4096:1 $TRAIN --modes $GRAPHED \
             --out "$OUT/train_workspace"
         show train_workspace 8 ;;
+    encode_profile) step encode_profile 120 $PY scripts/encode_profile.py --backbones $BACKBONES --device $DEVICE
+        show encode_profile 34 ;;
     extract_eager) step extract_eager 200 $EXTRACT --repeats 3 --out "$OUT" --no-data-path
         show extract_eager ;;
     extract_graphs) step extract_graphs 150 $EXTRACT --repeats 3 --out "$OUT/graphs" --cuda-graphs
