@@ -114,8 +114,10 @@ class _GroupAttend(torch.autograd.Function):
         w = weight.view(h, -1, weight.shape[1])
         dread = dread.reshape(*dread.shape[:3], h, -1)  # (L, S, K, h, dh)
         dweight = torch.einsum("lskhj,lshkD->hjD", dread, z).reshape(weight.shape)
+        del z  # as large as the float32 tokens times h*K/N: freed before dz of the same size is made
         dz = torch.einsum("lskhj,hjD->lshkD", dread, w)
         da = torch.einsum("lshkD,lsnD->lshkn", dz, xn)
+        del dz
         ds = attn * (da - (attn * da).sum(-1, keepdim=True))
         return (torch.einsum("lshkn,lsnD->lhkD", ds, xn), dweight, None, *([None] * len(xs)))
 
