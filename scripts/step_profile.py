@@ -17,6 +17,7 @@ shapes, so a change to the LCD can be weighed on any machine before a GPU is len
   (parameters, optimiser state and the batch's tokens): the CPU allocator's events from
   torch.profiler (``profile_memory``); on CUDA ``max_memory_allocated``. The CUDA caching allocator
   rounds blocks and cuBLAS keeps a workspace, so the two differ by a few MiB; changes compare.
+  On the CPU ``peak_in`` names the operators running when the peak was reached.
 
 ``--compare KEY=VALUE`` adds rows with that LCD/head option set (``--set`` applies to every row).
 """
@@ -61,18 +62,23 @@ def build(size: str, batch: int, tokens: str, sets: list[str], device: torch.dev
     return model, task, step, batch_tokens, labels
 
 
-def cpu_peak(fn) -> int:
-    """Most bytes allocated at once by ``fn`` on the CPU, above what was allocated when it started."""
+def cpu_peak(fn) -> tuple[int, list[str]]:
+    """Most bytes allocated at once by ``fn`` on the CPU, above what was allocated when it started,
+    and the operators running at that moment (outermost first): where the peak is."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = prof.profiler.kineto_results.events()
     now = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
+    at = None
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
         now += e.nbytes()
-        peak = max(peak, now)
-    return peak
+        if now > peak:
+            peak, at = now, e.start_ns()
+    running = sorted((e for e in events if e.name() != "[memory]" and at is not None
+                      and e.start_ns() <= at <= e.start_ns() + e.duration_ns()), key=lambda e: e.start_ns())
+    return peak, [e.name() for e in running]
 
 
 def profile_one(size: str, batch: int, tokens: str, sets: list[str], device: torch.device, layout: Path) -> dict:
@@ -95,7 +101,9 @@ def profile_one(size: str, batch: int, tokens: str, sets: list[str], device: tor
         row["ops_lcd"] = sum(row[f"ops_lcd_{n}"] for n in lcds)
         row["ops_rest"] = total - row["ops_lcd"]
         step.opt.zero_grad(set_to_none=True)  # the step's own first act: not part of its peak
-        row["peak_mib"] = cpu_peak(lambda: step(batch_tokens, {}, labels)) / 2**20
+        peak, where = cpu_peak(lambda: step(batch_tokens, {}, labels))
+        row["peak_mib"] = peak / 2**20
+        row["peak_in"] = " > ".join(n for n in where if not n.startswith("autograd::engine"))[:80] or "-"
     else:
         from torch.profiler import ProfilerActivity, profile
 
