@@ -18,7 +18,8 @@ For AVE-shaped samples (10 one-second segments: 10 frames + 10 audio seconds), o
   without its tokens (the meta-token path: output projection and MLP over layers x segments x K);
 * ``graphs:last-grid`` / ``graphs:full`` (CUDA, ``--modes`` or ``--cuda-graphs``): (a) with
   ``mettle-train --cuda-graphs``: the step replayed as one CUDA graph (train/step.py), the tokens
-  handed over in page-locked host memory as the loader does and copied in by the timed step.
+  handed over in page-locked host memory as the loader does and copied in by the timed step;
+  ``graphs:last-grid/int8`` (not in the defaults): the same from an int8 cache (half the bytes to copy in);
 
 (a) and (b) step through mettle-train's own ``TrainStep`` (no gradient clipping, as the adapter).
 
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 MODES = ("cache:last-grid", "cache:full", "end-to-end", "adapter", "cache:last-grid/int8", "graphs:last-grid",
-         "graphs:full", "cache:grid1")
+         "graphs:full", "cache:grid1", "graphs:last-grid/int8")
 EAGER = MODES[:5]  # the default modes; graphs:* (CUDA only) run (a)'s step as one replayed CUDA graph
 SETS = {"tiny": "tiny", "full": "specific"}
 

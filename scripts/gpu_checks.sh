@@ -6,7 +6,8 @@
 #
 # Usage: bash scripts/gpu_checks.sh [OUT] [WORK] [PART ...]      (no PART: all, in this order)
 #   gpu_tests       the GPU tests (kept weight casts, graphed extraction with partial batches, training graphs)
-#   train           end-to-end against the eager and the graphed cache step, full size, batch 1 and 8
+#   train           end-to-end against the eager and the graphed cache step (float16 and int8 tokens), full
+#                   size, batch 1 and 8
 #                   (end-to-end's backbones keep their float16 weight casts; LCD chunks of 32 MiB on CUDA)
 #   train_chunks    the graphed cache step with lcd.chunk_mib=16 (the CUDA default before 2026-11-27's
 #                   fifth session) and 64: what fewer, larger chunks buy in time and cost in memory
@@ -54,7 +55,7 @@ for part in $PARTS; do
     case $part in
     gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs
         show gpu_tests 4 ;;
-    train) step train 200 $TRAIN --modes cache:last-grid end-to-end $GRAPHED --out "$OUT/train"
+    train) step train 240 $TRAIN --modes cache:last-grid end-to-end $GRAPHED $GRAPHED/int8 --out "$OUT/train"
         show train ;;
     train_chunks)
         for mib in 16 64; do
