@@ -25,6 +25,15 @@
 # Two calls of the device tool, ~6 and ~7 minutes (estimated): `... OUT WORK gpu_tests train
 # train_chunks step_profile train_workspace`, then `... OUT WORK encode_profile extract_eager extract_graphs extract_switch
 # spy extract_host`. DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a CPU, to try the script.
+#
+# On the lent machine (Python 3.12 and torch there, none of mettle's other packages, no network):
+# carry an ignored folder `.whl/` of cp312 wheels made here beforehand (`pip download --only-binary
+# :all: --python-version 3.12 --no-deps -d .whl zarr numcodecs ... py-spy`: see what import fails),
+# then prefix the command with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export
+#   PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH; mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/mettle;
+#   export PYTHONPATH=/tmp/pkg:$PYTHONPATH
+# (the repository root is the package `mettle`), and pass OUT=$OUT so the logs come back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
