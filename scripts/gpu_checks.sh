@@ -22,7 +22,9 @@
 #   extract_switch  eager extraction with a 0.5 ms switch interval
 #   spy             py-spy's view of who holds Python's lock during one eager extraction (needs py-spy)
 #   extract_host    extraction's host side alone on this machine (a stand-in for the device work)
-# Two calls of the device tool, ~6 and ~7 minutes (estimated): `... OUT WORK gpu_tests train
+# Two calls of the device tool, ~6 and ~7 minutes typical (estimated from the parts' earlier times;
+# the per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed
+# call leaves in OUT still comes back): `... OUT WORK gpu_tests train
 # train_chunks step_profile train_workspace`, then `... OUT WORK encode_profile extract_eager extract_graphs extract_switch
 # spy extract_host`. DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a CPU, to try the script.
 #
@@ -33,13 +35,21 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export
 #   PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH; mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/mettle;
 #   export PYTHONPATH=/tmp/pkg:$PYTHONPATH
-# (the repository root is the package `mettle`), and pass OUT=$OUT so the logs come back.
+# (the repository root is the package `mettle`), and pass "$OUT" as the first argument so that the
+# logs come back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 WORK=${2:-/tmp/bwork}
 shift $(( $# < 2 ? $# : 2 ))
 PARTS=${*:-gpu_tests train train_chunks step_profile train_workspace encode_profile extract_eager extract_graphs extract_switch spy extract_host}
+for part in $PARTS; do  # every name checked before anything runs
+    case " gpu_tests train train_chunks step_profile train_workspace encode_profile extract_eager extract_graphs \
+extract_switch spy extract_host " in
+    *" $part "*) ;;
+    *) echo "unknown part $part (see the usage at the top of $0)"; exit 2 ;;
+    esac
+done
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -58,38 +68,38 @@ BACKBONES=${BACKBONES:-specific}
 SIZE=${SIZE:-full}
 GRAPHED=graphs:last-grid
 [ "$DEVICE" = cuda ] || GRAPHED=cache:last-grid  # CUDA graphs need CUDA: the eager step, to try the script
-EXTRACT="$PY scripts/bench_pipeline.py --backbones $BACKBONES --clips 192 --device $DEVICE --work $WORK --data-clips 0"
-TRAIN="$PY scripts/bench_train_cost.py --sizes $SIZE --batches 1 8 --device $DEVICE --steps 3"
+EXTRACT=("$PY" scripts/bench_pipeline.py --backbones "$BACKBONES" --clips 192 --device "$DEVICE" --work "$WORK" --data-clips 0)
+TRAIN=("$PY" scripts/bench_train_cost.py --sizes "$SIZE" --batches 1 8 --device "$DEVICE" --steps 3)
 for part in $PARTS; do
     case $part in
     gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs
         show gpu_tests 4 ;;
-    train) step train 240 $TRAIN --modes cache:last-grid end-to-end $GRAPHED $GRAPHED/int8 --out "$OUT/train"
+    train) step train 240 "${TRAIN[@]}" --modes cache:last-grid end-to-end $GRAPHED $GRAPHED/int8 --out "$OUT/train"
         show train ;;
     train_chunks)
         for mib in 16 64; do
-            step train_chunk$mib 100 $TRAIN --modes $GRAPHED --set lcd.chunk_mib=$mib --out "$OUT/train_chunk$mib"
+            step train_chunk$mib 100 "${TRAIN[@]}" --modes $GRAPHED --set lcd.chunk_mib=$mib --out "$OUT/train_chunk$mib"
             show train_chunk$mib 8
         done ;;
     step_profile) step step_profile 120 $PY scripts/step_profile.py --device $DEVICE --size $SIZE --set lcd.chunk_mib=16 \
             --compare lcd.chunk_mib=32 --compare lcd.chunk_mib=64 --compare head.temporal=none
         show step_profile 12 ;;
-    train_workspace) step train_workspace 100 env CUBLAS_WORKSPACE_CONFIG=:4096:1 $TRAIN --modes $GRAPHED \
+    train_workspace) step train_workspace 100 env CUBLAS_WORKSPACE_CONFIG=:4096:1 "${TRAIN[@]}" --modes $GRAPHED \
             --out "$OUT/train_workspace"
         show train_workspace 8 ;;
     encode_profile) step encode_profile 120 $PY scripts/encode_profile.py --backbones $BACKBONES --device $DEVICE
         show encode_profile 34 ;;
-    extract_eager) step extract_eager 200 $EXTRACT --repeats 3 --out "$OUT" --no-data-path
+    extract_eager) step extract_eager 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT" --no-data-path
         show extract_eager ;;
-    extract_graphs) step extract_graphs 150 $EXTRACT --repeats 3 --out "$OUT/graphs" --cuda-graphs
+    extract_graphs) step extract_graphs 150 "${EXTRACT[@]}" --repeats 3 --out "$OUT/graphs" --cuda-graphs
         show extract_graphs ;;
     # the launching thread waits up to Python's switch interval (5 ms) for the lock after each operator
     # when another thread runs Python (a 1000x slowdown in a throwaway test): the same, at 0.5 ms
-    extract_switch) step extract_switch 200 $EXTRACT --repeats 3 --out "$OUT/switch" --no-data-path \
+    extract_switch) step extract_switch 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT/switch" --no-data-path \
             --switch-interval 0.0005
         show extract_switch ;;
     spy) if command -v py-spy > /dev/null; then
-            step spy 120 py-spy record --gil --threads -r 50 -f raw -o "$OUT/spy_gil.txt" -- $EXTRACT --repeats 1 \
+            step spy 120 py-spy record --gil --threads -r 50 -f raw -o "$OUT/spy_gil.txt" -- "${EXTRACT[@]}" --repeats 1 \
                 --no-data-path
             $PY scripts/spy_threads.py "$OUT/spy_gil.txt" --within extract > "$OUT/spy_gil.md" 2>&1
             echo "== spy"; head -14 "$OUT/spy_gil.md"
@@ -99,6 +109,5 @@ for part in $PARTS; do
     extract_host) step extract_host 90 $PY scripts/bench_extract_host.py --backbones $BACKBONES --clips 192 \
             --device $DEVICE --repeats 1 --work "$WORK"
         show extract_host ;;
-    *) echo "unknown part $part (see the usage at the top of $0)"; exit 2 ;;
     esac
 done

@@ -8,10 +8,13 @@ Why: on a GPU the step of LCD + head is bound by its number of small kernels (on
 is the tool's point. Both can be counted on the CPU, where the same operators run on the same
 shapes, so a change to the LCD can be weighed on any machine before a GPU is lent:
 
-* **operators**: the step's forward and backward as dispatched to kernels (after autograd; views and
-  bare allocations left out), for the LCD of each modality and for the rest (head + loss). On the CPU
-  the head's GRU runs cell by cell (one cuDNN call on CUDA) and AdamW per parameter (one fused kernel
-  on CUDA), so those are left out of the CPU count. On CUDA the kernels are counted by the profiler.
+* **operators**: the step's forward and backward as dispatched (after autograd; views and bare
+  allocations left out), for the LCD of each modality (with the ``.sum()`` that drives its backward,
+  two operators) and for the rest (head + loss). An operator is usually one kernel, but not always
+  (a cat into an output of another dtype copies input by input inside one operator): the CUDA run
+  counts the kernels themselves (with the memory copies and fills) with the profiler. On the CPU the
+  head's GRU runs cell by cell (one cuDNN call on CUDA) and AdamW per parameter (one fused kernel on
+  CUDA; not counted here).
 * **peak**: the most tensor memory allocated at once during one whole training step (forward,
   backward, AdamW; warm: the optimiser state exists), above what was allocated when it started
   (parameters, optimiser state and the batch's tokens): the CPU allocator's events from

@@ -31,8 +31,9 @@ class LCDConfig:
         meta-tokens, queries and gates stay per layer) | ``none`` (every layer its own).
     chunk_mib: the layers of a group run in chunks whose transient tensors (float32 normalised
         tokens, meta-token activations) stay under this many MiB; ``0`` takes the device's default
-        (fewer, larger chunks on CUDA, where each chunk's ~100 kernels are the cost). Speed and
-        transient memory only: every value gives the same numbers.
+        (fewer, larger chunks on CUDA, where each chunk's ~70-95 kernels are the cost). Speed and
+        transient memory only: every value gives the same numbers up to float rounding (the order
+        of the sums), so it is no part of a run's fingerprint and no sweep axis.
     The queries are per layer and per head (``heads x meta_tokens x D_l``); with
     ``meta_tokens <= dim / heads`` that is the same function class as query and key projections.
     """
@@ -83,13 +84,14 @@ class TrainConfig:
         """Hash of everything that changes the result (not where it is written or what reads it)."""
         d = self.to_dict()
         for k in EXECUTION_OPTIONS:
-            d.pop(k)
+            section, _, key = k.rpartition(".")
+            (d[section] if section else d).pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
-# where and how a run executes, not what it computes: outside the run fingerprint (a rerun that
-# changes only these finds the finished run), and so no sweep axis
-EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs")
+# where and how a run executes, not what it computes (up to float rounding): outside the run
+# fingerprint (a rerun that changes only these finds the finished run), and so no sweep axis
+EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "lcd.chunk_mib")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 CHOICES = {"cuda_graphs": ("auto", "true", "false")}  # string options with a fixed set of values
 

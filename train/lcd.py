@@ -65,18 +65,6 @@ def _stacked(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)  # one layer: a view, no copy
 
 
-def _normalize_stacked(xs: Sequence[torch.Tensor], scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``_normalize(_stacked(xs), scale)``, with the layers stacked straight into the float32 copy:
-    one kernel and no stacked float16 copy of the tokens (the cast and the stack were two)."""
-    if len(xs) == 1:
-        return _normalize(xs[0].unsqueeze(0), scale)
-    dtype = torch.promote_types(xs[0].dtype, torch.float32)
-    x = torch.stack(xs, out=torch.empty((len(xs), *xs[0].shape), dtype=dtype, device=xs[0].device))
-    if scale is not None:
-        x.mul_(scale.unsqueeze(-1))  # x is this function's own copy
-    return nn.functional.layer_norm(x, x.shape[-1:], eps=_EPS)
-
-
 class _GroupAttend(torch.autograd.Function):
     """Attention read-out of L layers of one width at once, keeping no float32 copy of their tokens.
 
@@ -93,7 +81,7 @@ class _GroupAttend(torch.autograd.Function):
     def forward(ctx, query: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,  # type: ignore[override]
                 *xs: torch.Tensor):
         h = query.shape[1]
-        xn = _normalize_stacked(xs, scale)  # (L, S, N, D) float32, transient
+        xn = _normalize(_stacked(xs), scale)  # (L, S, N, D) float32, transient
         attn = torch.einsum("lhkD,lsnD->lshkn", query, xn).softmax(-1)
         z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
         read = torch.einsum("lshkD,hjD->lskhj", z, weight.view(h, -1, weight.shape[1]))
@@ -109,7 +97,7 @@ class _GroupAttend(torch.autograd.Function):
         if dread is None:  # nothing downstream used the read-out
             return (None, None, None, *([None] * len(xs)))
         h = query.shape[1]
-        xn = _normalize_stacked(xs, scale)
+        xn = _normalize(_stacked(xs), scale)
         z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
         w = weight.view(h, -1, weight.shape[1])
         dread = dread.reshape(*dread.shape[:3], h, -1)  # (L, S, K, h, dh)
@@ -241,7 +229,7 @@ class LCD(nn.Module):
     # attention (some 8 float32 (K, d) per layer and segment, which dominate with few tokens a layer:
     # full-size, batch 8, one token a layer: 862 -> 518 MiB above idle on the CPU at 16), by device
     # type; lcd.chunk_mib overrides. CPU: larger chunks were slower at batch 8 (cache misses). CUDA:
-    # a chunk is ~100 small kernels (forward + backward), which bound a step there (BENCHMARKS.md);
+    # a chunk is ~70-95 small kernels (forward + backward), which bound a step there (BENCHMARKS.md);
     # at 16 MiB a full-size batch of 8 ran nearly every layer as a chunk of its own
     CHUNK_MIB = {"cpu": 16, "cuda": 32}
     chunk_bytes: int | None = None  # tests: set to split differently (1: every layer its own chunk)

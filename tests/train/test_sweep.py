@@ -60,6 +60,9 @@ def test_sweep_file_errors(tmp_path):
     path.write_text("task: ave\ngrid: {cuda_graphs: [true, false], lcd.dim: [32, 64]}\n")
     with pytest.raises(ConfigError, match="grid axis cuda_graphs does not change results"):
         load_sweep(path)
+    path.write_text("task: ave\ngrid: {lcd.chunk_mib: [16, 64]}\n")
+    with pytest.raises(ConfigError, match="grid axis lcd.chunk_mib does not change results"):
+        load_sweep(path)
     path.write_text("task: ave\ngrid: {lcd.tokens: [1]}\n")
     r = CliRunner().invoke(train_cli, ["--sweep", str(path), "--cache", str(tmp_path)])
     assert r.exit_code == 2 and "Traceback" not in r.output
