@@ -110,13 +110,19 @@ def profile_one(size: str, batch: int, tokens: str, sets: list[str], device: tor
     else:
         from torch.profiler import ProfilerActivity, profile
 
-        torch.cuda.synchronize(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            forward_backward()
+        def kernels(fn) -> list:
             torch.cuda.synchronize(device)
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        row["kernels"] = len(kernels)
-        row["kernel_ms"] = sum(e.device_time for e in kernels) / 1e3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize(device)
+            return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+        total = kernels(forward_backward)
+        for name, lcd in lcds.items():
+            row[f"kernels_lcd_{name}"] = len(kernels(lambda lcd=lcd: forward_backward(lcd)))
+        row["kernels_lcd"] = sum(row[f"kernels_lcd_{n}"] for n in lcds)
+        row["kernels_rest"] = len(total) - row["kernels_lcd"]
+        row["kernel_ms"] = sum(e.device_time for e in total) / 1e3  # device time of the whole forward + backward
         step.opt.zero_grad(set_to_none=True)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
