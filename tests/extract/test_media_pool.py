@@ -2,6 +2,7 @@
 
 import pickle
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,41 @@ def test_worker_processes_decode_what_this_process_decodes(toy_root, tmp_path):
         with pytest.raises(MediaError, match=f"clip {missing.clip_id}: .*no frames folder or video found") as err:
             pool.read(missing, toy_root, "linspace")
         assert err.value.clip_id == missing.clip_id
+
+
+def test_media_cross_in_shared_memory_and_leave_no_segment(toy_root, monkeypatch):
+    """The frames and audio come through shared-memory segments, which the parent unlinks; when none
+    can be made, they are pickled as before."""
+    from multiprocessing import shared_memory
+
+    from mettle.extract.media import pool as pool_module
+
+    shm_dir = Path("/dev/shm")
+    if not shm_dir.is_dir():
+        pytest.skip("no /dev/shm to look into")
+    before = set(shm_dir.iterdir())
+    arrived = []
+    unshare = pool_module._unshare
+    monkeypatch.setattr(pool_module, "_unshare", lambda x: arrived.append(type(x).__name__) or unshare(x))
+    clips = build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True).clips[:4]
+    with MediaPool(2).start() as pool:
+        for clip in clips:
+            media = pool.read(clip, toy_root, "linspace")
+            assert np.array_equal(media.frames, read_clip(clip, toy_root).frames)
+            assert media.frames.flags.owndata and media.audio.flags.owndata  # private copies, not views
+    assert arrived == ["_Shared"] * 8  # frames and audio of 4 clips, none pickled
+    assert set(shm_dir.iterdir()) - before == set()
+    a = np.arange(1 << 15, dtype=np.float32)  # 128 KiB: shared
+    shared = pool_module._share(a)
+    assert isinstance(shared, pool_module._Shared)
+    assert np.array_equal(pool_module._unshare(shared), a) and set(shm_dir.iterdir()) - before == set()
+    small = a[:100]
+    assert pool_module._share(small) is small
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(shared_memory, "SharedMemory", full)
+    assert pool_module._share(a) is a  # pickled instead
 
 
 def test_a_worker_killed_mid_clip_costs_nothing(toy_root):
