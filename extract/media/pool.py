@@ -4,13 +4,12 @@ Why processes: PyAV does a clip's per-frame work (packet decode calls, resamplin
 conversion: some 400 audio frames and 80 video packets for a 10-s toy clip, ~40 ms) in Python
 that holds the GIL. Measured on the toy clips, two decode threads were no faster than one, and
 they stall the thread that drives the backbones, whose every operator call needs the GIL too.
-Worker processes decode in parallel and leave the parent's GIL alone; the parent receives the
-uint8 frames and float32 audio of :class:`~.clip.ClipMedia` (a few MB a clip) by pickling.
+Worker processes decode in parallel and leave the parent's GIL alone.
 
-The frames and the audio cross in shared memory, not through the result pipe: receiving a pickled
-result holds the parent's GIL while it reads the pipe 64 KiB at a time and unpickles (measured
-here: ~5 ms of GIL for 5 MB, against ~0.2 ms to copy the same out of shared memory; a real AVE
-clip decodes to ~8 MB). The worker writes each array into a new segment and returns its name; the
+The uint8 frames and float32 audio of :class:`~.clip.ClipMedia` (a few MB a clip; ~8 MB for a real
+AVE clip) cross in shared memory, not through the result pipe: receiving a pickled result holds
+the parent's GIL while it reads the pipe 64 KiB at a time and unpickles (py-spy, 8.2 MB clips:
+6.7 ms of the parent's GIL a clip pickled, 1.6 ms through shared memory; BENCHMARKS.md). The worker writes each array into a new segment and returns its name; the
 parent copies it out and unlinks it at once. Where no segment can be made (/dev/shm full, say),
 the arrays are pickled as before.
 
