@@ -78,6 +78,17 @@ def _share(a: np.ndarray) -> np.ndarray | _Shared:
     except OSError as e:
         logging.getLogger(__name__).debug("no shared memory for %d bytes (%s): pickling them", a.nbytes, e)
         return a
+    fd = getattr(shm, "_fd", -1)
+    if fd >= 0 and hasattr(os, "posix_fallocate"):
+        # claim the pages now: writing to a segment that a full /dev/shm cannot back (a container's
+        # 64 MB default) kills the process with SIGBUS, where this raises ENOSPC
+        try:
+            os.posix_fallocate(fd, 0, a.nbytes)
+        except OSError as e:
+            shm.close()
+            shm.unlink()
+            logging.getLogger(__name__).debug("/dev/shm cannot hold %d bytes (%s): pickling them", a.nbytes, e)
+            return a
     try:
         view = np.ndarray(a.shape, a.dtype, buffer=shm.buf)
         view[...] = a

@@ -1,5 +1,6 @@
 """Decoding in worker processes gives what decoding in this process gives: media, errors, logs."""
 
+import os
 import pickle
 from dataclasses import replace
 from pathlib import Path
@@ -64,8 +65,11 @@ def test_media_cross_in_shared_memory_and_leave_no_segment(toy_root, monkeypatch
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(shared_memory, "SharedMemory", full)
-    assert pool_module._share(a) is a  # pickled instead
+    monkeypatch.setattr(os, "posix_fallocate", full)  # /dev/shm too small for the pages (no SIGBUS later)
+    assert pool_module._share(a) is a  # pickled instead, and the segment made is gone
+    assert set(shm_dir.iterdir()) - before == set()
+    monkeypatch.setattr(shared_memory, "SharedMemory", full)  # no segment at all
+    assert pool_module._share(a) is a
 
 
 def test_a_worker_killed_mid_clip_costs_nothing(toy_root):
