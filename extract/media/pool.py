@@ -11,7 +11,10 @@ AVE clip) cross in shared memory, not through the result pipe: receiving a pickl
 the parent's GIL while it reads the pipe 64 KiB at a time and unpickles (py-spy, 8.2 MB clips:
 6.7 ms of the parent's GIL a clip pickled, 1.6 ms through shared memory; BENCHMARKS.md). The worker writes each array into a new segment and returns its name; the
 parent copies it out and unlinks it at once. Where no segment can be made (/dev/shm full, say),
-the arrays are pickled as before.
+the arrays are pickled as before. Segments of clips in flight when the run stops (an error, Ctrl-C,
+a killed parent) are unlinked by multiprocessing's resource tracker, which the parent and its
+spawned workers share, when the last of them exits; only killing the whole process group at once
+(the tracker with it) can leave them in /dev/shm.
 
 Workers are spawned, not forked (a forked child of a process that has run torch's OpenMP pool can
 hang), import no torch and ignore Ctrl-C (the parent handles it). A worker's log records (a short
