@@ -168,9 +168,10 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
         holds Python's lock between the copies, which the launching thread needs for every operator
         (a torch call per clip and array made it ~3x longer)."""
         t0 = time.perf_counter()
-        encoded = {key: (e.codes.numpy(), None if e.scale is None else e.scale.numpy(), e.peak.numpy())
-                   for key, e in tokens.wait().items()}
+        arrived = tokens.wait()
         t1 = time.perf_counter()
+        encoded = {key: (e.codes.numpy(), None if e.scale is None else e.scale.numpy(), e.peak.numpy())
+                   for key, e in arrived.items()}
         for local, segments, part in places:
             for key, (codes, scale, peak) in encoded.items():
                 if status[clip_ids[local]] != OK:

@@ -11,10 +11,11 @@ AVE clip) cross in shared memory, not through the result pipe: receiving a pickl
 the parent's GIL while it reads the pipe 64 KiB at a time and unpickles (py-spy, 8.2 MB clips:
 6.7 ms of the parent's GIL a clip pickled, 1.6 ms through shared memory; BENCHMARKS.md). The worker writes each array into a new segment and returns its name; the
 parent copies it out and unlinks it at once. Where no segment can be made (/dev/shm full, say),
-the arrays are pickled as before. Segments of clips in flight when the run stops (an error, Ctrl-C,
-a killed parent) are unlinked by multiprocessing's resource tracker, which the parent and its
-spawned workers share, when the last of them exits; only killing the whole process group at once
-(the tracker with it) can leave them in /dev/shm.
+the arrays are pickled as before. Segments the parent never receives (clips in flight when the run
+stops on an error, Ctrl-C or a killed parent, or when a dying worker breaks the pool) are unlinked
+by multiprocessing's resource tracker, which the parent and its spawned workers share, when the
+last of them exits (it warns of "leaked shared_memory objects" then); only killing the whole
+process group at once (the tracker with it) can leave them in /dev/shm.
 
 Workers are spawned, not forked (a forked child of a process that has run torch's OpenMP pool can
 hang), import no torch and ignore Ctrl-C (the parent handles it). A worker's log records (a short
@@ -67,36 +68,34 @@ class _Shared:
 
     name: str
     shape: tuple[int, ...]
-    dtype: str
+    dtype: np.dtype
 
 
 def _share(a: np.ndarray) -> np.ndarray | _Shared:
-    """(In a worker.) ``a`` written into a new shared-memory segment, or ``a`` itself when it is small
-    or no segment can be made. The segment outlives this call: the parent unlinks it (and the
-    resource tracker, which parent and spawned workers share, does if the parent never receives it)."""
-    if a.nbytes < SHARED_MIN_BYTES:
+    """(In a worker.) ``a`` written into a new shared-memory segment, or ``a`` itself when it is small,
+    holds Python objects, or no segment can be made. The segment outlives this call: the parent
+    unlinks it (and the resource tracker, which parent and spawned workers share, does when the run
+    ends if the parent never receives it)."""
+    if a.nbytes < SHARED_MIN_BYTES or a.dtype.hasobject:
         return a
     try:
         shm = shared_memory.SharedMemory(create=True, size=a.nbytes)
     except OSError as e:
         logging.getLogger(__name__).debug("no shared memory for %d bytes (%s): pickling them", a.nbytes, e)
         return a
-    fd = getattr(shm, "_fd", -1)
-    if fd >= 0 and hasattr(os, "posix_fallocate"):
-        # claim the pages now: writing to a segment that a full /dev/shm cannot back (a container's
-        # 64 MB default) kills the process with SIGBUS, where this raises ENOSPC
-        try:
-            os.posix_fallocate(fd, 0, a.nbytes)
-        except OSError as e:
-            shm.close()
-            shm.unlink()
-            logging.getLogger(__name__).debug("/dev/shm cannot hold %d bytes (%s): pickling them", a.nbytes, e)
-            return a
     try:
-        view = np.ndarray(a.shape, a.dtype, buffer=shm.buf)
-        view[...] = a
-        del view  # no export of shm.buf may remain when it closes
-        return _Shared(shm.name, a.shape, a.dtype.str)
+        fd = getattr(shm, "_fd", -1)
+        if fd >= 0 and hasattr(os, "posix_fallocate"):
+            # claim the pages now: writing to a segment that a full /dev/shm cannot back (a container's
+            # 64 MB default) kills the process with SIGBUS, where this raises ENOSPC
+            try:
+                os.posix_fallocate(fd, 0, a.nbytes)
+            except OSError as e:
+                shm.unlink()
+                logging.getLogger(__name__).debug("/dev/shm cannot hold %d bytes (%s): pickling them", a.nbytes, e)
+                return a
+        np.ndarray(a.shape, a.dtype, buffer=shm.buf)[...] = a  # no view left to dangle once the segment closes
+        return _Shared(shm.name, a.shape, a.dtype)
     except BaseException:
         shm.unlink()
         raise
@@ -106,18 +105,46 @@ def _share(a: np.ndarray) -> np.ndarray | _Shared:
 
 def _unshare(x: np.ndarray | _Shared) -> np.ndarray:
     """(In the parent.) The array a worker left in shared memory, as a private copy; the segment is
-    unlinked. Plain arrays pass through."""
+    unlinked as soon as it is open (its mapping stays valid), so nothing after can leave it behind.
+    Plain arrays pass through."""
     if not isinstance(x, _Shared):
         return x
     shm = shared_memory.SharedMemory(name=x.name)
     try:
-        view = np.ndarray(x.shape, np.dtype(x.dtype), buffer=shm.buf)
-        out = view.copy()  # numpy copies without the GIL
-        del view
-        return out
+        shm.unlink()
+        return np.ndarray(x.shape, x.dtype, buffer=shm.buf).copy()  # numpy copies without the GIL; no view survives
     finally:
         shm.close()
+
+
+def _drop(x: np.ndarray | _Shared) -> None:
+    """Unlink a segment that will not be read (a failure on the way); anything else: nothing to do."""
+    if isinstance(x, _Shared):
+        try:
+            shm = shared_memory.SharedMemory(name=x.name)
+        except OSError:
+            return
+        shm.close()
         shm.unlink()
+
+
+def _receive(media: ClipMedia, clip: Clip, data_root: Path) -> ClipMedia:
+    """(In the parent.) ``media`` with its shared arrays copied out; every segment is unlinked, also
+    when one of them cannot be read (a MediaError naming the clip: the run's --on-error applies)."""
+    try:
+        frames = _unshare(media.frames)
+    except BaseException as e:
+        _drop(media.audio)
+        if isinstance(e, OSError):
+            raise MediaError(clip.clip_id, data_root, f"its decoded frames could not be received from the decode "
+                             f"worker ({e})", "rerun; if it recurs, pass --decode-processes 0") from None
+        raise
+    try:
+        audio = _unshare(media.audio)
+    except OSError as e:
+        raise MediaError(clip.clip_id, data_root, f"its decoded audio could not be received from the decode worker "
+                         f"({e})", "rerun; if it recurs, pass --decode-processes 0") from None
+    return dataclasses.replace(media, frames=frames, audio=audio)
 
 
 def _read(clip: Clip, data_root: Path, frame_rule: str
@@ -128,7 +155,13 @@ def _read(clip: Clip, data_root: Path, frame_rule: str
     _records.clear()
     try:
         media = read_clip(clip, data_root, frame_rule)
-        return dataclasses.replace(media, frames=_share(media.frames), audio=_share(media.audio)), None, list(_records)
+        frames = _share(media.frames)
+        try:
+            audio = _share(media.audio)
+        except BaseException:
+            _drop(frames)
+            raise
+        return dataclasses.replace(media, frames=frames, audio=audio), None, list(_records)
     except MediaError as e:
         return None, e, list(_records)
     finally:
@@ -223,7 +256,7 @@ class MediaPool:
             logging.getLogger(name).log(level, "%s", message)
         if error is not None:
             raise error
-        return dataclasses.replace(media, frames=_unshare(media.frames), audio=_unshare(media.audio))
+        return _receive(media, clip, data_root)
 
     @staticmethod
     def _read_alone(clip: Clip, data_root: Path, frame_rule: str):

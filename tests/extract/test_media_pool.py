@@ -34,40 +34,62 @@ def test_worker_processes_decode_what_this_process_decodes(toy_root, tmp_path):
         assert err.value.clip_id == missing.clip_id
 
 
+def _ours() -> set:
+    """This machine's shared-memory segments of the kind multiprocessing makes (others may come and go)."""
+    shm_dir = Path("/dev/shm")
+    if not shm_dir.is_dir():
+        pytest.skip("no /dev/shm to look into")
+    return {p.name for p in shm_dir.glob("psm_*")}
+
+
 def test_media_cross_in_shared_memory_and_leave_no_segment(toy_root, monkeypatch):
     """The frames and audio come through shared-memory segments, which the parent unlinks; when none
     can be made, they are pickled as before."""
+    from mettle.extract.media import pool as pool_module
+
+    _ours()
+    arrived = []
+    unshare = pool_module._unshare
+    monkeypatch.setattr(pool_module, "_unshare", lambda x: arrived.append(x) or unshare(x))
+    clips = build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True).clips[:4]
+    with MediaPool(2).start() as pool:
+        for clip in clips:
+            here, there = read_clip(clip, toy_root), pool.read(clip, toy_root, "linspace")
+            assert np.array_equal(here.frames, there.frames) and np.array_equal(here.audio, there.audio)
+            assert (here.frames.dtype, here.audio.dtype) == (there.frames.dtype, there.audio.dtype)
+            assert there.frames.flags.owndata and there.audio.flags.owndata  # private copies, not views
+    assert [type(x).__name__ for x in arrived] == ["_Shared"] * 8  # frames and audio of 4 clips, none pickled
+    assert not {x.name for x in arrived} & _ours()  # every segment unlinked
+    a = np.arange(1 << 15, dtype=np.float32)  # 128 KiB: shared
+    shared = pool_module._share(a)
+    assert isinstance(shared, pool_module._Shared) and shared.name in _ours()
+    assert np.array_equal(unshare(shared), a) and shared.name not in _ours()
+    small = a[:100]
+    assert pool_module._share(small) is small
+
+
+def test_shared_memory_failures_leave_no_segment(toy_root, monkeypatch):
+    """A /dev/shm that cannot hold the pages pickles instead; a segment the parent cannot read is a
+    MediaError naming the clip, and the clip's other segment is unlinked all the same."""
     from multiprocessing import shared_memory
 
     from mettle.extract.media import pool as pool_module
 
-    shm_dir = Path("/dev/shm")
-    if not shm_dir.is_dir():
-        pytest.skip("no /dev/shm to look into")
-    before = set(shm_dir.iterdir())
-    arrived = []
-    unshare = pool_module._unshare
-    monkeypatch.setattr(pool_module, "_unshare", lambda x: arrived.append(type(x).__name__) or unshare(x))
-    clips = build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True).clips[:4]
-    with MediaPool(2).start() as pool:
-        for clip in clips:
-            media = pool.read(clip, toy_root, "linspace")
-            assert np.array_equal(media.frames, read_clip(clip, toy_root).frames)
-            assert media.frames.flags.owndata and media.audio.flags.owndata  # private copies, not views
-    assert arrived == ["_Shared"] * 8  # frames and audio of 4 clips, none pickled
-    assert set(shm_dir.iterdir()) - before == set()
-    a = np.arange(1 << 15, dtype=np.float32)  # 128 KiB: shared
-    shared = pool_module._share(a)
-    assert isinstance(shared, pool_module._Shared)
-    assert np.array_equal(pool_module._unshare(shared), a) and set(shm_dir.iterdir()) - before == set()
-    small = a[:100]
-    assert pool_module._share(small) is small
+    before = _ours()
+    a = np.arange(1 << 15, dtype=np.float32)
+    clip = build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True).clips[0]
+    media = read_clip(clip, toy_root)
+    gone = pool_module._Shared("psm_mettle_test_gone", media.frames.shape, media.frames.dtype)
+    audio = pool_module._share(media.audio)
+    with pytest.raises(MediaError, match=f"clip {clip.clip_id}: .*could not be received .*--decode-processes 0"):
+        pool_module._receive(replace(media, frames=gone, audio=audio), clip, toy_root)
+    assert audio.name not in _ours()
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "posix_fallocate", full)  # /dev/shm too small for the pages (no SIGBUS later)
     assert pool_module._share(a) is a  # pickled instead, and the segment made is gone
-    assert set(shm_dir.iterdir()) - before == set()
+    assert _ours() - before == set()
     monkeypatch.setattr(shared_memory, "SharedMemory", full)  # no segment at all
     assert pool_module._share(a) is a
 
@@ -119,6 +141,8 @@ def test_a_worker_hands_a_clip_error_back_with_its_records(toy_root):
     clip = build_manifest("toy", data_root=str(toy_root), num_clips=12, frames=True).clips[0]
     media, error, records = pool_module._read(clip, toy_root, "linspace")
     assert media is not None and error is None and records == []
+    media = pool_module._receive(media, clip, toy_root)  # unlinks the segments _read made here
+    assert np.array_equal(media.audio, read_clip(clip, toy_root).audio)
     got, error, records = pool_module._read(replace(clip, media={"video": "nowhere/x"}), toy_root, "linspace")
     assert got is None and isinstance(error, MediaError) and error.clip_id == clip.clip_id and records == []
 
