@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -220,7 +221,21 @@ def main() -> None:
     rows = []
     import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix="mettle-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="mettle-bench-"))  # the planned layouts, removed below
+    try:
+        _run_all(args, tmp, rows)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = table(rows, args.device, args.set)
+    print("\n".join(lines))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_cost.md").write_text("\n".join(lines) + "\n")
+        (args.out / "train_cost.json").write_text(json.dumps(rows, indent=1))
+
+
+def _run_all(args, tmp: Path, rows: list[dict]) -> None:
+    """Each (size, batch, mode) in a child process of its own; results appended to ``rows``."""
     for size in args.sizes:
         layout = tmp / f"{size}.json"
         write_layout(size, layout)
@@ -238,12 +253,6 @@ def main() -> None:
                     rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 rows[-1]["process_s"] = time.perf_counter() - t0  # the whole child: what a benchmark set's time goes to
                 print(json.dumps(rows[-1]), file=sys.stderr)
-    lines = table(rows, args.device, args.set)
-    print("\n".join(lines))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "train_cost.md").write_text("\n".join(lines) + "\n")
-        (args.out / "train_cost.json").write_text(json.dumps(rows, indent=1))
 
 
 def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
