@@ -131,20 +131,19 @@ def _drop(x: np.ndarray | _Shared) -> None:
 def _receive(media: ClipMedia, clip: Clip, data_root: Path) -> ClipMedia:
     """(In the parent.) ``media`` with its shared arrays copied out; every segment is unlinked, also
     when one of them cannot be read (a MediaError naming the clip: the run's --on-error applies)."""
-    try:
-        frames = _unshare(media.frames)
-    except BaseException as e:
-        _drop(media.audio)
-        if isinstance(e, OSError):
-            raise MediaError(clip.clip_id, data_root, f"its decoded frames could not be received from the decode "
-                             f"worker ({e})", "rerun; if it recurs, pass --decode-processes 0") from None
-        raise
-    try:
-        audio = _unshare(media.audio)
-    except OSError as e:
-        raise MediaError(clip.clip_id, data_root, f"its decoded audio could not be received from the decode worker "
-                         f"({e})", "rerun; if it recurs, pass --decode-processes 0") from None
-    return dataclasses.replace(media, frames=frames, audio=audio)
+    arrays = {"frames": media.frames, "audio": media.audio}
+    out: dict[str, np.ndarray] = {}
+    for name, x in arrays.items():
+        try:
+            out[name] = _unshare(x)
+        except BaseException as e:
+            for rest in list(arrays.values())[len(out) + 1:]:
+                _drop(rest)
+            if isinstance(e, OSError):
+                raise MediaError(clip.clip_id, data_root, f"its decoded {name} could not be received from the "
+                                 f"decode worker ({e})", "rerun; if it recurs, pass --decode-processes 0") from None
+            raise
+    return dataclasses.replace(media, **out)
 
 
 def _read(clip: Clip, data_root: Path, frame_rule: str
