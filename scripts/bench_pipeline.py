@@ -106,8 +106,9 @@ def _trace(args, cfg, backbones) -> None:
 
 
 def _extraction_once(args, cfg, backbones) -> dict:
-    import numpy as np
     import torch
+
+    from extract_ops import random_media
 
     from mettle.cache import open_cache
     from mettle.extract.run import extract
@@ -119,11 +120,9 @@ def _extraction_once(args, cfg, backbones) -> dict:
     summary = extract(cfg, progress=False, backbones=backbones)
     pipeline = time.perf_counter() - t0
     dev = torch.device(args.device)
-    rng = np.random.default_rng(0)
     segs = args.clips * 10
-    frames = rng.integers(0, 256, (args.batch_size, 112, 112, 3), dtype=np.uint8)
-    audio = (0.1 * rng.standard_normal((args.batch_size, 32000))).astype(np.float32)
-    inputs = {m: b.preprocess(frames if m == "visual" else audio).to(dev) for m, b in backbones.items()}
+    media = random_media(args.batch_size)
+    inputs = {m: b.preprocess(media[m]).to(dev) for m, b in backbones.items()}
     meta = open_cache(cache).meta
     indices = {m: [a.block_index for a in meta.arrays if a.modality == m] for m in backbones}
     status = json.loads(next((cache / "status").glob("*.json")).read_text())

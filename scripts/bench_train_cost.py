@@ -77,8 +77,7 @@ def write_layout(size: str, path: Path) -> None:
 
 def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: str = "",
             sets: dict | None = None) -> dict:
-    import numpy as np
-
+    from extract_ops import random_media
     from mettle.cache import SCALE, CacheMeta, plan_cache
     from mettle.cache.runtime import peak_memory
     from mettle.extract.config import ExtractConfig, load_backbones
@@ -100,10 +99,9 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     else:
         backbones = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=SETS[size], random_init=True))
         records = {m: b.record() for m, b in backbones.items()}
-    rng = np.random.default_rng(0)
     if not from_cache:  # media only where backbones run: a cache-mode process holds none (its memory is measured)
-        frames = rng.integers(0, 256, (batch * 10, 224, 224, 3), dtype=np.uint8)
-        audio = (0.1 * rng.standard_normal((batch * 10, 32000))).astype(np.float32)
+        media = random_media(batch * 10, size=224)
+        frames, audio = media["visual"], media["audio"]
     labels = torch.randint(0, 29, (batch, 10), device=dev)
     task = get_task("ave")
     if mode != "adapter":

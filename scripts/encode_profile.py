@@ -24,15 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mettle.cache import plan_cache
+    from extract_ops import one_clip_plan, random_media
     from mettle.cache.dtypes import get_dtype
-    from mettle.extract.config import ExtractConfig, load_backbones
     from mettle.extract.tokens import TokenForward
-    from mettle.manifests import Clip, Manifest
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", default="specific")
@@ -43,13 +40,9 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
-    models = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=args.backbones, random_init=True))
-    manifest = Manifest("ops", (Clip("c0", ("train",), 10, 10.0, {"video": "c0"}),), {"event": ("a", "b")})
-    meta = plan_cache(manifest, {m: b.record() for m, b in models.items()})  # the defaults: last-grid, float16
+    models, meta = one_clip_plan(args.backbones)  # the defaults: last-grid, float16
     storage = get_dtype(meta.dtype)
-    rng = np.random.default_rng(0)
-    media = {"visual": rng.integers(0, 256, (args.batch, 112, 112, 3), dtype=np.uint8),
-             "audio": (0.1 * rng.standard_normal((args.batch, 32000))).astype(np.float32)}
+    media = random_media(args.batch)
     inputs = {m: b.preprocess(media[m]) for m, b in models.items()}
     fws = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev, "float16" if cuda else "float32")
            for m, b in models.items()}

@@ -28,6 +28,28 @@ VIEWS = {"aten::view", "aten::reshape", "aten::transpose", "aten::slice", "aten:
          "aten::_unsafe_view", "aten::unbind", "aten::narrow", "aten::split_with_sizes"}
 
 
+def random_media(segments: int, size: int = 112, seed: int = 0) -> dict:
+    """Random model inputs for ``segments`` segments, as the benchmarks feed them: ``visual`` uint8 RGB
+    frames ``(segments, size, size, 3)``, ``audio`` 1-s float32 windows at 32 kHz ``(segments, 32000)``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {"visual": rng.integers(0, 256, (segments, size, size, 3), dtype=np.uint8),
+            "audio": (0.1 * rng.standard_normal((segments, 32000))).astype(np.float32)}
+
+
+def one_clip_plan(backbones: str):
+    """Random-init backbones of the set ``backbones`` and the default cache plan (last-grid, float16)
+    of a one-clip manifest: what a batch's tokens look like, without data."""
+    from mettle.cache import plan_cache
+    from mettle.extract.config import ExtractConfig, load_backbones
+    from mettle.manifests import Clip, Manifest
+
+    models = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=backbones, random_init=True))
+    manifest = Manifest("ops", (Clip("c0", ("train",), 10, 10.0, {"video": "c0"}),), {"event": ("a", "b")})
+    return models, plan_cache(manifest, {m: b.record() for m, b in models.items()})
+
+
 def count(fn) -> collections.Counter:
     """Top-level operators ``fn`` calls (not those they call in turn)."""
     from torch.profiler import ProfilerActivity, profile
@@ -83,14 +105,10 @@ def autocast_counts(models: dict, meta, media: dict) -> None:
 
 
 def main() -> None:
-    import numpy as np
     import torch
 
-    from mettle.cache import plan_cache
     from mettle.cache.dtypes import get_dtype
-    from mettle.extract.config import ExtractConfig, load_backbones
     from mettle.extract.tokens import TokenForward
-    from mettle.manifests import Clip, Manifest
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", default="specific")
@@ -99,12 +117,8 @@ def main() -> None:
     ap.add_argument("--autocast", action="store_true", help="count the float16-autocast forward's kernels instead "
                     "(weights cast once against per-call casts)")
     args = ap.parse_args()
-    models = load_backbones(ExtractConfig(dataset="-", cache="-", backbones=args.backbones, random_init=True))
-    manifest = Manifest("ops", (Clip("c0", ("train",), 10, 10.0, {"video": "c0"}),), {"event": ("a", "b")})
-    meta = plan_cache(manifest, {m: b.record() for m, b in models.items()})  # the defaults: last-grid
-    rng = np.random.default_rng(0)
-    media = {"visual": rng.integers(0, 256, (args.batch, 112, 112, 3), dtype=np.uint8),
-             "audio": (0.1 * rng.standard_normal((args.batch, 32000))).astype(np.float32)}
+    models, meta = one_clip_plan(args.backbones)
+    media = random_media(args.batch)
     if args.autocast:
         print(f"backbones {args.backbones}, batch {args.batch}, CPU float16 autocast, default preset")
         autocast_counts(models, meta, media)
