@@ -73,41 +73,65 @@ class _GroupAttend(torch.autograd.Function):
     where ``read = softmax(query LN(x)^T) LN(x) W^T`` per head (head h uses rows h*d/h.. of W; the
     bias is added by the caller) and ``mean`` is the token mean of LN(x) (no gradient). Gradients go
     to ``query`` and ``weight`` only. Backward keeps the caller's tokens ``xs`` (with int8 codes: the
-    codes and ``scale``), the attention weights (L, S, h, K, N) and the parameters, and rebuilds
+    codes and ``scale``), the attention weights (L, K*h, S, N) and the parameters, and rebuilds
     LN(x) and the attended tokens.
+
+    Written as batched matrix products whose operands are views: the attention rows are ordered
+    (meta-token, head), so the attended tokens (L*S*K, h, D) are read per head as a strided matrix
+    and no product needs a copy of anything token-sized (einsum's own choice of layouts copied the
+    float32 tokens once and the attended tokens twice a chunk; only dz, the gradient of the attended
+    tokens, is still copied). The copies left are of (L, K*h, S, N) or (L, S, K, d) tensors.
     """
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,  # type: ignore[override]
                 *xs: torch.Tensor):
-        h = query.shape[1]
+        nl, h, k, dim = query.shape
         xn = _normalize(_stacked(xs), scale)  # (L, S, N, D) float32, transient
-        attn = torch.einsum("lhkD,lsnD->lshkn", query, xn).softmax(-1)
-        z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
-        read = torch.einsum("lshkD,hjD->lskhj", z, weight.view(h, -1, weight.shape[1]))
+        s, n = xn.shape[1:3]
+        q = query.transpose(1, 2).reshape(nl, k * h, dim)  # rows (meta-token, head)
+        attn = torch.bmm(q, xn.view(nl, s * n, dim).transpose(1, 2)).view(nl, k * h, s, n).softmax(-1)
+        z = _attended(attn, xn)
+        w = weight.view(h, -1, dim)
+        read = torch.bmm(z.view(-1, h, dim).transpose(0, 1), w.transpose(1, 2))  # (h, L*S*K, dh)
+        read = read.transpose(0, 1).reshape(nl, s, k, -1)  # (L, S, K, h*dh): head-major channels
         mean = xn.mean(2)
         ctx.save_for_backward(query, weight, attn, scale, *xs)
         ctx.mark_non_differentiable(mean)
         ctx.set_materialize_grads(False)  # mean's gradient, always unused, is not made as zeros
-        return read.flatten(3), mean
+        return read, mean
 
     @staticmethod
     def backward(ctx, dread: torch.Tensor | None, _dmean: None):  # type: ignore[override]
         query, weight, attn, scale, *xs = ctx.saved_tensors
         if dread is None:  # nothing downstream used the read-out
             return (None, None, None, *([None] * len(xs)))
-        h = query.shape[1]
+        nl, h, k, dim = query.shape
         xn = _normalize(_stacked(xs), scale)
-        z = torch.einsum("lshkn,lsnD->lshkD", attn, xn)
-        w = weight.view(h, -1, weight.shape[1])
-        dread = dread.reshape(*dread.shape[:3], h, -1)  # (L, S, K, h, dh)
-        dweight = torch.einsum("lskhj,lshkD->hjD", dread, z).reshape(weight.shape)
+        s, n = xn.shape[1:3]
+        w = weight.view(h, -1, dim)
+        dr = dread.reshape(-1, h, w.shape[1])  # (L*S*K, h, dh)
+        z = _attended(attn, xn)
+        dweight = torch.bmm(dr.permute(1, 2, 0), z.view(-1, h, dim).transpose(0, 1)).view(weight.shape)
         del z  # as large as the float32 tokens times h*K/N: freed before dz of the same size is made
-        dz = torch.einsum("lskhj,hjD->lshkD", dread, w)
-        da = torch.einsum("lshkD,lsnD->lshkn", dz, xn)
+        dz = torch.bmm(dr.transpose(0, 1), w)  # (h, L*S*K, D)
+        xt = xn.view(nl * s, n, dim).transpose(1, 2)
+        da = dz.new_empty(h, nl * s, k, n)
+        for i in range(h):  # per head: dz read as it lies (h more products instead of a copy of dz)
+            torch.bmm(dz[i].view(nl * s, k, dim), xt, out=da[i])
         del dz
-        ds = attn * (da - (attn * da).sum(-1, keepdim=True))
-        return (torch.einsum("lshkn,lsnD->lhkD", ds, xn), dweight, None, *([None] * len(xs)))
+        a = attn.view(nl, k, h, s, n)
+        da = da.view(h, nl, s, k, n).permute(1, 3, 0, 2, 4)  # (L, K, h, S, N), strided
+        ds = a * (da - (a * da).sum(-1, keepdim=True))  # laid out as attn
+        dq = torch.bmm(ds.reshape(nl, k * h, s * n), xn.view(nl, s * n, dim))  # (L, K*h, D)
+        dquery = dq.view(nl, k, h, dim).transpose(1, 2).contiguous()
+        return (dquery, dweight, None, *([None] * len(xs)))
+
+
+def _attended(attn: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+    """(L, K*h, S, N) attention x (L, S, N, D) tokens -> (L*S, K*h, D) attended tokens."""
+    nl, kh, s, n = attn.shape
+    return torch.bmm(attn.transpose(1, 2).reshape(nl * s, kh, n), xn.view(nl * s, n, xn.shape[-1]))
 
 
 class _Recompute(torch.autograd.Function):
