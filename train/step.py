@@ -149,13 +149,28 @@ class TrainStep:
         return loss
 
     def _capture(self, batch: Batch, sig: tuple) -> torch.Tensor:
-        """Capture the step for ``batch``'s shape, replay it, check it against the eager step from the
-        same state, and return the eager step's loss (its result is the one kept)."""
+        """Check and capture the step for ``batch``'s shape: the eager step from the current state first
+        (its result, kept on the host, is the one kept), then back to the same state, the capture and one
+        replay, compared with it. Returns the eager step's loss.
+
+        Why in this order, all on the side stream: the eager step's activations and gradients are freed
+        before the graph's pool holds its own, so a run's peak can be the larger of the two, not their sum
+        (with the check after the capture, on the default stream, a graphed run's peak was 66 MiB above an
+        eager run's at batch 1 and 8 on the H200, 15d5e9e, BENCHMARKS.md); and the default stream would
+        give cuBLAS a second workspace.
+        """
         start = _snapshot(self.model, self.opt, self.device)
         self.static = to_device(batch, self.device, copy=True)
+        current = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
+            loss = self._eager(*self.static)  # a fault of the step itself is raised here, as in any eager step
+        current.wait_stream(self.side)
+        eager = _snapshot(self.model, self.opt, self.device)
+        _restore(self.model, self.opt, self.device, start)
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.device)
+        checking = False
         try:
             # on this step's GPU and on the warm-up's stream: torch.cuda.graph's own capture stream is made
             # once per process on whichever GPU was current then (a graph captured there from work on
@@ -164,39 +179,34 @@ class TrainStep:
             with torch.cuda.device(self.device), \
                     torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
                 self.static_loss = self._forward_backward(*self.static)
+            checking = True
             graph.replay()
             replayed = _snapshot(self.model, self.opt, self.device, params_only=True)
-            replayed_loss = float(self.static_loss)
-        except Exception as e:  # RuntimeError: what CUDA and torch raise when a capture is refused
+            loss_err = abs(float(self.static_loss) - float(loss)) / max(abs(float(loss)), 1e-12)
+            update_err = _update_error(start["params"], replayed["params"], eager["params"])
+        except Exception as e:  # RuntimeError: what CUDA and torch raise when a capture is refused; graphs are on by
+            # default, so a fault in the check falls back too, it does not end the run
             failure = _first_line(e)
         else:
             failure = None
         if failure is not None:  # handled outside the except block: its traceback would keep the failed
-            # attempt's device tensors alive, and the graph its pool, through the eager retry (out of memory)
-            torch.cuda.set_stream(current)  # graph.__exit__ leaves the capture stream current when capture_end raises
+            # attempt's device tensors alive, and the graph its pool, through the eager steps (out of memory)
+            if not checking:
+                torch.cuda.set_stream(current)  # graph.__exit__ leaves the capture stream current when capture_end raises
             del graph
-            log.warning("cuda_graphs: capturing the training step failed (%s); running without graphs", failure)
-            return self._give_up(start, batch)
-        _restore(self.model, self.opt, self.device, start)
-        self.graph = graph  # so that _eager frees the gradients it makes
-        try:
-            loss = self._eager(*self.static)  # the batch's values, already on the device: not a second copy
-            loss_err = abs(replayed_loss - float(loss)) / max(abs(float(loss)), 1e-12)
-            update_err = _update_error(start["params"], replayed["params"], self.model)
-        except Exception as e:  # graphs are on by default: a fault in the check falls back, it does not end the
-            # run (a fault of the step itself recurs in _give_up's eager step and is raised there)
-            failure = _first_line(e)
-        if failure is not None:
-            del graph
-            log.warning("cuda_graphs: checking the captured training step failed (%s); running without graphs",
-                        failure)
-            return self._give_up(start, batch)
+            self._drop_graph()
+            _restore(self.model, self.opt, self.device, eager)
+            log.warning("cuda_graphs: %s the training step failed (%s); running without graphs",
+                        "checking the captured" if checking else "capturing", failure)
+            return loss
+        _restore(self.model, self.opt, self.device, eager)  # the eager result is the one kept
         if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
             log.warning("cuda_graphs: the captured training step differs from the eager one (loss by %.2g, "
                         "update by %.2g, relative); running without graphs", loss_err, update_err)
+            del graph
             self._drop_graph()
             return loss
-        self.signature = sig
+        self.graph, self.signature = graph, sig
         log.info("cuda_graphs: training steps on batches of %s run as one CUDA graph (loss within %.2g, "
                  "update within %.2g of eager)", _describe(sig), loss_err, update_err)
         return loss
@@ -204,11 +214,6 @@ class TrainStep:
     def _drop_graph(self) -> None:
         """Eager steps from now on; frees the graph's memory pool and static buffers."""
         self.graph, self.graphs, self.static, self.static_loss = None, False, None, None
-
-    def _give_up(self, start: dict, batch: Batch) -> torch.Tensor:
-        self._drop_graph()
-        _restore(self.model, self.opt, self.device, start)
-        return self._eager(*batch)
 
 
 def _first_line(e: Exception) -> str:
@@ -284,9 +289,8 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
     torch.cuda.set_rng_state(snap["rng"], device)
 
 
-def _update_error(start: list[torch.Tensor], replayed: list[torch.Tensor], model: nn.Module) -> float:
-    """Mean |replayed - eager| over mean |eager - start|, over all trainable parameters."""
-    eager = [p.detach().cpu() for p in _trainable(model)]
+def _update_error(start: list[torch.Tensor], replayed: list[torch.Tensor], eager: list[torch.Tensor]) -> float:
+    """Mean |replayed - eager| over mean |eager - start|, over all trainable parameters (host copies)."""
     diff = sum(float((r - e).abs().sum()) for r, e in zip(replayed, eager))
     update = sum(float((e - s).abs().sum()) for e, s in zip(eager, start))
     return diff / max(update, 1e-30)
