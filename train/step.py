@@ -207,6 +207,7 @@ class TrainStep:
             self._drop_graph()
             return loss
         self.graph, self.signature = graph, sig
+        torch.cuda.empty_cache()  # the eager steps' cached blocks: the replays use the graph's own pool
         log.info("cuda_graphs: training steps on batches of %s run as one CUDA graph (loss within %.2g, "
                  "update within %.2g of eager)", _describe(sig), loss_err, update_err)
         return loss
