@@ -154,12 +154,18 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
             torch.cuda.synchronize()
         if step >= warm:  # the first steps warm up allocators and kernels
             times.append(time.perf_counter() - t0)
+        elif step == warm - 1 and dev.type == "cuda":  # warm-up (and capture) over: the timed steps' own peak next
+            warm_peak = torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
     if graphs and train_step.replays < steps:
         raise RuntimeError(f"{mode}: {train_step.replays} of {steps} timed steps replayed a graph (see the warnings)")
     peak_rss = peak_memory(torch.device("cpu"))  # VmHWM: ru_maxrss would carry the parent's peak
     return {"mode": mode, "size": size, "batch": batch, "seconds_per_step": statistics.median(times),
             "seconds_per_sample": statistics.median(times) / batch, "trainable": count_parameters(model),
-            "peak_gpu": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
+            "peak_gpu": max(warm_peak[0], torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
+            # GPU: the timed steps' own peak (after warm-up and capture) and the most the allocator held from CUDA
+            "peak_gpu_timed": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+            "peak_gpu_reserved": max(warm_peak[1], torch.cuda.max_memory_reserved(dev)) if dev.type == "cuda" else None,
             "peak_rss": peak_rss, "peak_rss_minus_idle": peak_rss - idle,
             "token_bytes": sum(t.numel() * t.element_size() for t in cached.values()) if from_cache else None,
             "kept_bytes": sum(kept_bytes(b) for b in backbones.values()) if backbones else 0}
@@ -288,6 +294,11 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
             out.append(f"\n{r['size']}, batch {r['batch']}: end-to-end / graphs:last-grid = "
                        f"{e2e['seconds_per_step'] / r['seconds_per_step']:.1f}x time, "
                        f"{e2e['peak_gpu'] / max(r['peak_gpu'], 1):.1f}x memory")
+    held = [r for r in rows if r.get("peak_gpu_reserved") and "error" not in r]
+    if held:  # the table's peak includes warm-up and a graph's capture; what replays need, and what CUDA gave
+        out.append("\nGPU MiB, peak of the timed steps alone / most reserved from CUDA by the allocator: " + ", ".join(
+            f"{r['size']} batch {r['batch']} {r['mode']} {r['peak_gpu_timed'] / 2**20:.0f} / "
+            f"{r['peak_gpu_reserved'] / 2**20:.0f}" for r in held))
     kept = [r for r in rows if r.get("kept_bytes") and "error" not in r]
     if kept:  # what the frozen backbones keep instead of recomputing (kept.py) adds to (b)'s and (c)'s peaks
         out.append("\nOf (b)'s and (c)'s peaks, what the frozen backbones keep instead of making every forward "
