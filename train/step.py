@@ -102,7 +102,9 @@ class TrainStep:
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], opt: torch.optim.Optimizer,
                  device: torch.device, grad_clip: float = 0.0, graphs: bool = False, warmup: int = 3) -> None:
         self.model, self.loss_fn, self.opt, self.device = model, loss_fn, opt, device
-        self.grad_clip, self.warmup = grad_clip, warmup
+        # at least one eager step before the capture: AdamW makes its state lazily, in its first step, and the
+        # capture's start must have it (else the snapshot misses it and every capture differs from eager)
+        self.grad_clip, self.warmup = grad_clip, max(1, warmup)
         self.graphs = graphs and device.type == "cuda"  # graphs_for decides (and warns) for a run's setting
         self.graph: torch.cuda.CUDAGraph | None = None
         self.signature: tuple | None = None
@@ -153,7 +155,7 @@ class TrainStep:
         (its result, kept on the host, is the one kept), then back to the same state, the capture and one
         replay, compared with it. Returns the eager step's loss.
 
-        Why in this order, all on the side stream: the eager step's activations and gradients are freed
+        Why in this order, the eager step on the side stream: its activations and gradients are freed
         before the graph's pool holds its own, so a run's peak can be the larger of the two, not their sum
         (with the check after the capture, on the default stream, a graphed run's peak was 66 MiB above an
         eager run's at batch 1 and 8 on the H200, 15d5e9e, BENCHMARKS.md); and the default stream would
@@ -191,13 +193,14 @@ class TrainStep:
             failure = None
         if failure is not None:  # handled outside the except block: its traceback would keep the failed
             # attempt's device tensors alive, and the graph its pool, through the eager steps (out of memory)
-            if not checking:
-                torch.cuda.set_stream(current)  # graph.__exit__ leaves the capture stream current when capture_end raises
+            if not checking:  # graph.__exit__ leaves the capture stream current when capture_end raises
+                with torch.cuda.device(self.device):  # set_stream also makes its device current
+                    torch.cuda.set_stream(current)
             del graph
             self._drop_graph()
             _restore(self.model, self.opt, self.device, eager)
-            log.warning("cuda_graphs: %s the training step failed (%s); running without graphs",
-                        "checking the captured" if checking else "capturing", failure)
+            log.warning("cuda_graphs: %s failed (%s); running without graphs",
+                        "checking the captured training step" if checking else "capturing the training step", failure)
             return loss
         _restore(self.model, self.opt, self.device, eager)  # the eager result is the one kept
         if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
@@ -207,14 +210,16 @@ class TrainStep:
             self._drop_graph()
             return loss
         self.graph, self.signature = graph, sig
-        torch.cuda.empty_cache()  # the eager steps' cached blocks: the replays use the graph's own pool
         log.info("cuda_graphs: training steps on batches of %s run as one CUDA graph (loss within %.2g, "
                  "update within %.2g of eager)", _describe(sig), loss_err, update_err)
         return loss
 
     def _drop_graph(self) -> None:
-        """Eager steps from now on; frees the graph's memory pool and static buffers."""
+        """Eager steps from now on; the graph's pool goes back to CUDA once the caller holds no graph (the
+        gradients the capture made live in it: dropped here)."""
+        self.opt.zero_grad(set_to_none=True)
         self.graph, self.graphs, self.static, self.static_loss = None, False, None, None
+        torch.cuda.empty_cache()
 
 
 def _first_line(e: Exception) -> str:
