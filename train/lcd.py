@@ -76,11 +76,12 @@ class _GroupAttend(torch.autograd.Function):
     codes and ``scale``), the attention weights (L, K*h, S, N) and the parameters, and rebuilds
     LN(x) and the attended tokens.
 
-    Written as batched matrix products whose operands are views: the attention rows are ordered
-    (meta-token, head), so the attended tokens (L*S*K, h, D) are read per head as a strided matrix
-    and no product needs a copy of anything token-sized (einsum's own choice of layouts copied the
-    float32 tokens once and the attended tokens twice a chunk; only dz, the gradient of the attended
-    tokens, is still copied). The copies left are of (L, K*h, S, N) or (L, S, K, d) tensors.
+    Written as batched matrix products on views: the attention rows are ordered (meta-token, head),
+    so the attended tokens (L*S*K, h, D) are read per head as strided matrices, and the per-head
+    products write their results as strided matrices into the layout the next product reads
+    (``out=``), so no product needs a copy of anything token-sized (einsum's own choice of layouts
+    copied the float32 tokens once and the attended tokens three times a chunk). The copies left are
+    of the queries and of the (L, K*h, S, N) attention.
     """
 
     @staticmethod
@@ -93,8 +94,9 @@ class _GroupAttend(torch.autograd.Function):
         attn = torch.bmm(q, xn.view(nl, s * n, dim).transpose(1, 2)).view(nl, k * h, s, n).softmax(-1)
         z = _attended(attn, xn)
         w = weight.view(h, -1, dim)
-        read = torch.bmm(z.view(-1, h, dim).transpose(0, 1), w.transpose(1, 2))  # (h, L*S*K, dh)
-        read = read.transpose(0, 1).reshape(nl, s, k, -1)  # (L, S, K, h*dh): head-major channels
+        read = z.new_empty(nl, s, k, h, w.shape[1])  # (L, S, K, h, dh): head-major channels
+        torch.bmm(z.view(-1, h, dim).transpose(0, 1), w.transpose(1, 2), out=read.view(-1, h, w.shape[1]).transpose(0, 1))
+        read = read.view(nl, s, k, -1)
         mean = xn.mean(2)
         ctx.save_for_backward(query, weight, attn, scale, *xs)
         ctx.mark_non_differentiable(mean)
@@ -114,15 +116,12 @@ class _GroupAttend(torch.autograd.Function):
         z = _attended(attn, xn)
         dweight = torch.bmm(dr.permute(1, 2, 0), z.view(-1, h, dim).transpose(0, 1)).view(weight.shape)
         del z  # as large as the float32 tokens times h*K/N: freed before dz of the same size is made
-        dz = torch.bmm(dr.transpose(0, 1), w)  # (h, L*S*K, D)
-        xt = xn.view(nl * s, n, dim).transpose(1, 2)
-        da = dz.new_empty(h, nl * s, k, n)
-        for i in range(h):  # per head: dz read as it lies (h more products instead of a copy of dz)
-            torch.bmm(dz[i].view(nl * s, k, dim), xt, out=da[i])
+        dz = xn.new_empty(nl * s, k * h, dim)  # (L*S, K*h, D), written per head as strided matrices
+        torch.bmm(dr.transpose(0, 1), w, out=dz.view(-1, h, dim).transpose(0, 1))
+        da = torch.bmm(dz, xn.view(nl * s, n, dim).transpose(1, 2))  # (L*S, K*h, N)
         del dz
-        a = attn.view(nl, k, h, s, n)
-        da = da.view(h, nl, s, k, n).permute(1, 3, 0, 2, 4)  # (L, K, h, S, N), strided
-        ds = a * (da - (a * da).sum(-1, keepdim=True))  # laid out as attn
+        da = da.view(nl, s, k * h, n).transpose(1, 2)  # (L, K*h, S, N), strided
+        ds = attn * (da - (attn * da).sum(-1, keepdim=True))  # laid out as attn
         dq = torch.bmm(ds.reshape(nl, k * h, s * n), xn.view(nl, s * n, dim))  # (L, K*h, D)
         dquery = dq.view(nl, k, h, dim).transpose(1, 2).contiguous()
         return (dquery, dweight, None, *([None] * len(xs)))
