@@ -243,9 +243,12 @@ class LCD(nn.Module):
 
     Layers of one stage (same width and token count) run together: one batched attention per group
     instead of one per layer, which on a GPU removes most kernel launches (a Swin-V2-L stage has 18
-    blocks). A group is split into chunks whose float32 normalised tokens stay under ``lcd.chunk_mib``
-    (by device: ``CHUNK_MIB``) and whose meta-token activations stay under as much, so the transient
-    memory does not grow with the number of layers.
+    blocks). A group is split into chunks whose meta-token activations (the part after the attention)
+    stay under ``lcd.chunk_mib`` (by device: ``CHUNK_MIB``), and a chunk's attention reads its layers
+    in pieces whose float32 normalised tokens stay under as much, so the transient memory does not grow
+    with the number of layers. The part after the attention runs once a chunk, not once a piece: at
+    batch 8 a full-size stage-2 layer has 8.8 MiB of tokens but 5 MiB of activations, and that part is
+    ~40 small kernels (forward, recomputation and backward).
     """
 
     # MiB of float32 normalised tokens per chunk, and at most as much of the activations after the
@@ -310,14 +313,15 @@ class LCD(nn.Module):
             recompute = self.recompute if self.recompute is not None else meta * len(self.layers) > meta_bytes
             for group in self.groups:
                 per = xs[group[0]][0].numel() * 4 * b * t  # float32 bytes of one layer's tokens
-                step = max(1, min(chunk_bytes // max(per, 1), meta_bytes // meta))
+                attend, step = max(1, chunk_bytes // max(per, 1)), max(1, meta_bytes // meta)
                 for c in range(0, len(group), step):
-                    total = total + self._group(group[c:c + step], xs, ss, recompute)
+                    total = total + self._group(group[c:c + step], xs, ss, recompute, attend)
         return (total / len(self.layers)).view(b, t, *total.shape[1:])
 
     def _group(self, idx: list[int], xs: list[torch.Tensor], ss: list[torch.Tensor | None],
-               recompute: bool = True) -> torch.Tensor:
-        """Sum over the layers ``idx`` (one readout, one token shape) of their (S, K, d) meta-tokens.
+               recompute: bool = True, attend: int | None = None) -> torch.Tensor:
+        """Sum over the layers ``idx`` (one readout, one token shape) of their (S, K, d) meta-tokens; the
+        attention reads ``attend`` layers at a time (all by default), the part after it runs on all at once.
 
         The part after the attention (output projection, MLP, preservation) works on K meta-tokens
         per segment and layer, cheap to compute but, kept for backward, as large as the float16
@@ -326,16 +330,19 @@ class LCD(nn.Module):
         """
         coded = [i for i in idx if ss[i] is not None]
         if coded and len(coded) < len(idx):  # codes beside floats (AVS: a block the head reads comes decoded)
-            return (self._group(coded, xs, ss, recompute)
-                    + self._group([i for i in idx if ss[i] is None], xs, ss, recompute))
+            return (self._group(coded, xs, ss, recompute, attend)
+                    + self._group([i for i in idx if ss[i] is None], xs, ss, recompute, attend))
         cfg, readout = self.cfg, self.readouts[self.owner[idx[0]]]
         layers = [self.layers[i] for i in idx]
         read = mean = gate = None
         group, scales = [xs[i] for i in idx], [ss[i] for i in idx]
-        scale = None if not coded else _stacked(scales)
         if cfg.adapt:
-            query = torch.stack([layer.query for layer in layers])
-            read, mean = _GroupAttend.apply(query, readout.v.weight, scale, *group)
+            step = attend or len(idx)
+            parts = [_GroupAttend.apply(torch.stack([layer.query for layer in layers[j:j + step]]), readout.v.weight,
+                                        None if not coded else _stacked(scales[j:j + step]), *group[j:j + step])
+                     for j in range(0, len(idx), step)]
+            read, mean = parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts]),
+                                                          torch.cat([p[1] for p in parts]))
         elif cfg.preserve:
             with torch.no_grad():
                 mean = torch.stack([_normalize(x, s).mean(1) for x, s in zip(group, scales)])

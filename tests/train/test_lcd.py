@@ -94,8 +94,10 @@ def test_grouped_attention_equals_naive(share, chunk, meta, kw, recompute):
 
 
 def test_chunks_and_recomputation_follow_the_budget(monkeypatch):
-    """lcd.chunk_mib sets how many layers a chunk holds (0: the device type's default), and the part
-    after the attention is recomputed in backward only when all layers' activations exceed it."""
+    """lcd.chunk_mib sets how many layers a chunk holds (0: the device type's default): the part after the
+    attention runs on as many layers as its activations allow, the attention inside on as many as their
+    float32 tokens allow; the part after the attention is recomputed in backward only when all layers'
+    activations exceed the budget."""
     import mettle.train.lcd as lcd_module
 
     calls = {"attend": 0, "recompute": 0}
@@ -116,7 +118,7 @@ def test_chunks_and_recomputation_follow_the_budget(monkeypatch):
         lcd = LCD(arrays, LCDConfig(meta_tokens=4, dim=64, heads=4, chunk_mib=chunk_mib))
         if default is not None:
             monkeypatch.setitem(LCD.CHUNK_MIB, "cpu", default)
-        lcd({a.key: torch.randn(b, t, 16, 12) for a in arrays}).sum().backward()
+        lcd({a.key: torch.randn(b, t, a.tokens, a.dim) for a in arrays}).sum().backward()
         return calls["attend"], calls["recompute"]
 
     # one layer's meta-token activations: 8 x K x d x 4 bytes = 8 KiB a segment; 1 MiB = 128 segments
@@ -127,6 +129,11 @@ def test_chunks_and_recomputation_follow_the_budget(monkeypatch):
     assert run(4, 16, default=1) == (3, 3)  # 0: the device's default (here patched to 1 MiB on the CPU)
     with pytest.raises(ConfigError, match="lcd.chunk_mib=-1"):
         LCD(arrays, LCDConfig(chunk_mib=-1))
+    # wide tokens: the attention reads 2 layers at a time (4 MiB of float32 tokens a layer), the part after
+    # it runs once for all 6 (6 x 128 KiB of activations), here recomputed on request
+    arrays = [dataclasses.replace(a, dim=4096) for a in arrays]
+    monkeypatch.setattr(LCD, "recompute", True)
+    assert run(1, 16, chunk_mib=8) == (3, 1)
 
 
 def test_grouped_attention_keeps_no_float32_copy_of_the_tokens():
