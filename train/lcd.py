@@ -87,6 +87,11 @@ class _GroupAttend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,  # type: ignore[override]
                 *xs: torch.Tensor):
+        with torch.autocast(query.device.type, enabled=False):  # float32 throughout, under a caller's autocast too
+            return _GroupAttend._forward(ctx, query, weight, scale, *xs)
+
+    @staticmethod
+    def _forward(ctx, query, weight, scale, *xs):
         nl, h, k, dim = query.shape
         xn = _normalize(_stacked(xs), scale)  # (L, S, N, D) float32, transient
         s, n = xn.shape[1:3]
@@ -105,6 +110,11 @@ class _GroupAttend(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dread: torch.Tensor | None, _dmean: None):  # type: ignore[override]
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _GroupAttend._backward(ctx, dread)
+
+    @staticmethod
+    def _backward(ctx, dread):
         query, weight, attn, scale, *xs = ctx.saved_tensors
         if dread is None:  # nothing downstream used the read-out
             return (None, None, None, *([None] * len(xs)))
@@ -141,19 +151,24 @@ class _Recompute(torch.autograd.Function):
     any backward given explicit gradient tensors, hence the scalar product below. ``fn``
     must be deterministic; the parameters it closes over get their gradients from the
     recomputation's backward, so drive training with ``loss.backward()`` (as mettle-train does), not
-    ``torch.autograd.grad``. At least one input must require grad (here: the meta-tokens).
+    ``torch.autograd.grad``. At least one input must require grad (here: the meta-tokens). A caller's
+    autocast at the forward is restored for the recomputation (backward usually runs outside it).
     """
 
     @staticmethod
     def forward(ctx, fn, *inputs):  # type: ignore[override]
         ctx.fn = fn
+        ctx.device = next(x.device.type for x in inputs if x is not None)
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device))
         ctx.save_for_backward(*inputs)
         return fn(*inputs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
-        with torch.enable_grad():  # the same gradients as backward(out, grad), which would import sympy
+        enabled, dtype = ctx.autocast
+        # the same gradients as backward(out, grad), which would import sympy
+        with torch.enable_grad(), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
             (ctx.fn(*inputs) * grad).sum().backward()
         return (None, *[None if x is None or not x.requires_grad else x.grad for x in inputs])
 

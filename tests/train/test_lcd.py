@@ -198,3 +198,22 @@ def test_int8_codes_with_scales_equal_the_decoded_tokens(attention):
     assert torch.allclose(outs[2], outs[0], atol=1e-6) and torch.allclose(grads[2], grads[0], atol=1e-5)
     with pytest.raises(ValueError, match="codes for visual/stage0.block0 without their scales"):
         lcd({k: v for k, v in codes.items() if k != arrays[0].key + SCALE})
+
+
+def test_a_callers_autocast_keeps_the_attention_in_float32_and_reaches_the_recomputation():
+    """Under a caller's autocast (bfloat16 on the CPU here) the grouped attention stays float32 (its
+    products write into float32 buffers), the layers after it follow autocast, and the recomputation in
+    backward runs under the forward's autocast: the same gradients as keeping the activations."""
+    tokens = _tokens()
+    grads = []
+    for recompute in (True, False):
+        folded, naive = _twins()
+        folded.recompute = recompute
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a = folded(tokens)
+        assert a.dtype == torch.float32 and torch.allclose(a, naive(tokens), atol=0.05)
+        a.sum().backward()  # outside autocast, as training loops call it
+        grads.append({n: p.grad for n, p in folded.named_parameters()})
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads[-1].values())
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], rtol=1e-5, atol=1e-6), n
