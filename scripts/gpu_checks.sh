@@ -5,12 +5,18 @@
 # the device tool may run (600 s), so name the parts to run in two calls. See BENCHMARKS.md.
 #
 # Usage: bash scripts/gpu_checks.sh [OUT] [WORK] [PART ...]      (no PART: all, in this order)
-#   gpu_tests       the GPU tests (kept weight casts, graphed extraction with partial batches, training graphs)
+#   gpu_tests       the GPU tests (kept weight casts, graphed extraction with partial batches, training graphs;
+#                   since the sixth session: the LCD's bmm into strided out= views on CUDA, the capture checked
+#                   by an eager step run before it)
 #   train           end-to-end against the eager and the graphed cache step (float16 and int8 tokens), full
 #                   size, batch 1 and 8
-#                   (end-to-end's backbones keep their float16 weight casts; LCD chunks of 32 MiB on CUDA)
+#                   (end-to-end's backbones keep their float16 weight casts; LCD chunks of 32 MiB on CUDA; the
+#                   table's notes give the timed steps' own peak and the most reserved: a graphed run's peak
+#                   should no longer be ~66 MiB above the eager run's)
 #   train_chunks    the graphed cache step with lcd.chunk_mib=16 (the CUDA default before 2026-11-27's
-#                   fifth session) and 64: what fewer, larger chunks buy in time and cost in memory
+#                   fifth session) and 64: what fewer, larger chunks buy in time and cost in memory (counted
+#                   on the CPU since the sixth session: 64 MiB at batch 8 is 27 % fewer LCD operators than 32
+#                   for +44 MiB of peak: make it the CUDA default if the time is worth it)
 #   step_profile    kernels and peak memory of one eager step at chunk_mib 16 / 32 / 64, and without the
 #                   AVE head's GRU (on the CPU its cell loop is 669 of the 702 operators outside the LCD)
 #   train_workspace the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
