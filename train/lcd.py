@@ -38,6 +38,7 @@ modality.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Sequence
 
@@ -87,7 +88,7 @@ class _GroupAttend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,  # type: ignore[override]
                 *xs: torch.Tensor):
-        with torch.autocast(query.device.type, enabled=False):  # float32 throughout, under a caller's autocast too
+        with _without_autocast(query.device.type):  # float32 throughout, under a caller's autocast too
             return _GroupAttend._forward(ctx, query, weight, scale, *xs)
 
     @staticmethod
@@ -109,8 +110,9 @@ class _GroupAttend(torch.autograd.Function):
         return read, mean
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # its products write into buffers (out=): no graph of their own
     def backward(ctx, dread: torch.Tensor | None, _dmean: None):  # type: ignore[override]
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+        with _without_autocast(ctx.saved_tensors[0].device.type):
             return _GroupAttend._backward(ctx, dread)
 
     @staticmethod
@@ -137,6 +139,13 @@ class _GroupAttend(torch.autograd.Function):
         return (dquery, dweight, None, *([None] * len(xs)))
 
 
+def _without_autocast(device_type: str):
+    """A context with autocast off on ``device_type`` (none to turn off where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _attended(attn: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
     """(L, K*h, S, N) attention x (L, S, N, D) tokens -> (L*S, K*h, D) attended tokens."""
     nl, kh, s, n = attn.shape
@@ -159,16 +168,17 @@ class _Recompute(torch.autograd.Function):
     def forward(ctx, fn, *inputs):  # type: ignore[override]
         ctx.fn = fn
         ctx.device = next(x.device.type for x in inputs if x is not None)
-        ctx.autocast = (torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device))
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device),
+                        torch.is_autocast_cache_enabled()) if torch.amp.is_autocast_available(ctx.device) else None
         ctx.save_for_backward(*inputs)
         return fn(*inputs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
-        enabled, dtype = ctx.autocast
-        # the same gradients as backward(out, grad), which would import sympy
-        with torch.enable_grad(), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
+        as_forward = contextlib.nullcontext() if ctx.autocast is None else torch.autocast(
+            ctx.device, dtype=ctx.autocast[1], enabled=ctx.autocast[0], cache_enabled=ctx.autocast[2])
+        with torch.enable_grad(), as_forward:  # the same gradients as backward(out, grad), which would import sympy
             (ctx.fn(*inputs) * grad).sum().backward()
         return (None, *[None if x is None or not x.requires_grad else x.grad for x in inputs])
 
