@@ -20,7 +20,8 @@
 #   step_profile    kernels and peak memory of one eager step at chunk_mib 16 / 32 / 64, and without the
 #                   AVE head's GRU (on the CPU its cell loop is 669 of the 702 operators outside the LCD)
 #   train_workspace the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
-#                   (CUBLAS_WORKSPACE_CONFIG=:4096:1): part of (a)'s peak may be workspaces (a guess)
+#                   (CUBLAS_WORKSPACE_CONFIG=:4096:1) and cuBLASLt's to 4 MiB (CUBLASLT_WORKSPACE_SIZE, in
+#                   KiB; torch's library names that variable): part of (a)'s peak may be workspaces (a guess)
 #   encode_profile  host time per operator: the pure forward against TokenForward.encoded (71 % of it eagerly
 #                   on the H200 for ~5 % more operators: where does the rest go?)
 #   extract_eager   extraction, 192 toy clips, three runs (kept weight casts now in the forward)
@@ -90,7 +91,8 @@ for part in $PARTS; do
     step_profile) step step_profile 120 $PY scripts/step_profile.py --device $DEVICE --size $SIZE --set lcd.chunk_mib=16 \
             --compare lcd.chunk_mib=32 --compare lcd.chunk_mib=64 --compare head.temporal=none
         show step_profile 12 ;;
-    train_workspace) step train_workspace 100 env CUBLAS_WORKSPACE_CONFIG=:4096:1 "${TRAIN[@]}" --modes $GRAPHED \
+    train_workspace) step train_workspace 100 env CUBLAS_WORKSPACE_CONFIG=:4096:1 CUBLASLT_WORKSPACE_SIZE=4096 \
+        TORCH_CUBLASLT_WORKSPACE_SIZE=4096 "${TRAIN[@]}" --modes $GRAPHED \
             --out "$OUT/train_workspace"
         show train_workspace 8 ;;
     encode_profile) step encode_profile 120 $PY scripts/encode_profile.py --backbones $BACKBONES --device $DEVICE
