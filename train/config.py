@@ -29,9 +29,9 @@ class LCDConfig:
         comma-separated block names (``stage2.block17,stage3.block1``).
     share: ``stage`` (layers of one backbone stage share the value/output projections and the MLP;
         meta-tokens, queries and gates stay per layer) | ``none`` (every layer its own).
-    chunk_mib: the layers of a group run in chunks whose transient tensors (float32 normalised
-        tokens, meta-token activations) stay under this many MiB; ``0`` takes the device's default
-        (fewer, larger chunks on CUDA, where each chunk's ~70-95 kernels are the cost). Speed and
+    chunk_mib: the layers of a group run in chunks whose meta-token activations stay under this many
+        MiB, the attention inside in pieces whose float32 normalised tokens do too; ``0`` takes the
+        device's default (fewer, larger chunks on CUDA, where the number of kernels is the cost). Speed and
         transient memory only: every value gives the same numbers up to float rounding (the order
         of the sums), so it is no part of a run's fingerprint and no sweep axis.
     The queries are per layer and per head (``heads x meta_tokens x D_l``); with
