@@ -414,3 +414,20 @@ def test_int8_decoding_in_one_pass_equals_the_two_step_form():
         assert got.dtype == np.dtype(out) and np.array_equal(got, want), out
     halves = rng.standard_normal((2, 4)).astype(np.float16)
     assert decode(halves, None, "float16") is halves  # nothing to do: the array itself
+
+
+def test_default_shards_hold_whole_extraction_batches(manifest, monkeypatch):
+    """Extraction batches the segments of a shard's clips: the default shard size is rounded to whole batches
+    (the full-size layout's 28 clips of 10 segments a shard ended every shard with a partial batch of 32)."""
+    import mettle.cache.plan as plan
+    from mettle.cache.plan import aligned_shard_clips
+
+    assert [aligned_shard_clips(c, 10, 32) for c in (8, 15, 16, 23, 24, 28, 47, 64)] == [8, 15, 16, 16, 32, 32, 48, 64]
+    assert aligned_shard_clips(27, 60, 32) == 24 and aligned_shard_clips(64, 10, 64) == 64
+    records = {"visual": VISUAL, "audio": AUDIO}
+    per_clip = plan_cache(manifest, records, shard_clips=1).bytes_per_clip()
+    monkeypatch.setattr(plan, "SHARD_TARGET_BYTES", 28 * per_clip)  # 28 clips fit the byte target
+    assert plan_cache(manifest, records).shard_clips == 28  # no batch size: the byte target alone
+    meta = plan_cache(manifest, records, batch_size=32)
+    assert meta.shard_clips == 32 and meta.shard_clips * meta.num_segments % 32 == 0
+    assert plan_cache(manifest, records, batch_size=32, shard_clips=28).shard_clips == 28  # asked for: kept
