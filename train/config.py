@@ -48,7 +48,8 @@ class LCDConfig:
     gate_init: float = 0.5
     attention: str = "folded"  # folded | naive (the same mathematics; naive projects every token)
     share: str = "stage"  # stage | none: a stage's layers share value/output projections and the MLP
-    chunk_mib: int = 0  # transient memory per batched group of layers; 0: by device (lcd.py, LCD.CHUNK_MIB)
+    chunk_mib: int = 0  # transient memory per batched group of layers; 0: by device (lcd.py, LCD.CHUNK_MIB:
+    # on the CPU 8 MiB of tokens per attention piece and 16 of activations per chunk; 32 and 32 on CUDA)
 
 
 @dataclass(frozen=True)

@@ -276,13 +276,15 @@ class LCD(nn.Module):
     ~40 small kernels (forward, recomputation and backward).
     """
 
-    # MiB of float32 normalised tokens per chunk, and at most as much of the activations after the
-    # attention (some 8 float32 (K, d) per layer and segment, which dominate with few tokens a layer:
-    # full-size, batch 8, one token a layer: 862 -> 518 MiB above idle on the CPU at 16), by device
-    # type; lcd.chunk_mib overrides. CPU: larger chunks were slower at batch 8 (cache misses). CUDA:
-    # a chunk is ~70-95 small kernels (forward + backward), which bound a step there (BENCHMARKS.md);
-    # at 16 MiB a full-size batch of 8 ran nearly every layer as a chunk of its own
-    CHUNK_MIB = {"cpu": 16, "cuda": 32}
+    # By device type, MiB of float32 normalised tokens per attention piece (backward rebuilds them
+    # while their float32 cast is alive: twice that in all) and of activations after the attention per
+    # chunk (some 8 float32 (K, d) per layer and segment, which dominate with few tokens a layer:
+    # full-size, batch 8, one token a layer: 862 -> 518 MiB above idle on the CPU at 16);
+    # lcd.chunk_mib sets both. CPU: (8, 16) against (16, 16): batch 1 RSS above idle -32 MiB for
+    # +10 % time, batch 8 the same pieces (one layer's tokens exceed 8 MiB there); larger chunks were
+    # slower at batch 8 (cache misses). CUDA: kernels bound a step there (BENCHMARKS.md), so larger
+    # pieces and chunks; at 16 MiB a full-size batch of 8 ran nearly every layer on its own
+    CHUNK_MIB = {"cpu": (8, 16), "cuda": (32, 32)}
     chunk_bytes: int | None = None  # tests: set to split differently (1: every layer its own chunk)
     meta_bytes: int | None = None
     # Recompute the part after the attention in backward (True), keep its activations (False), or
@@ -332,8 +334,9 @@ class LCD(nn.Module):
             total = sum(layer(x, self.readouts[g], s) for x, s, layer, g in zip(xs, ss, self.layers, self.owner))
         else:
             total = 0
-            budget = (self.cfg.chunk_mib or self.CHUNK_MIB.get(first.device.type, 16)) << 20
-            chunk_bytes, meta_bytes = self.chunk_bytes or budget, self.meta_bytes or budget
+            pieces, chunks = ((self.cfg.chunk_mib, self.cfg.chunk_mib) if self.cfg.chunk_mib
+                              else self.CHUNK_MIB.get(first.device.type, (16, 16)))
+            chunk_bytes, meta_bytes = self.chunk_bytes or pieces << 20, self.meta_bytes or chunks << 20
             meta = 8 * self.cfg.meta_tokens * self.cfg.dim * 4 * b * t  # ~ one layer's meta-token activations
             recompute = self.recompute if self.recompute is not None else meta * len(self.layers) > meta_bytes
             for group in self.groups:

@@ -126,7 +126,8 @@ def test_chunks_and_recomputation_follow_the_budget(monkeypatch):
     assert run(8, 16, chunk_mib=1) == (6, 6)  # 1 MiB a layer: a chunk each, recomputed
     assert run(4, 16, chunk_mib=1) == (3, 3)  # 512 KiB a layer: two a chunk
     assert run(4, 16, chunk_mib=4) == (1, 0)  # 3 MiB in all: under 4
-    assert run(4, 16, default=1) == (3, 3)  # 0: the device's default (here patched to 1 MiB on the CPU)
+    cpu_default = LCD.CHUNK_MIB["cpu"]
+    assert run(4, 16, default=(1, 1)) == (3, 3)  # 0: the device's default (here patched to 1 MiB on the CPU)
     with pytest.raises(ConfigError, match="lcd.chunk_mib=-1"):
         LCD(arrays, LCDConfig(chunk_mib=-1))
     # wide tokens: the attention reads 2 layers at a time (4 MiB of float32 tokens a layer), the part after
@@ -134,6 +135,8 @@ def test_chunks_and_recomputation_follow_the_budget(monkeypatch):
     arrays = [dataclasses.replace(a, dim=4096) for a in arrays]
     monkeypatch.setattr(LCD, "recompute", True)
     assert run(1, 16, chunk_mib=8) == (3, 1)
+    # the CPU default: pieces of 8 MiB of tokens, chunks of 16 MiB of activations
+    assert cpu_default == (8, 16) and run(1, 16, default=cpu_default) == (3, 1)
 
 
 def test_grouped_attention_keeps_no_float32_copy_of_the_tokens():
