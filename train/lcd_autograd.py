@@ -20,6 +20,7 @@ from torch import nn
 
 _EPS = 1e-5
 
+
 def _normalize(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm over the last axis without affine, in float32 (float64 stays float64, for gradcheck);
     int8 codes are first multiplied by their per-token ``scale`` (``x.shape[:-1]``), as decoding does."""

@@ -125,13 +125,18 @@ class TrainStep:
                 return self._capture((tokens, extra, target), sig)
             if self.signature is None:
                 self.signature = sig  # the first batch's shape is the one worth a graph
-            current = torch.cuda.current_stream(self.device)
-            self.side.wait_stream(current)  # warm-up (and odd batches) on a side stream, as CUDA graphs want
-            with torch.cuda.stream(self.side):
-                loss = self._eager(tokens, extra, target)
-            current.wait_stream(self.side)
-            return loss
+            return self._eager_on_side(tokens, extra, target)
         return self._eager(tokens, extra, target)
+
+    def _eager_on_side(self, tokens, extra, target) -> torch.Tensor:
+        """:meth:`_eager` on the side stream (warm-up, odd batches, the capture's check), as CUDA graphs want,
+        ordered after and before the current stream's work."""
+        current = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
+            loss = self._eager(tokens, extra, target)
+        current.wait_stream(self.side)
+        return loss
 
     def _forward_backward(self, tokens, extra, target) -> torch.Tensor:
         loss = self.loss_fn(self.model(dict(tokens), **extra), target)
@@ -163,15 +168,12 @@ class TrainStep:
         """
         start = _snapshot(self.model, self.opt, self.device)
         self.static = to_device(batch, self.device, copy=True)
-        current = torch.cuda.current_stream(self.device)
-        self.side.wait_stream(current)
-        with torch.cuda.stream(self.side):
-            loss = self._eager(*self.static)  # a fault of the step itself is raised here, as in any eager step
-        current.wait_stream(self.side)
+        loss = self._eager_on_side(*self.static)  # a fault of the step itself is raised here, as in any eager step
         eager = _snapshot(self.model, self.opt, self.device)
         _restore(self.model, self.opt, self.device, start)
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.device)  # to restore if the capture fails
         checking = False
         try:
             # on this step's GPU and on the warm-up's stream: torch.cuda.graph's own capture stream is made
@@ -191,18 +193,18 @@ class TrainStep:
             failure = _first_line(e)
         else:
             failure = None
-        if failure is not None:  # handled outside the except block: its traceback would keep the failed
-            # attempt's device tensors alive, and the graph its pool, through the eager steps (out of memory)
-            if not checking:  # graph.__exit__ leaves the capture stream current when capture_end raises
-                with torch.cuda.device(self.device):  # set_stream also makes its device current
-                    torch.cuda.set_stream(current)
+        # a failure is handled outside the except block: its traceback would keep the failed attempt's device
+        # tensors alive, and the graph its pool, through the eager steps (out of memory)
+        if failure is not None and not checking:  # graph.__exit__ leaves the capture stream current when
+            with torch.cuda.device(self.device):  # capture_end raises; set_stream also makes its device current
+                torch.cuda.set_stream(current)
+        _restore(self.model, self.opt, self.device, eager)  # the eager result is the one kept, whatever happened
+        if failure is not None:
             del graph
             self._drop_graph()
-            _restore(self.model, self.opt, self.device, eager)
             log.warning("cuda_graphs: %s failed (%s); running without graphs",
                         "checking the captured training step" if checking else "capturing the training step", failure)
             return loss
-        _restore(self.model, self.opt, self.device, eager)  # the eager result is the one kept
         if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
             log.warning("cuda_graphs: the captured training step differs from the eager one (loss by %.2g, "
                         "update by %.2g, relative); running without graphs", loss_err, update_err)
