@@ -84,7 +84,8 @@ def test_cuda_grouped_lcd_equals_naive_and_cpu(chunk, meta, recompute, device="c
         model.to(dev).zero_grad(set_to_none=True)
         out = model({k: v.to(dev) for k, v in tokens.items()})
         (out * weights.to(dev)).sum().backward()
-        return out.cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}
+        # copies: on the CPU ``.cpu()`` returns the gradient itself, whose data ``model.to`` later moves in place
+        return out.cpu(), {n: p.grad.to("cpu", copy=True) for n, p in model.named_parameters()}
 
     cpu = run(folded, "cpu")
     gpu, ref = run(folded, device), run(naive, device)
