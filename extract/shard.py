@@ -3,7 +3,7 @@
 Clips are decoded ahead of the forward pass (worker processes or threads, see ``media/pool.py``),
 segments of consecutive clips are batched together (``batch_size`` segments per forward), tokens are
 encoded into the storage dtype on the backbone's device and copied to the host while the next batch
-runs, and a put thread copies each batch's tokens into a :class:`ShardBuffer` as they arrive. The
+runs, and put threads copy each batch's tokens into a :class:`ShardBuffer` as they arrive. The
 shard is then written whole by the caller.
 """
 
@@ -88,7 +88,8 @@ def stage_inputs(inputs: list[torch.Tensor], pinned: bool) -> torch.Tensor:
     return torch.cat(inputs, out=out)
 
 
-MAX_BACKLOG = 3  # batches launched and not yet put: bounds the page-locked host memory in flight
+PUT_THREADS = 3  # batches put into the buffer at once (numpy's copies release Python's lock)
+MAX_BACKLOG = 6  # batches launched and not yet put: bounds the page-locked host memory in flight
 
 
 @dataclass
@@ -129,11 +130,13 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
     rows are zero and its status holds the reason. ``recycle``: a written shard's buffer to reuse
     (see :class:`ShardBuffer`: every row is put or cleared here).
 
-    Threads: this one waits for decoded clips, stages the inputs and launches the batches; a put
-    thread waits for each batch's tokens and copies them into the buffer (numpy copies release
-    Python's lock). Why: on a GPU extraction is bound by the host thread that launches kernels
-    (BENCHMARKS.md), and the copies into the buffer were a seventh of its time there. At most
-    ``MAX_BACKLOG`` batches wait for the put thread.
+    Threads: this one waits for decoded clips, stages the inputs and launches the batches; put
+    threads (``PUT_THREADS``) wait for a batch's tokens each and copy them into the buffer (numpy
+    copies release Python's lock; batches write disjoint rows). Why: on a GPU extraction is bound by
+    the host thread that launches kernels (BENCHMARKS.md), and the copies into the buffer were a
+    seventh of its time there; under CUDA graphs one put thread, copying ~3 GB/s, became the
+    bottleneck (H200, 2026-11-27: the launching thread waited 1.28 s of 3.01 s for it). At most
+    ``MAX_BACKLOG`` batches wait for the put threads.
     """
     t_start = time.perf_counter()
     rows = meta.shard_rows(shard)
@@ -142,13 +145,13 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
     status = {cid: OK for cid in clip_ids}
     pending = {m: _Pending() for m in forwards}
     # this thread: decode (waiting for decoded clips), stage (joining a batch's inputs), launch, backlog
-    # (waiting for the put thread; forward_s = stage + launch + backlog); the put thread: wait (for the
-    # device's copies), put (into the buffer)
+    # (waiting for the put threads; forward_s = stage + launch + backlog); the put threads, summed: wait
+    # (for the device's copies), put (into the buffer)
     timing = {"decode": 0.0, "stage": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0}
     one_off_before = sum(fw.one_off_s for fw in forwards.values())  # the forwards live across shards
     backlog: deque[Future] = deque()
 
-    status_lock = threading.Lock()  # both threads record failures: a clip's first reason stays
+    status_lock = threading.Lock()  # every thread records failures (a clip's first reason stays) and times
 
     def fail(local: int, reason: str) -> None:
         if on_error == "fail":
@@ -162,7 +165,7 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
             log.warning("clip %s failed: %s", clip_ids[local], reason)
 
     def put(tokens: InFlight, places: list[tuple[int, slice, slice]]) -> None:
-        """(Put thread.) Wait for one batch's tokens and copy each clip's part into the buffer.
+        """(A put thread.) Wait for one batch's tokens and copy each clip's part into the buffer.
 
         Each array becomes numpy once a batch, and the clips' parts are numpy slices: this thread
         holds Python's lock between the copies, which the launching thread needs for every operator
@@ -181,8 +184,9 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
                                      float(peak[part].max()))
                 except CacheError as err:
                     fail(local, f"{key}: {err}")
-        timing["wait"] += t1 - t0
-        timing["put"] += time.perf_counter() - t1
+        with status_lock:  # summed over the put threads: busy time, not wall time
+            timing["wait"] += t1 - t0
+            timing["put"] += time.perf_counter() - t1
 
     def settle(keep: int) -> None:
         """Wait until at most ``keep`` batches are left to put; a put's error (ExtractError) is raised here."""
@@ -195,7 +199,7 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
 
     def flush(modality: str, final: bool = False) -> None:
         """Launch the whole batches queued for ``modality`` (with ``final``, the rest too) and hand each to
-        the put thread."""
+        the put threads."""
         p = pending[modality]
         queued = p.queued
         n = queued if final else queued - queued % batch_size
@@ -249,7 +253,7 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
         settle(0)
 
     storage = buffer.dtype
-    with ThreadPoolExecutor(1, thread_name_prefix="put") as put_pool:
+    with ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="put") as put_pool:
         try:
             fill()
         finally:  # on an error: nothing more is put (a running put finishes before the pool closes)
