@@ -67,9 +67,9 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
 @click.option("--device", help="auto, cpu, cuda, cuda:N [auto]")
 @click.option("--precision", type=click.Choice(["auto", "float32", "float16"]),
               help="backbone compute: auto = float16 autocast on CUDA when within tolerance [auto]")
-@click.option("--cuda-graphs", is_flag=True, default=None,
-              help="run each full batch of the backbones as one CUDA graph (checked against eager; "
-              "experimental) [off]")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="run each batch shape of the backbones as one CUDA graph, checked against eager "
+              "[on for CUDA devices; --no-cuda-graphs: eager, less GPU memory]")
 @click.option("--batch-size", type=int, help="segments per backbone forward [32]")
 @click.option("--decode-threads", type=int, help="threads preprocessing (and, with 0 processes, decoding) [2]")
 @click.option("--decode-processes", type=int, help="processes decoding media ahead of the backbones; 0: in the "

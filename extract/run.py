@@ -23,7 +23,7 @@ from mettle.cache import OK, CacheWriter, ShardStatus, create_cache, default_pre
 from mettle.cache.runtime import resolve_device
 from mettle.manifests import Manifest, build_manifest, get_dataset
 
-from .config import ExtractConfig, decode_processes_of, load_backbones
+from .config import ExtractConfig, decode_processes_of, graph_setting, graphs_of, load_backbones
 from .media import MASK_SIZE, MISSING
 from .media.pool import MediaPool
 from .shard import process_shard, submit_decodes
@@ -85,6 +85,7 @@ def prepare(cfg: ExtractConfig, backbones=None) -> tuple[CacheWriter, Manifest, 
         raise ValueError(f"--on-error {cfg.on_error!r} is unknown. Fix: use fail or skip")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size {cfg.batch_size} must be >= 1")
+    graph_setting(cfg.cuda_graphs)  # checked before anything is built
     manifest = load_manifest_for(cfg)
     root = data_root_of(cfg)
     if not root.is_dir():
@@ -105,9 +106,7 @@ def prepare(cfg: ExtractConfig, backbones=None) -> tuple[CacheWriter, Manifest, 
 def make_forwards(writer: CacheWriter, backbones: dict, device: str, cfg: ExtractConfig) -> dict[str, TokenForward]:
     """One :class:`TokenForward` per modality on ``device``, with ``cfg``'s precision and CUDA graphs."""
     dev = resolve_device(device)
-    if cfg.cuda_graphs and dev.type != "cuda":
-        log.warning("--cuda-graphs: the backbones run on %s, not a CUDA device; running without graphs", dev)
-    graph_batch = cfg.batch_size if cfg.cuda_graphs else None  # TokenForward ignores it off CUDA
+    graph_batch = cfg.batch_size if graphs_of(cfg, dev.type) else None
     return {m: TokenForward(b, [a for a in writer.meta.arrays if a.modality == m], dev, cfg.precision, graph_batch)
             for m, b in backbones.items()}
 

@@ -2,7 +2,7 @@
 sequential read of the same bytes.
 
 Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48] [--batch-size 32]
-       [--device cpu] [--repeats 3] [--work DIR] [--out DIR] [--trace] [--cuda-graphs]
+       [--device cpu] [--repeats 3] [--work DIR] [--out DIR] [--trace] [--[no-]cuda-graphs]
        [--data-clips 64] [--data-dtype float16|int8] [--switch-interval S] [--no-data-path]
 
 1. ``mettle-extract`` on the toy dataset (decode + forward + write, clips/s) against the backbones'
@@ -66,7 +66,7 @@ def extraction(args) -> dict:
     from mettle.extract.config import load_backbones
 
     cfg = toy_extract_config(args.work, args.clips, f"cache-{args.backbones}", backbones=args.backbones,
-                             device=args.device, batch_size=args.batch_size, cuda_graphs=args.cuda_graphs)
+                             device=args.device, batch_size=args.batch_size, cuda_graphs=args.graphs)
     t0 = time.perf_counter()
     backbones = load_backbones(cfg)  # built once (Swin-V2-L takes a while), used by every run
     build = time.perf_counter() - t0
@@ -102,7 +102,7 @@ def _trace(args, cfg, backbones) -> None:
     if args.device.startswith("cuda"):
         lines += ["", events.table(sort_by="self_device_time_total", row_limit=15)]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"extraction_trace_{args.backbones}{'-graphs' if args.cuda_graphs else ''}.txt").write_text("\n".join(lines) + "\n")
+    (args.out / f"extraction_trace_{args.backbones}{'-graphs' if args.graphs else ''}.txt").write_text("\n".join(lines) + "\n")
 
 
 def _extraction_once(args, cfg, backbones) -> dict:
@@ -164,7 +164,7 @@ def _encode_path(args, backbones, meta, autocast: dict, inputs: dict, dev, segs:
 
     storage = get_dtype(meta.dtype)
     fws = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev,
-                           "float16" if autocast[m] else "float32", args.batch_size if args.cuda_graphs else None)
+                           "float16" if autocast[m] else "float32", args.batch_size if args.graphs else None)
            for m, b in backbones.items()}
     host = {m: x.cpu().pin_memory() if dev.type == "cuda" else x.cpu() for m, x in inputs.items()}
     for m, fw in fws.items():  # warm-up (with --cuda-graphs: the capture)
@@ -298,8 +298,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="extraction runs (each against its own pure forward)")
     ap.add_argument("--work", type=Path, default=Path("bench_work"))
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="extract with --cuda-graphs (the pure forward stays eager); tables get a -graphs suffix")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="extract with or without CUDA graphs [mettle-extract's default: on for CUDA]; the pure "
+                    "forward stays eager; graphed runs' tables get a -graphs suffix, and a run given either flag "
+                    "skips the data path")
     ap.add_argument("--trace", action="store_true",
                     help="also profile one extraction (torch.profiler; needs --out): where the time goes")
     ap.add_argument("--data-clips", type=int, default=64,
@@ -311,13 +313,14 @@ def main() -> None:
                     help="Python's thread switch interval in seconds for this process (sys.setswitchinterval; 0: "
                          "the default, 0.005): how long the launching thread may wait for the lock (BENCHMARKS.md)")
     args = ap.parse_args()
+    args.graphs = args.cuda_graphs if args.cuda_graphs is not None else args.device.startswith("cuda")
     if args.switch_interval:
         import sys
 
         sys.setswitchinterval(args.switch_interval)
     args.work.mkdir(parents=True, exist_ok=True)
     ex = extraction(args) if args.clips else None  # --clips 0: the data path on the full-size layout only
-    dp = data_path(Path(ex["cache"])) if ex and not (args.cuda_graphs or args.no_data_path) else None  # graphs: extraction only
+    dp = data_path(Path(ex["cache"])) if ex and not (args.cuda_graphs is not None or args.no_data_path) else None  # a variant: extraction only
     full = decoded = None
     if args.data_clips:
         layout = full_size_cache(args.work, args.data_clips, dtype=args.data_dtype)
@@ -325,7 +328,7 @@ def main() -> None:
         decoded = data_path(layout, codes=False) if args.data_dtype == "int8" else None
     lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {args.device}, "
              f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones}, {args.clips} toy clips, batch {args.batch_size}"
-             + ("; extraction with --cuda-graphs" if args.cuda_graphs else "")
+             + ("; extraction with CUDA graphs" if args.graphs else "")
              + (f"; switch interval {args.switch_interval * 1e3:g} ms" if args.switch_interval else ""),
              ""]
     if ex:
@@ -343,8 +346,8 @@ def main() -> None:
         p = ex["profile"]
         lines += [f"\nWhere the median run's {ex['steady_s']:.2f} s after setup went (host seconds): joining "
                   f"decoded inputs into batches {p.get('stage_s', 0.0):.2f}, launching the backbones {p['launch_s']:.2f} (of which one-off work of first batches, the float16 check and "
-                  f"graph captures, {p.get('one_off_s', 0.0):.2f}), waiting for the put thread "
-                  f"{p.get('backlog_s', 0.0):.2f}, waiting for decoded clips {p['decode_s']:.2f}; put thread: waiting "
+                  f"graph captures, {p.get('one_off_s', 0.0):.2f}), waiting for the put threads "
+                  f"{p.get('backlog_s', 0.0):.2f}, waiting for decoded clips {p['decode_s']:.2f}; put threads (busy seconds summed): waiting "
                   f"for the device {p['wait_s']:.2f}, putting tokens into shard buffers {p['put_s']:.2f}; writes "
                   f"{p['write_s']:.2f} (writer thread). The pure forward of the same batches: "
                   f"{ex['forward_s']:.2f} s, after a warm-up batch.", ""]
@@ -364,7 +367,7 @@ def main() -> None:
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = f"pipeline_{args.backbones}{'-graphs' if args.cuda_graphs else ''}"
+        name = f"pipeline_{args.backbones}{'-graphs' if args.graphs else ''}"
         (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
         (args.out / f"{name}.json").write_text(json.dumps({"extraction": ex, "data_path": dp, "data_path_full": full,
                                                            "data_path_full_decoded": decoded},

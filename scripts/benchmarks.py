@@ -10,7 +10,8 @@ throughput (full-size random-init backbones on the toy dataset, with a torch.pro
 more extraction; extraction's host side alone, with a stand-in for the device work; a
 full-size-layout cache of random tokens); cache sizes per preset and dtype.
 ``--extended`` adds what is not one of the issue's figures (a few minutes more): the graphed step
-at the `full` budget, extraction with ``--cuda-graphs``, extraction with the tiny backbones, and
+at the `full` budget, extraction without CUDA graphs on CUDA (``--no-cuda-graphs``; graphs are
+the default there since 2026-11-27's seventh session), extraction with the tiny backbones, and
 the LCD without stage sharing and at width 128.
 
 Time on one H200 (2026-11-27, commit 15d5e9e, measured in two calls): the training part 2.4
@@ -76,7 +77,7 @@ def main() -> None:
             runs.append(("extraction", [py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", clips,
                                         "--device", args.device, "--repeats", "1" if args.quick else "3",
                                         "--work", work, "--out", args.out,
-                                        "--data-clips", "0", "--cuda-graphs", "--trace"], None))
+                                        "--data-clips", "0", "--no-cuda-graphs", "--trace"], None))
         runs.append(("tiny", [py, HERE / "bench_pipeline.py", "--backbones", "tiny", "--clips", clips, "--device",
                               args.device, "--work", work, "--out", args.out, "--data-clips", "0"], None))
         for name, sets in (("train_full_unshared", ["lcd.share=none"]), ("train_full_d128", ["lcd.dim=128"])):

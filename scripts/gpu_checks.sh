@@ -24,10 +24,12 @@
 #                   KiB; torch's library names that variable): part of (a)'s peak may be workspaces (a guess)
 #   encode_profile  host time per operator: the pure forward against TokenForward.encoded (71 % of it eagerly
 #                   on the H200 for ~5 % more operators: where does the rest go?)
-#   extract_eager   extraction, 192 toy clips, three runs (kept weight casts now in the forward)
-#   extract_graphs  the same with --cuda-graphs (whether graphs should be extraction's default on CUDA)
+#   extract_eager   extraction, 192 toy clips, three runs, --no-cuda-graphs (graphs are the default on CUDA since
+#                   the seventh session: 77 % of the forward against 47 % eagerly on an H200)
+#   extract_graphs  the same with --cuda-graphs (since the seventh session three put threads, not one: the
+#                   launching thread had waited 1.28 s of 3.01 s for the one)
 #   extract_switch  eager extraction with a 0.5 ms switch interval
-#   spy             py-spy's view of who holds Python's lock during one eager extraction (needs py-spy)
+#   spy             py-spy's view of who holds Python's lock during one extraction, as by default (needs py-spy)
 #   extract_host    extraction's host side alone on this machine (a stand-in for the device work)
 # Two calls of the device tool, ~6 and ~7 minutes typical (estimated from the parts' earlier times;
 # the per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed
@@ -97,13 +99,13 @@ for part in $PARTS; do
         show train_workspace 8 ;;
     encode_profile) step encode_profile 120 $PY scripts/encode_profile.py --backbones $BACKBONES --device $DEVICE
         show encode_profile 34 ;;
-    extract_eager) step extract_eager 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT" --no-data-path
+    extract_eager) step extract_eager 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT" --no-cuda-graphs
         show extract_eager ;;
     extract_graphs) step extract_graphs 150 "${EXTRACT[@]}" --repeats 3 --out "$OUT/graphs" --cuda-graphs
         show extract_graphs ;;
     # the launching thread waits up to Python's switch interval (5 ms) for the lock after each operator
     # when another thread runs Python (a 1000x slowdown in a throwaway test): the same, at 0.5 ms
-    extract_switch) step extract_switch 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT/switch" --no-data-path \
+    extract_switch) step extract_switch 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT/switch" --no-cuda-graphs \
             --switch-interval 0.0005
         show extract_switch ;;
     spy) if command -v py-spy > /dev/null; then

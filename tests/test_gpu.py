@@ -21,7 +21,8 @@ def _need_cuda():
 
 
 def test_cuda_extraction_matches_cpu(toy_root, tmp_path):
-    """float16 autocast on the GPU stays within the cache's float16 precision of the CPU float32 run."""
+    """float16 autocast on the GPU (CUDA graphs by default) stays within the cache's float16 precision of the
+    CPU float32 run."""
     common = dict(dataset="toy", data_root=str(toy_root), manifest_options={"num_clips": 12, "frames": True},
                   backbones="tiny", limit=4)
     extract(ExtractConfig(cache=str(tmp_path / "cpu"), device="cpu", **common), progress=False)
@@ -137,14 +138,14 @@ def test_tokens_encoded_on_the_gpu_reach_the_host_as_the_cpu_encodes_them(storag
 
 
 def test_cuda_graph_extraction_equals_eager(toy_root, tmp_path, caplog):
-    """``--cuda-graphs``: full batches replay one captured graph per backbone, and the partial batch
+    """``--cuda-graphs`` (the default on CUDA) against ``--no-cuda-graphs``: full batches replay one captured graph per backbone, and the partial batch
     at each shard's end (6 segments here, in both shards) one of its own from its second time; the
     cache equals the eager run's."""
     import logging
 
     common = dict(dataset="toy", data_root=str(toy_root), manifest_options={"num_clips": 12, "frames": True},
                   backbones="tiny", limit=6, shard_clips=3, batch_size=8, device="cuda", precision="float16")
-    extract(ExtractConfig(cache=str(tmp_path / "eager"), **common), progress=False)
+    extract(ExtractConfig(cache=str(tmp_path / "eager"), cuda_graphs=False, **common), progress=False)
     with caplog.at_level(logging.INFO, logger="mettle.extract.graphs"):
         extract(ExtractConfig(cache=str(tmp_path / "graphs"), cuda_graphs=True, **common), progress=False)
     captured = [r.getMessage() for r in caplog.records if "run as one CUDA graph" in r.getMessage()]

@@ -313,3 +313,17 @@ def test_the_precision_check_is_counted_as_one_off_work(clean, toy_root):
     assert first > 0 and fw.autocast_error is not None
     fw(x)
     assert fw.one_off_s == first
+
+
+@pytest.mark.parametrize("setting,device,want", [("auto", "cuda", True), ("auto", "cpu", False), (False, "cuda", False),
+                                                 ("false", "cuda", False), (True, "cuda", True), ("true", "cpu", False)])
+def test_cuda_graphs_setting_is_on_for_cuda_by_default(setting, device, want):
+    from mettle.extract.config import graphs_of
+
+    assert graphs_of(ExtractConfig(dataset="toy", cache="c", cuda_graphs=setting), device) is want
+
+
+def test_an_unknown_cuda_graphs_setting_is_refused_before_anything_runs(toy_root, tmp_path):
+    with pytest.raises(ValueError, match=r"cuda_graphs 'sometimes' is unknown. Fix: use auto, true or false"):
+        extract(_cfg(toy_root, tmp_path / "c", cuda_graphs="sometimes", limit=2), progress=False)
+    assert not (tmp_path / "c").exists()
