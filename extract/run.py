@@ -26,7 +26,7 @@ from mettle.manifests import Manifest, build_manifest, get_dataset
 from .config import ExtractConfig, decode_processes_of, graph_setting, graphs_of, load_backbones
 from .media import MASK_SIZE, MISSING
 from .media.pool import MediaPool
-from .shard import process_shard, submit_decodes
+from .shard import Putter, ShardInFlight, launch_shard, submit_decodes
 from .tokens import TokenForward
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, forwa
               todo: list[int], progress: bool, media_pool: MediaPool | None = None) -> list[ShardStatus]:
     """One process drives the backbones: the next shard's clips are decoded (``media_pool``'s processes,
     or threads) and preprocessed (threads) while this shard runs through the backbones here, and a
-    writer thread writes the previous shard."""
+    writer thread waits for the previous shard's last puts (:class:`~.shard.Putter`) and writes it:
+    the backbones go on with the next shard's first batches meanwhile."""
     backbones = {m: fw.backbone for m, fw in forwards.items()}
     root = data_root_of(cfg)
     n_clips = sum(len(writer.meta.shard_rows(k)) for k in todo)
@@ -174,29 +175,39 @@ def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, forwa
 
     bar = tqdm(total=n_clips, desc="extract", unit="clip", disable=not progress or not todo, smoothing=0.1)
     with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
+            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool, Putter() as putter:
         queued = submit(todo[0]) if todo else []
-        write, written, spare = None, None, None  # a shard being written, its buffer; a written one to refill
+        write, written, spare = None, None, None  # a shard being finished and written, its buffer; one to refill
+
+        def done(status: ShardStatus) -> None:
+            statuses.append(status)
+            failed = sum(v != OK for v in status.clips.values())
+            bar.set_postfix(shard=f"{status.shard + 1}/{writer.meta.num_shards}", failed=failed)
+
         for i, shard in enumerate(todo):
             decodes = queued
             try:
                 if i + 1 < len(todo):  # decode the next shard while this one runs through the backbones
                     queued = submit(todo[i + 1])
-                buffer, status = process_shard(writer.meta, manifest, shard, decodes, forwards, cfg.batch_size,
-                                               cfg.on_error, on_clip=bar.update, data_root=root, recycle=spare)
+                flight = launch_shard(writer.meta, manifest, shard, decodes, forwards, cfg.batch_size, putter,
+                                      cfg.on_error, on_clip=bar.update, data_root=root, recycle=spare)
+                if write is not None:  # the previous shard, finished and written while this one launched
+                    done(write.result())
+                    spare = written
             except BaseException:
                 for f in (*decodes, *queued):
                     f.cancel()
-                if write is not None:
-                    write.result()  # finished shards stay finished
+                if write is not None and not write.done():
+                    write.result()  # finished shards stay finished (its error, if any, is the one raised)
                 raise
-            if write is not None:
-                statuses.append(write.result())
-                spare = written
-            write, written = write_pool.submit(writer.write_shard, buffer, status), buffer
-            failed = sum(v != OK for v in status.clips.values())
-            bar.set_postfix(shard=f"{shard + 1}/{writer.meta.num_shards}", failed=failed)
+            write, written = write_pool.submit(_finish_and_write, writer, flight), flight.buffer
         if write is not None:
-            statuses.append(write.result())
+            done(write.result())
     bar.close()
     return statuses
+
+
+def _finish_and_write(writer: CacheWriter, flight: ShardInFlight) -> ShardStatus:
+    """(Writer thread.) Wait for a launched shard's last puts, then write it (status file last)."""
+    buffer, status = flight.finish()
+    return writer.write_shard(buffer, status)

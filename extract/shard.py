@@ -4,7 +4,10 @@ Clips are decoded ahead of the forward pass (worker processes or threads, see ``
 segments of consecutive clips are batched together (``batch_size`` segments per forward), tokens are
 encoded into the storage dtype on the backbone's device and copied to the host while the next batch
 runs, and put threads copy each batch's tokens into a :class:`ShardBuffer` as they arrive. The
-shard is then written whole by the caller.
+shard is then written whole by the caller. The put threads (:class:`Putter`) serve consecutive
+shards: :func:`launch_shard` returns once a shard's batches are launched, and the caller waits for
+its last puts (``ShardInFlight.finish``) off the launching thread, so that the next shard's batches
+follow without the device draining in between.
 """
 
 from __future__ import annotations
@@ -120,23 +123,90 @@ class _Pending:
         return places
 
 
+class Putter:
+    """The put threads and the batches launched but not yet put, shared by consecutive shards.
+
+    Why shared: a shard's last batches are put while the next shard's first ones are launched, so the
+    GPU does not drain at every shard's end (on the H200, 2026-11-27, six shards of 192 clips drained
+    it six times: ~0.3-0.5 s of a 3 s extraction, by the run's breakdown). ``MAX_BACKLOG`` bounds the
+    batches in flight across shards (their page-locked host memory). Use as a context manager: on
+    exit puts not yet started are cancelled and running ones finish.
+    """
+
+    def __init__(self, threads: int = PUT_THREADS, backlog: int = MAX_BACKLOG) -> None:
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="put")
+        self.backlog: deque[Future] = deque()
+        self.limit = backlog
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> Future:
+        """Queue one put, first waiting until fewer than ``limit`` are in flight (a put's error is raised here)."""
+        self.settle(self.limit - 1)
+        fut = self.pool.submit(fn, *args)
+        self.backlog.append(fut)
+        return fut
+
+    def settle(self, keep: int) -> None:
+        """Wait until at most ``keep`` puts are in flight; forget those done (raising their errors)."""
+        while len(self.backlog) > keep:
+            self.backlog.popleft().result()
+        while self.backlog and self.backlog[0].done():
+            self.backlog.popleft().result()
+
+    def __enter__(self) -> "Putter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for f in self.backlog:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+
+@dataclass
+class ShardInFlight:
+    """A shard whose batches are all launched (:func:`launch_shard`) and whose last puts may still run.
+    :meth:`finish` waits for them and returns the filled buffer with the shard's status."""
+
+    buffer: ShardBuffer
+    puts: list[Future]
+    done: Callable[[], ShardStatus]
+
+    def finish(self) -> tuple[ShardBuffer, ShardStatus]:
+        for f in self.puts:
+            f.result()  # ExtractError (--on-error fail) of a bad clip's tokens, raised here
+        return self.buffer, self.done()
+
+
 def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[Future],
                   forwards: Mapping[str, TokenForward], batch_size: int, on_error: str = "fail",
                   on_clip: Callable[[], None] | None = None, data_root: Path | None = None,
                   recycle: ShardBuffer | None = None) -> tuple[ShardBuffer, ShardStatus]:
-    """Fill one shard's buffer. Returns it with the shard's status (per clip ``ok`` or the error).
+    """Fill one shard's buffer with put threads of its own (:func:`launch_shard`, then wait). Returns it
+    with the shard's status (per clip ``ok`` or the error)."""
+    with Putter() as putter:
+        return launch_shard(meta, manifest, shard, decodes, forwards, batch_size, putter, on_error, on_clip,
+                            data_root, recycle).finish()
 
-    With ``on_error="fail"`` the first bad clip raises :class:`ExtractError`; with ``"skip"`` its
-    rows are zero and its status holds the reason. ``recycle``: a written shard's buffer to reuse
-    (see :class:`ShardBuffer`: every row is put or cleared here).
+
+def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[Future],
+                 forwards: Mapping[str, TokenForward], batch_size: int, putter: Putter, on_error: str = "fail",
+                 on_clip: Callable[[], None] | None = None, data_root: Path | None = None,
+                 recycle: ShardBuffer | None = None) -> ShardInFlight:
+    """Run one shard's clips through the backbones, handing each batch's tokens to ``putter``; returns
+    once every batch is launched. ``finish()`` on the result waits for the shard's puts and gives the
+    filled buffer with the shard's status (per clip ``ok`` or the error); call it before launching
+    with ``recycle`` set to this shard's buffer.
+
+    With ``on_error="fail"`` the first bad clip raises :class:`ExtractError` (here, or from a put:
+    in a later :meth:`Putter.submit` or in ``finish``); with ``"skip"`` its rows are zero and its
+    status holds the reason. ``recycle``: a written shard's buffer to reuse (see
+    :class:`ShardBuffer`: every row is put or cleared here).
 
     Threads: this one waits for decoded clips, stages the inputs and launches the batches; put
     threads (``PUT_THREADS``) wait for a batch's tokens each and copy them into the buffer (numpy
     copies release Python's lock; batches write disjoint rows). Why: on a GPU extraction is bound by
     the host thread that launches kernels (BENCHMARKS.md), and the copies into the buffer were a
     seventh of its time there; under CUDA graphs one put thread, copying ~3 GB/s, became the
-    bottleneck (H200, 2026-11-27: the launching thread waited 1.28 s of 3.01 s for it). At most
-    ``MAX_BACKLOG`` batches wait for the put threads.
+    bottleneck (H200, 2026-11-27: the launching thread waited 1.28 s of 3.01 s for it).
     """
     t_start = time.perf_counter()
     rows = meta.shard_rows(shard)
@@ -149,7 +219,7 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
     # (for the device's copies), put (into the buffer)
     timing = {"decode": 0.0, "stage": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0}
     one_off_before = sum(fw.one_off_s for fw in forwards.values())  # the forwards live across shards
-    backlog: deque[Future] = deque()
+    puts: list[Future] = []
 
     status_lock = threading.Lock()  # every thread records failures (a clip's first reason stays) and times
 
@@ -188,15 +258,6 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
             timing["wait"] += t1 - t0
             timing["put"] += time.perf_counter() - t1
 
-    def settle(keep: int) -> None:
-        """Wait until at most ``keep`` batches are left to put; a put's error (ExtractError) is raised here."""
-        t0 = time.perf_counter()
-        while len(backlog) > keep:
-            backlog.popleft().result()
-        while backlog and backlog[0].done():
-            backlog.popleft().result()
-        timing["backlog"] += time.perf_counter() - t0
-
     def flush(modality: str, final: bool = False) -> None:
         """Launch the whole batches queued for ``modality`` (with ``final``, the rest too) and hand each to
         the put threads."""
@@ -210,12 +271,14 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
         p.inputs = [x[n:].clone()] if n < len(x) else []
         timing["stage"] += time.perf_counter() - t0
         for s in range(0, n, batch_size):
-            settle(MAX_BACKLOG - 1)  # room for this batch
             t0 = time.perf_counter()
+            putter.settle(putter.limit - 1)  # room for this batch
+            t1 = time.perf_counter()
             size = min(batch_size, n - s)
             tokens = forwards[modality].encoded(x[s:s + size], storage)
-            backlog.append(put_pool.submit(put, tokens, p.place(size)))
-            timing["launch"] += time.perf_counter() - t0
+            puts.append(putter.submit(put, tokens, p.place(size)))
+            timing["backlog"] += t1 - t0
+            timing["launch"] += time.perf_counter() - t1
 
     def fill() -> None:
         for local, fut in enumerate(decodes):
@@ -250,25 +313,28 @@ def process_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list
                 on_clip()
         for modality in forwards:
             flush(modality, final=True)
-        settle(0)
 
     storage = buffer.dtype
-    with ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="put") as put_pool:
-        try:
-            fill()
-        finally:  # on an error: nothing more is put (a running put finishes before the pool closes)
-            for f in backlog:
-                f.cancel()
-    for local, cid in enumerate(clip_ids):
-        if status[cid] != OK:
-            buffer.clear(local)
+    try:
+        fill()
+    except BaseException:  # nothing more of this shard is put (a running put finishes)
+        for f in puts:
+            f.cancel()
+        raise
+    one_off = sum(fw.one_off_s for fw in forwards.values()) - one_off_before  # before the next shard's launches
     device = next(iter(forwards.values())).device if forwards else torch.device("cpu")
-    st = ShardStatus(shard, status, seconds=time.perf_counter() - t_start, decode_s=timing["decode"],
-                     forward_s=timing["stage"] + timing["launch"] + timing["backlog"], device=str(device), peak_memory=peak_memory(device),
-                     worker=f"{socket.gethostname()}:{os.getpid()}",
-                     extra={"autocast": {m: fw.autocast for m, fw in forwards.items()},
-                            "stage_s": timing["stage"], "launch_s": timing["launch"], "wait_s": timing["wait"],
-                            "put_s": timing["put"],
-                            "backlog_s": timing["backlog"],
-                            "one_off_s": sum(fw.one_off_s for fw in forwards.values()) - one_off_before})
-    return buffer, st
+
+    def done() -> ShardStatus:
+        """(After every put.) Zero the failed clips' rows; the shard's status."""
+        for local, cid in enumerate(clip_ids):
+            if status[cid] != OK:
+                buffer.clear(local)
+        extra = {"autocast": {m: fw.autocast for m, fw in forwards.items()}, "stage_s": timing["stage"],
+                 "launch_s": timing["launch"], "wait_s": timing["wait"], "put_s": timing["put"],
+                 "backlog_s": timing["backlog"], "one_off_s": one_off}
+        return ShardStatus(shard, status, seconds=time.perf_counter() - t_start, decode_s=timing["decode"],
+                           forward_s=timing["stage"] + timing["launch"] + timing["backlog"], device=str(device),
+                           peak_memory=peak_memory(device), worker=f"{socket.gethostname()}:{os.getpid()}",
+                           extra=extra)
+
+    return ShardInFlight(buffer, puts, done)

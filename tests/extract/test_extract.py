@@ -327,3 +327,31 @@ def test_an_unknown_cuda_graphs_setting_is_refused_before_anything_runs(toy_root
     with pytest.raises(ValueError, match=r"cuda_graphs 'sometimes' is unknown. Fix: use auto, true or false"):
         extract(_cfg(toy_root, tmp_path / "c", cuda_graphs="sometimes", limit=2), progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_shards_launch_while_the_previous_ones_last_puts_run(clean, toy_root, tmp_path, monkeypatch):
+    """Consecutive shards share the put threads: the next shard's batches launch while this shard's last
+    puts run, and its writer waits for them. With every put held back 50 ms the cache equals the clean
+    one, and some shard launched before the previous one's puts were done."""
+    import mettle.extract.run as run_module
+    from mettle.extract.tokens import InFlight
+
+    wait, launch = InFlight.wait, run_module.launch_shard
+
+    def slow_wait(self):
+        time.sleep(0.05)
+        return wait(self)
+
+    flights, overlapped = [], []
+
+    def watched_launch(*args, **kwargs):
+        if flights:
+            overlapped.append(not all(f.done() for f in flights[-1].puts))
+        flights.append(launch(*args, **kwargs))
+        return flights[-1]
+
+    monkeypatch.setattr(InFlight, "wait", slow_wait)
+    monkeypatch.setattr(run_module, "launch_shard", watched_launch)
+    summary = extract(_cfg(toy_root, tmp_path / "c", dtype="float32"), progress=False)
+    assert summary.clips_ok == 12 and len(flights) == 6 and any(overlapped), overlapped
+    _same(_arrays(tmp_path / "c"), _arrays(clean))
