@@ -17,8 +17,9 @@
 #                   fifth session) and 64: what fewer, larger chunks buy in time and cost in memory (counted
 #                   on the CPU since the sixth session: 64 MiB at batch 8 is 27 % fewer LCD operators than 32
 #                   for +44 MiB of peak: make it the CUDA default if the time is worth it)
-#   step_profile    kernels and peak memory of one eager step at chunk_mib 16 / 32 / 64, and without the
-#                   AVE head's GRU (on the CPU its cell loop is 669 of the 702 operators outside the LCD)
+#   step_profile    kernels and peak memory of one eager step at batch 8, chunk_mib 32 / 64, with the 15 kernels
+#                   taking the most device time (the seventh session: 10.6 ms of kernels, ~1,130 of them, ~10 us
+#                   each: which kernels are slow, and are they the LCD's bmm, its norms or its reductions?)
 #   train_workspace the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
 #                   (CUBLAS_WORKSPACE_CONFIG=:4096:1) and cuBLASLt's to 4 MiB (CUBLASLT_WORKSPACE_SIZE, in
 #                   KiB; torch's library names that variable): part of (a)'s peak may be workspaces (a guess)
@@ -90,9 +91,9 @@ for part in $PARTS; do
             step train_chunk$mib 100 "${TRAIN[@]}" --modes $GRAPHED --set lcd.chunk_mib=$mib --out "$OUT/train_chunk$mib"
             show train_chunk$mib 8
         done ;;
-    step_profile) step step_profile 120 $PY scripts/step_profile.py --device $DEVICE --size $SIZE --set lcd.chunk_mib=16 \
-            --compare lcd.chunk_mib=32 --compare lcd.chunk_mib=64 --compare head.temporal=none
-        show step_profile 12 ;;
+    step_profile) step step_profile 120 $PY scripts/step_profile.py --device $DEVICE --size $SIZE --batches 8 \
+            --set lcd.chunk_mib=32 --compare lcd.chunk_mib=64 --top 15
+        show step_profile 44 ;;
     train_workspace) step train_workspace 100 env CUBLAS_WORKSPACE_CONFIG=:4096:1 CUBLASLT_WORKSPACE_SIZE=4096 \
         TORCH_CUBLASLT_WORKSPACE_SIZE=4096 "${TRAIN[@]}" --modes $GRAPHED \
             --out "$OUT/train_workspace"

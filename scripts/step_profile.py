@@ -84,7 +84,8 @@ def cpu_peak(fn) -> tuple[int, list[str]]:
     return peak, [e.name() for e in running]
 
 
-def profile_one(size: str, batch: int, tokens: str, sets: list[str], device: torch.device, layout: Path) -> dict:
+def profile_one(size: str, batch: int, tokens: str, sets: list[str], device: torch.device, layout: Path,
+                top: int = 0) -> dict:
     model, task, step, batch_tokens, labels = build(size, batch, tokens, sets, device, layout)
     for _ in range(2):  # optimiser state made, allocator warm
         step(batch_tokens, {}, labels)
@@ -98,7 +99,9 @@ def profile_one(size: str, batch: int, tokens: str, sets: list[str], device: tor
     lcds = {name.split(".")[-1]: m for name, m in model.named_modules() if type(m).__name__ == "LCD"}
     row = {"size": size, "batch": batch, "tokens": tokens, "sets": " ".join(sets) or "defaults"}
     if device.type == "cpu":
-        total = sum(dispatched(forward_backward).values())
+        ops = dispatched(forward_backward)
+        total = sum(ops.values())
+        row["top"] = [(name, n, None) for name, n in ops.most_common(top)]
         for name, lcd in lcds.items():
             row[f"ops_lcd_{name}"] = sum(dispatched(lambda lcd=lcd: forward_backward(lcd)).values())
         row["ops_lcd"] = sum(row[f"ops_lcd_{n}"] for n in lcds)
@@ -123,6 +126,12 @@ def profile_one(size: str, batch: int, tokens: str, sets: list[str], device: tor
         row["kernels_lcd"] = sum(row[f"kernels_lcd_{n}"] for n in lcds)
         row["kernels_rest"] = len(total) - row["kernels_lcd"]
         row["kernel_ms"] = sum(e.device_time for e in total) / 1e3  # device time of the whole forward + backward
+        by_name: dict[str, list] = {}
+        for e in total:
+            agg = by_name.setdefault(e.name, [0, 0.0])
+            agg[0] += 1
+            agg[1] += e.device_time / 1e3
+        row["top"] = [(name, n, ms) for name, (n, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]]
         step.opt.zero_grad(set_to_none=True)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -141,19 +150,28 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                     help="also profile with this option set (repeatable; each its own row)")
+    ap.add_argument("--top", type=int, default=0, metavar="N",
+                    help="also list each row's N most frequent operators (CPU) or the N kernels taking the most "
+                    "device time (CUDA), over the whole forward + backward")
     args = ap.parse_args()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         layout = Path(tmp) / "layout.json"
         write_layout(args.size, layout)
-        rows = [profile_one(args.size, b, args.tokens, args.set + extra, device, layout)
+        rows = [profile_one(args.size, b, args.tokens, args.set + extra, device, layout, args.top)
                 for b in args.batches for extra in [[]] + [[c] for c in args.compare]]
-    cols = [c for c in rows[0] if c not in ("size", "tokens")]
+    cols = [c for c in rows[0] if c not in ("size", "tokens", "top")]
     print(f"size {args.size}, tokens {args.tokens}, device {device}")
     print("| " + " | ".join(cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    for r in rows if args.top else []:
+        print(f"\nbatch {r['batch']}, {r['sets']}: the top {args.top} "
+              + ("kernels by device time" if device.type == "cuda" else "operators by count"))
+        print("| operator | count | device ms |\n| --- | --- | --- |")
+        for name, n, ms in r["top"]:
+            print(f"| {name[:90]} | {n} | {'-' if ms is None else f'{ms:.2f}'} |")
 
 
 if __name__ == "__main__":
