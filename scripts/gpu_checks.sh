@@ -20,9 +20,11 @@
 #   step_profile    kernels and peak memory of one eager step at batch 8, chunk_mib 32 / 64, with the 15 kernels
 #                   taking the most device time (the seventh session: 10.6 ms of kernels, ~1,130 of them, ~10 us
 #                   each: which kernels are slow, and are they the LCD's bmm, its norms or its reductions?)
-#   train_workspace the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
+#   train_workspace end-to-end and the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
 #                   (CUBLAS_WORKSPACE_CONFIG=:4096:1) and cuBLASLt's to 4 MiB (CUBLASLT_WORKSPACE_SIZE, in
-#                   KiB; torch's library names that variable): part of (a)'s peak may be workspaces (a guess)
+#                   KiB; torch's library names that variable): the seventh session saw (a)'s peak fall by ~50 MiB
+#                   (200 -> 148 at batch 1) for 3-5 % of time; what end-to-end loses under the same setting
+#                   decides whether mettle-train should set it
 #   encode_profile  host time per operator: the pure forward against TokenForward.encoded (71 % of it eagerly
 #                   on the H200 for ~5 % more operators: where does the rest go?)
 #   extract_eager   extraction, 192 toy clips, three runs, --no-cuda-graphs (graphs are the default on CUDA since
@@ -32,15 +34,21 @@
 #   extract_switch  eager extraction with a 0.5 ms switch interval
 #   spy             py-spy's view of who holds Python's lock during one extraction, as by default (needs py-spy)
 #   extract_host    extraction's host side alone on this machine (a stand-in for the device work)
-# Two calls of the device tool, ~6 and ~7 minutes typical (estimated from the parts' earlier times;
-# the per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed
-# call leaves in OUT still comes back): `... OUT WORK gpu_tests train
-# train_chunks step_profile train_workspace`, then `... OUT WORK encode_profile extract_eager extract_graphs extract_switch
-# spy extract_host`. DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a CPU, to try the script.
+# The parts' times on an H200 (seventh session): gpu_tests 60 s, train 105, train_chunks 64, step_profile
+# ~20, train_workspace ~40 (graphed only; ~70 with end-to-end), extract_eager 46-51, extract_graphs 45-58;
+# the per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed call
+# leaves in OUT still comes back. Next loan, one call of ~5 minutes: `... OUT WORK gpu_tests extract_graphs
+# extract_eager step_profile train_workspace`. DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a
+# CPU, to try the script.
 #
 # On the lent machine (Python 3.12 and torch there, none of mettle's other packages, no network):
-# carry an ignored folder `.whl/` of cp312 wheels made here beforehand (`pip download --only-binary
-# :all: --python-version 3.12 --no-deps -d .whl zarr numcodecs ... py-spy`: see what import fails),
+# carry an ignored folder `.whl/` of cp312 wheels made here beforehand (`echo /.whl/ >> .git/info/exclude`;
+# `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+# --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+# --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .whl zarr numcodecs donfig google-crc32c
+# msgspec dask distributed partd locket tornado tblib zict av librosa audioread soundfile soxr pooch
+# decorator cffi pycparser platformdirs py-spy`: 44 MB, what the seventh session carried; the image has
+# torch, timm, h5py, numpy, click, pillow, tqdm, pyyaml, matplotlib, pytest and hypothesis),
 # then prefix the command with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export
 #   PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH; mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/mettle;
@@ -94,10 +102,10 @@ for part in $PARTS; do
     step_profile) step step_profile 120 $PY scripts/step_profile.py --device $DEVICE --size $SIZE --batches 8 \
             --set lcd.chunk_mib=32 --compare lcd.chunk_mib=64 --top 15
         show step_profile 44 ;;
-    train_workspace) step train_workspace 100 env CUBLAS_WORKSPACE_CONFIG=:4096:1 CUBLASLT_WORKSPACE_SIZE=4096 \
-        TORCH_CUBLASLT_WORKSPACE_SIZE=4096 "${TRAIN[@]}" --modes $GRAPHED \
+    train_workspace) step train_workspace 150 env CUBLAS_WORKSPACE_CONFIG=:4096:1 CUBLASLT_WORKSPACE_SIZE=4096 \
+        TORCH_CUBLASLT_WORKSPACE_SIZE=4096 "${TRAIN[@]}" --modes end-to-end $GRAPHED \
             --out "$OUT/train_workspace"
-        show train_workspace 8 ;;
+        show train_workspace 12 ;;
     encode_profile) step encode_profile 120 $PY scripts/encode_profile.py --backbones $BACKBONES --device $DEVICE
         show encode_profile 34 ;;
     extract_eager) step extract_eager 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT" --no-cuda-graphs
