@@ -8,11 +8,10 @@
 #   gpu_tests       the GPU tests (kept weight casts, graphed extraction with partial batches, training graphs;
 #                   since the sixth session: the LCD's bmm into strided out= views on CUDA, the capture checked
 #                   by an eager step run before it)
-#   train           end-to-end against the eager and the graphed cache step (float16 and int8 tokens), full
-#                   size, batch 1 and 8
-#                   (end-to-end's backbones keep their float16 weight casts; LCD chunks of 32 MiB on CUDA; the
-#                   table's notes give the timed steps' own peak and the most reserved: a graphed run's peak
-#                   should no longer be ~66 MiB above the eager run's)
+#   train           end-to-end and the adapter baseline against the eager and the graphed cache step (float16
+#                   and int8 tokens), full size, batch 1 and 8 (the seventh session: 23.0x / 12.7x time and
+#                   9.5x / 11.8x memory against end-to-end; the adapter baseline was last run against the
+#                   graphed step at f5a0833)
 #   train_chunks    the graphed cache step with lcd.chunk_mib=16 (the CUDA default before 2026-11-27's
 #                   fifth session) and 64: what fewer, larger chunks buy in time and cost in memory (counted
 #                   on the CPU since the sixth session: 64 MiB at batch 8 is 27 % fewer LCD operators than 32
@@ -37,8 +36,8 @@
 # The parts' times on an H200 (seventh session): gpu_tests 60 s, train 105, train_chunks 64, step_profile
 # ~20, train_workspace ~40 (graphed only; ~70 with end-to-end), extract_eager 46-51, extract_graphs 45-58;
 # the per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed call
-# leaves in OUT still comes back. Next loan, one call of ~5 minutes: `... OUT WORK gpu_tests extract_graphs
-# extract_eager step_profile train_workspace`. DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a
+# leaves in OUT still comes back. Next loan, one call of ~7 minutes: `... OUT WORK gpu_tests extract_graphs
+# extract_eager step_profile train_workspace train` (train with the adapter baseline: ~135 s). DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a
 # CPU, to try the script.
 #
 # On the lent machine (Python 3.12 and torch there, none of mettle's other packages, no network):
@@ -92,7 +91,7 @@ for part in $PARTS; do
     case $part in
     gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs
         show gpu_tests 4 ;;
-    train) step train 240 "${TRAIN[@]}" --modes cache:last-grid end-to-end $GRAPHED $GRAPHED/int8 --out "$OUT/train"
+    train) step train 240 "${TRAIN[@]}" --modes cache:last-grid end-to-end adapter $GRAPHED $GRAPHED/int8 --out "$OUT/train"
         show train ;;
     train_chunks)
         for mib in 16 64; do
