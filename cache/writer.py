@@ -37,7 +37,7 @@ class ShardBuffer:
     when the row counts match (a shard is hundreds of MB: fresh memory costs a page fault per 4 KB
     on first write, which measured slower than the copy itself). Its rows then hold the old
     shard's values, so the filler must put every row of every clip it keeps and :meth:`clear` the
-    others, as ``extract.shard.process_shard`` does.
+    others, as ``extract.shard.launch_shard`` does.
     """
 
     def __init__(self, meta: CacheMeta, shard: int, recycle: "ShardBuffer | None" = None) -> None:

@@ -174,8 +174,10 @@ def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, forwa
         return submit_decodes(decode_pool, manifest, root, writer.meta.shard_rows(shard), backbones, media_pool)
 
     bar = tqdm(total=n_clips, desc="extract", unit="clip", disable=not progress or not todo, smoothing=0.1)
-    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool, Putter() as putter:
+    # the write pool closes before the put threads: a shard being finished there (Ctrl-C during the
+    # last wait, say) gets its puts, not their cancellation, and is written
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as decode_pool, Putter() as putter, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
         queued = submit(todo[0]) if todo else []
         write, written, spare = None, None, None  # a shard being finished and written, its buffer; one to refill
 
@@ -197,8 +199,8 @@ def run_local(cfg: ExtractConfig, writer: CacheWriter, manifest: Manifest, forwa
             except BaseException:
                 for f in (*decodes, *queued):
                     f.cancel()
-                if write is not None and not write.done():
-                    write.result()  # finished shards stay finished (its error, if any, is the one raised)
+                if write is not None:
+                    write.result()  # finished shards stay finished; a failed write's error is the one raised
                 raise
             write, written = write_pool.submit(_finish_and_write, writer, flight), flight.buffer
         if write is not None:

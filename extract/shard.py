@@ -130,7 +130,8 @@ class Putter:
     GPU does not drain at every shard's end (on the H200, 2026-11-27, six shards of 192 clips drained
     it six times: ~0.3-0.5 s of a 3 s extraction, by the run's breakdown). ``MAX_BACKLOG`` bounds the
     batches in flight across shards (their page-locked host memory). Use as a context manager: on
-    exit puts not yet started are cancelled and running ones finish.
+    exit puts not yet started are cancelled (a ``ShardInFlight.finish`` still waiting for one on
+    another thread gets CancelledError: let such waiters end first) and running ones finish.
     """
 
     def __init__(self, threads: int = PUT_THREADS, backlog: int = MAX_BACKLOG) -> None:
@@ -151,6 +152,14 @@ class Putter:
             self.backlog.popleft().result()
         while self.backlog and self.backlog[0].done():
             self.backlog.popleft().result()
+
+    def discard(self, futures: Sequence[Future]) -> None:
+        """Cancel ``futures`` (a failed launch's puts) and forget them: later shards' settling does not
+        meet them."""
+        for f in futures:
+            f.cancel()
+        gone = set(map(id, futures))
+        self.backlog = deque(f for f in self.backlog if id(f) not in gone)
 
     def __enter__(self) -> "Putter":
         return self
@@ -193,12 +202,13 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
                  recycle: ShardBuffer | None = None) -> ShardInFlight:
     """Run one shard's clips through the backbones, handing each batch's tokens to ``putter``; returns
     once every batch is launched. ``finish()`` on the result waits for the shard's puts and gives the
-    filled buffer with the shard's status (per clip ``ok`` or the error); call it before launching
-    with ``recycle`` set to this shard's buffer.
+    filled buffer with the shard's status (per clip ``ok`` or the error); only once it is finished
+    *and written* may its buffer be passed as another shard's ``recycle``.
 
-    With ``on_error="fail"`` the first bad clip raises :class:`ExtractError` (here, or from a put:
-    in a later :meth:`Putter.submit` or in ``finish``); with ``"skip"`` its rows are zero and its
-    status holds the reason. ``recycle``: a written shard's buffer to reuse (see
+    With ``on_error="fail"`` the first bad clip raises :class:`ExtractError`: here, or from a put, in
+    ``finish`` or in a later :meth:`Putter.submit`, which may be during the next shard's launch (the
+    error then names a clip of this shard); with ``"skip"`` its rows are zero and its status holds
+    the reason. ``recycle``: a written shard's buffer to reuse (see
     :class:`ShardBuffer`: every row is put or cleared here).
 
     Threads: this one waits for decoded clips, stages the inputs and launches the batches; put
@@ -217,7 +227,7 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
     # this thread: decode (waiting for decoded clips), stage (joining a batch's inputs), launch, backlog
     # (waiting for the put threads; forward_s = stage + launch + backlog); the put threads, summed: wait
     # (for the device's copies), put (into the buffer)
-    timing = {"decode": 0.0, "stage": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0}
+    timing = {"decode": 0.0, "stage": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0, "end": 0.0}
     one_off_before = sum(fw.one_off_s for fw in forwards.values())  # the forwards live across shards
     puts: list[Future] = []
 
@@ -255,8 +265,10 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
                 except CacheError as err:
                     fail(local, f"{key}: {err}")
         with status_lock:  # summed over the put threads: busy time, not wall time
+            t2 = time.perf_counter()
             timing["wait"] += t1 - t0
-            timing["put"] += time.perf_counter() - t1
+            timing["put"] += t2 - t1
+            timing["end"] = max(timing["end"], t2)  # when the shard's last put ended
 
     def flush(modality: str, final: bool = False) -> None:
         """Launch the whole batches queued for ``modality`` (with ``final``, the rest too) and hand each to
@@ -318,9 +330,9 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
     try:
         fill()
     except BaseException:  # nothing more of this shard is put (a running put finishes)
-        for f in puts:
-            f.cancel()
+        putter.discard(puts)
         raise
+    launched = time.perf_counter()
     one_off = sum(fw.one_off_s for fw in forwards.values()) - one_off_before  # before the next shard's launches
     device = next(iter(forwards.values())).device if forwards else torch.device("cpu")
 
@@ -332,7 +344,8 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
         extra = {"autocast": {m: fw.autocast for m, fw in forwards.items()}, "stage_s": timing["stage"],
                  "launch_s": timing["launch"], "wait_s": timing["wait"], "put_s": timing["put"],
                  "backlog_s": timing["backlog"], "one_off_s": one_off}
-        return ShardStatus(shard, status, seconds=time.perf_counter() - t_start, decode_s=timing["decode"],
+        # the shard's own span, launch to last put: not the wait for the writer thread, which finishes shards in turn
+        return ShardStatus(shard, status, seconds=max(launched, timing["end"]) - t_start, decode_s=timing["decode"],
                            forward_s=timing["stage"] + timing["launch"] + timing["backlog"], device=str(device),
                            peak_memory=peak_memory(device), worker=f"{socket.gethostname()}:{os.getpid()}",
                            extra=extra)
