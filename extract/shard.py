@@ -140,8 +140,8 @@ class Putter:
         self.limit = backlog
 
     def submit(self, fn: Callable[..., None], *args: Any) -> Future:
-        """Queue one put, first waiting until fewer than ``limit`` are in flight (a put's error is raised here)."""
-        self.settle(self.limit - 1)
+        """Queue one put. The caller makes room first (``settle(limit - 1)``) before it launches the batch, so
+        that the bound holds for the batch's page-locked memory too, as :func:`launch_shard` does."""
         fut = self.pool.submit(fn, *args)
         self.backlog.append(fut)
         return fut
@@ -206,7 +206,7 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
     *and written* may its buffer be passed as another shard's ``recycle``.
 
     With ``on_error="fail"`` the first bad clip raises :class:`ExtractError`: here, or from a put, in
-    ``finish`` or in a later :meth:`Putter.submit`, which may be during the next shard's launch (the
+    ``finish`` or in a later :meth:`Putter.settle`, which may be during the next shard's launch (the
     error then names a clip of this shard); with ``"skip"`` its rows are zero and its status holds
     the reason. ``recycle``: a written shard's buffer to reuse (see
     :class:`ShardBuffer`: every row is put or cleared here).
