@@ -313,7 +313,11 @@ def main() -> None:
                     help="Python's thread switch interval in seconds for this process (sys.setswitchinterval; 0: "
                          "the default, 0.005): how long the launching thread may wait for the lock (BENCHMARKS.md)")
     args = ap.parse_args()
-    args.graphs = args.cuda_graphs if args.cuda_graphs is not None else args.device.startswith("cuda")
+    from mettle.cache.runtime import resolve_device
+    from mettle.extract.config import ExtractConfig, graphs_of
+
+    setting = "auto" if args.cuda_graphs is None else args.cuda_graphs  # mettle-extract's own rule decides
+    args.graphs = graphs_of(ExtractConfig(dataset="toy", cache="", cuda_graphs=setting), resolve_device(args.device).type)
     if args.switch_interval:
         import sys
 
