@@ -70,7 +70,7 @@ def test_cuda_grouped_lcd_equals_naive_and_cpu(chunk, meta, recompute, device="c
     torch.manual_seed(0)
     arrays = [ArraySpec(f"visual/stage0.block{i}", "visual", f"stage0.block{i}", i, 0, 48, (10, 10), (10, 10))
               for i in range(5)]
-    cfg = dict(meta_tokens=4, dim=32, heads=4)
+    cfg = dict(meta_tokens=4, dim=32, heads=4, matmul="float32")  # exact products: TF32 is tested below
     folded = LCD(arrays, LCDConfig(attention="folded", **cfg))
     with torch.no_grad():
         for p in folded.parameters():
@@ -96,12 +96,34 @@ def test_cuda_grouped_lcd_equals_naive_and_cpu(chunk, meta, recompute, device="c
             assert torch.allclose(g, b[1][n], atol=1e-4, rtol=1e-3), n
 
 
+def test_cuda_lcd_runs_tf32_by_default_and_restores_the_setting():
+    """lcd.matmul=auto on CUDA: the LCD's products run as TF32 (its results differ from full float32, by
+    little), forward and backward, and the process's setting is the same after as before."""
+    torch.manual_seed(0)
+    arrays = [ArraySpec(f"visual/stage0.block{i}", "visual", f"stage0.block{i}", i, 0, 96, (10, 10), (10, 10))
+              for i in range(4)]
+    tokens = {a.key: torch.randn(4, 3, 100, 96, device="cuda").half() for a in arrays}
+    before, results = torch.backends.cuda.matmul.fp32_precision, {}
+    for matmul in ("float32", "auto"):
+        torch.manual_seed(1)
+        lcd = LCD(arrays, LCDConfig(meta_tokens=4, dim=64, heads=4, matmul=matmul)).cuda()
+        out = lcd(tokens)
+        out.square().sum().backward()
+        results[matmul] = out.detach(), {n: p.grad for n, p in lcd.named_parameters()}
+        assert torch.backends.cuda.matmul.fp32_precision == before, matmul
+    (exact, exact_grads), (fast, fast_grads) = results["float32"], results["auto"]
+    assert not torch.equal(fast, exact)  # TF32 was on
+    assert (fast - exact).norm() <= 1e-2 * exact.norm()
+    for n, g in exact_grads.items():
+        assert (fast_grads[n] - g).norm() <= 3e-2 * g.norm() + 1e-6, (n, float((fast_grads[n] - g).norm() / g.norm()))
+
+
 @pytest.mark.parametrize("graphs", ["false", "auto"])
 def test_cuda_training_follows_cpu(small_toy_cache, graphs):
     """The same five steps on CPU and GPU from one cache: losses agree (float32 compute on both), with
     eager CUDA steps and with the default (on CUDA: 3 eager, the capture, then replays)."""
     sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 2, "optim.lr": 1e-3,
-            "cuda_graphs": graphs}  # 4 training clips: full batches only, so step 5 replays the graph
+            "cuda_graphs": graphs, "lcd.matmul": "float32"}  # 4 training clips: full batches only, so step 5 replays
     cache = open_cache(small_toy_cache)
     runs = [fit(resolve_config("ave", {"hidden": 32, "temporal": "gru", "dropout": 0.0}, sets=sets, device=d),
                 cache, progress=False, max_steps=5) for d in ("cpu", "cuda")]
@@ -279,7 +301,8 @@ def test_int8_codes_reach_the_gpu_page_locked_and_train_as_decoded(toy_root, tmp
     for k in keys:
         assert batch["tokens"][k].dtype == torch.int8 and batch["tokens"][k].is_pinned(), k
         assert batch["tokens"][k + SCALE].is_pinned(), k
-    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 2, "optim.epochs": 2}
+    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 2, "optim.epochs": 2,
+            "lcd.matmul": "float32"}  # float32 products: TF32 would round the two inputs' last bits apart
     cfg = resolve_config("ave", {"hidden": 32, "temporal": "gru", "dropout": 0.0}, sets=sets, device="cuda")
     codes = fit(cfg, cache, progress=False)
     monkeypatch.setattr(MettleModel, "code_keys", property(lambda self: []))

@@ -34,6 +34,12 @@ class LCDConfig:
         device's default (fewer, larger chunks on CUDA, where the number of kernels is the cost). Speed and
         transient memory only: every value gives the same numbers up to float rounding (the order
         of the sums), so it is no part of a run's fingerprint and no sweep axis.
+    matmul: how CUDA runs the LCD's float32 matrix products: ``auto`` (the default: ``tf32``) | ``tf32``
+        (tensor cores, inputs rounded to 10 mantissa bits, the float16 cache's own precision; sums
+        in float32) | ``float32`` (full float32, FFMA: on an H200 the products took 6.5 of a batch-8
+        step's 10.7 ms of kernels that way). The CPU has no TF32: there every value computes in float32.
+        Set for the LCD's forward and backward only (the process's setting is restored); like the device, an
+        execution choice, no part of a run's fingerprint.
     The queries are per layer and per head (``heads x meta_tokens x D_l``); with
     ``meta_tokens <= dim / heads`` that is the same function class as query and key projections.
     """
@@ -50,6 +56,7 @@ class LCDConfig:
     share: str = "stage"  # stage | none: a stage's layers share value/output projections and the MLP
     chunk_mib: int = 0  # transient memory per batched group of layers; 0: by device (lcd.py, LCD.CHUNK_MIB:
     # on the CPU 8 MiB of tokens per attention piece and 16 of activations per chunk; 32 and 32 on CUDA)
+    matmul: str = "auto"  # auto | tf32 | float32: the LCD's float32 matrix products on CUDA (auto: tf32)
 
 
 @dataclass(frozen=True)
@@ -92,9 +99,10 @@ class TrainConfig:
 
 # where and how a run executes, not what it computes (up to float rounding): outside the run
 # fingerprint (a rerun that changes only these finds the finished run), and so no sweep axis
-EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "lcd.chunk_mib")
+EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "lcd.chunk_mib", "lcd.matmul")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-CHOICES = {"cuda_graphs": ("auto", "true", "false")}  # string options with a fixed set of values
+# string options with a fixed set of values
+CHOICES = {"cuda_graphs": ("auto", "true", "false"), "lcd.matmul": ("auto", "tf32", "float32")}
 
 
 def _convert(key: str, value: Any, default: Any) -> Any:

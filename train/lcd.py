@@ -28,6 +28,8 @@ Why it is written this way (memory is the point of the tool):
   per segment). The values are applied after the attention, which scales with K x N x D_l instead
   of N x D_l x d. ``attention="naive"`` projects every token with plain autograd ops: the oracle.
 * The layers of one stage run as one batched computation (see :class:`LCD`).
+* On CUDA its float32 products run as TF32 by default (``lcd.matmul``): the float16 tokens carry 10
+  mantissa bits, what TF32 reads, and in full float32 the products were most of a step's kernel time.
 
 Data contract: input tokens ``(B, T, N_l, D_l)`` per layer (any float dtype; they never require
 grad), or int8 codes with their per-token scales ``(B, T, N_l)`` float32 under ``key + SCALE`` (an
@@ -47,9 +49,10 @@ from torch import nn
 from mettle.cache import SCALE, ArraySpec, CacheMeta
 
 from .config import ConfigError, LCDConfig
-from .lcd_autograd import _GroupAttend, _normalize, _Recompute, _stacked
+from .lcd_autograd import _GroupAttend, _normalize, _Recompute, _stacked, fp32_matmul
 
 SHARES = ("none", "stage")
+MATMUL = {"tf32": "tf32", "float32": "ieee"}  # lcd.matmul -> torch's fp32_precision (auto: tf32 on CUDA)
 
 
 class Readout(nn.Module):
@@ -169,6 +172,8 @@ class LCD(nn.Module):
             raise ConfigError("LCD needs at least one layer. Fix: check lcd.layers")
         if cfg.chunk_mib < 0:
             raise ConfigError(f"lcd.chunk_mib={cfg.chunk_mib} is negative. Fix: a size in MiB, or 0 for the device's default")
+        if cfg.matmul not in (*MATMUL, "auto"):
+            raise ConfigError(f"lcd.matmul={cfg.matmul!r} is unknown. Fix: use auto, tf32 or float32")
         if cfg.share not in SHARES:
             raise ConfigError(f"lcd.share={cfg.share!r} is unknown. Fix: use one of {', '.join(SHARES)}")
         self.cfg = cfg
@@ -191,6 +196,12 @@ class LCD(nn.Module):
 
     def forward(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
         first = tokens[self.keys[0]]
+        if first.device.type != "cuda":  # CPU products are float32 whatever the setting says
+            return self._forward(tokens, first)
+        with fp32_matmul(MATMUL.get(self.cfg.matmul, "tf32")):  # backward: as the forward (lcd_autograd)
+            return self._forward(tokens, first)
+
+    def _forward(self, tokens: Mapping[str, torch.Tensor], first: torch.Tensor) -> torch.Tensor:
         b, t = first.shape[:2]
         xs = [tokens[k].reshape(b * t, *tokens[k].shape[2:]) for k in self.keys]
         ss = [tokens[k + SCALE].reshape(b * t, -1) if k + SCALE in tokens else None for k in self.keys]

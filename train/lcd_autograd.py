@@ -7,7 +7,9 @@ tokens, for every layer); the part after the attention is cheap to recompute and
 when kept.
 
 Data contracts are in each function's docstring; both run in float32 whatever a caller's autocast
-says (the attention turns it off inside, the recomputation restores the forward's).
+says (the attention turns it off inside, the recomputation restores the forward's), and their backward
+runs CUDA's float32 matrix products as their forward did (TF32 or not: ``lcd.matmul``), whatever the
+process's setting is when autograd calls it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class _GroupAttend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,  # type: ignore[override]
                 *xs: torch.Tensor):
+        ctx.matmul = torch.backends.cuda.matmul.fp32_precision
         with _without_autocast(query.device.type):  # float32 throughout, under a caller's autocast too
             return _GroupAttend._forward(ctx, query, weight, scale, *xs)
 
@@ -80,7 +83,7 @@ class _GroupAttend(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # its products write into buffers (out=): no graph of their own
     def backward(ctx, dread: torch.Tensor | None, _dmean: None):  # type: ignore[override]
-        with _without_autocast(ctx.saved_tensors[0].device.type):
+        with _without_autocast(ctx.saved_tensors[0].device.type), fp32_matmul(ctx.matmul):
             return _GroupAttend._backward(ctx, dread)
 
     @staticmethod
@@ -114,6 +117,31 @@ def _without_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
+def fp32_matmul(precision: str | None):
+    """A context in which CUDA runs float32 matrix products as ``precision`` says (``tf32``: tensor cores,
+    inputs rounded to 10 mantissa bits; ``ieee``: full float32; ``none``: as torch's legacy settings say;
+    None: leave the setting as it is), restored after.
+
+    Why torch's ``fp32_precision`` attribute (torch >= 2.9) and not ``allow_tf32``: reading the legacy
+    flag while the new one is set raises, and saving and restoring through the new one leaves both readable.
+    The setting is the process's, not the thread's: while the context is open, other threads' CUDA float32
+    products follow it too (mettle's loader threads run none).
+    """
+    if precision is None or torch.backends.cuda.matmul.fp32_precision == precision:
+        return contextlib.nullcontext()
+    return _precision(precision)
+
+
+@contextlib.contextmanager
+def _precision(precision: str):
+    matmul = torch.backends.cuda.matmul
+    saved, matmul.fp32_precision = matmul.fp32_precision, precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
+
+
 def _attended(attn: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
     """(L, K*h, S, N) attention x (L, S, N, D) tokens -> (L*S, K*h, D) attended tokens."""
     nl, kh, s, n = attn.shape
@@ -134,7 +162,7 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, *inputs):  # type: ignore[override]
-        ctx.fn = fn
+        ctx.fn, ctx.matmul = fn, torch.backends.cuda.matmul.fp32_precision
         ctx.device = next(x.device.type for x in inputs if x is not None)
         ctx.autocast = (torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device),
                         torch.is_autocast_cache_enabled()) if torch.amp.is_autocast_available(ctx.device) else None
@@ -146,6 +174,7 @@ class _Recompute(torch.autograd.Function):
         inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
         as_forward = contextlib.nullcontext() if ctx.autocast is None else torch.autocast(
             ctx.device, dtype=ctx.autocast[1], enabled=ctx.autocast[0], cache_enabled=ctx.autocast[2])
-        with torch.enable_grad(), as_forward:  # the same gradients as backward(out, grad), which would import sympy
+        # the same gradients as backward(out, grad), which would import sympy
+        with torch.enable_grad(), as_forward, fp32_matmul(ctx.matmul):
             (ctx.fn(*inputs) * grad).sum().backward()
         return (None, *[None if x is None or not x.requires_grad else x.grad for x in inputs])

@@ -8,6 +8,7 @@ import torch
 from mettle.cache import ArraySpec
 from mettle.train.config import ConfigError, LCDConfig
 from mettle.train.lcd import LCD, LayerDistiller, Readout, _GroupAttend
+from mettle.train.lcd_autograd import fp32_matmul
 
 
 def _arrays():
@@ -220,3 +221,37 @@ def test_a_callers_autocast_keeps_the_attention_in_float32_and_reaches_the_recom
         assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads[-1].values())
     for n, g in grads[0].items():
         assert torch.allclose(g, grads[1][n], rtol=1e-5, atol=1e-6), n
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_backward_runs_the_products_as_the_forward_did(monkeypatch, recompute):
+    """lcd.matmul (TF32 on CUDA by default) is set around the LCD's forward; autograd calls the backward
+    later, outside it: the attention's backward and the recomputation run under the forward's setting
+    anyway, and the process's own setting is back after each (the flag is a process flag, so this holds
+    without a GPU)."""
+    import mettle.train.lcd_autograd as autograd
+
+    matmul = torch.backends.cuda.matmul
+    before, seen = matmul.fp32_precision, {}
+    backward = autograd._GroupAttend._backward
+    monkeypatch.setattr(autograd._GroupAttend, "_backward", staticmethod(
+        lambda ctx, dread: seen.setdefault("attention", matmul.fp32_precision) and backward(ctx, dread)))
+    finish_calls = []
+    recomputed = autograd._Recompute.forward
+
+    def spy(ctx, fn, *inputs):  # record the setting each time the part after the attention runs
+        return recomputed(ctx, lambda *a: finish_calls.append(matmul.fp32_precision) or fn(*a), *inputs)
+    monkeypatch.setattr(autograd._Recompute, "forward", staticmethod(spy))
+    folded, _ = _twins()
+    folded.recompute = recompute
+    with fp32_matmul("tf32"):  # what LCD.forward opens on a CUDA device
+        out = folded._forward(_tokens(), _tokens()["visual/stage0.block0"])
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    out.sum().backward()
+    assert seen == {"attention": "tf32"} and matmul.fp32_precision == before
+    assert finish_calls == (["tf32"] * 4 if recompute else [])  # two chunks: forward, then recomputed in backward
+    with fp32_matmul(None):  # None leaves the setting alone
+        assert matmul.fp32_precision == before
+    with pytest.raises(ConfigError, match="lcd.matmul='fast'"):
+        LCD(_arrays(), LCDConfig(matmul="fast"))
