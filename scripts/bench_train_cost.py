@@ -20,11 +20,15 @@ For AVE-shaped samples (10 one-second segments: 10 frames + 10 audio seconds), o
   ``mettle-train --cuda-graphs``: the step replayed as one CUDA graph (train/step.py), the tokens
   handed over in page-locked host memory as the loader does and copied in by the timed step;
   ``graphs:last-grid/int8`` (not in the defaults): the same from an int8 cache (half the bytes to copy in);
+* ``overlap:last-grid`` (CUDA, not in the defaults): graphs with ``overlap_copy``: two graphs taking turns,
+  each batch copied in while the step before runs (one more batch of tokens on the device);
 
 (a) and (b) step through mettle-train's own ``TrainStep`` (no gradient clipping, as the adapter).
 
 Each configuration runs in its own process. Reported: seconds per step (median of ``--steps``
-after one warm-up step), peak memory (GPU: max allocated; CPU: peak RSS, and peak RSS minus the
+after one warm-up step, each step timed alone: the GPU idle before it), seconds per step pipelined (``--steps``
+more steps issued back to back, one wait at the end, as mettle-train runs them: the host prepares the
+next step while the GPU runs this one), peak memory (GPU: max allocated; CPU: peak RSS, and peak RSS minus the
 process's RSS right after imports), and the ratios of (a) against (b) and (c). ``full`` uses the
 real architectures with random weights; ``tiny`` the test miniatures.
 """
@@ -48,7 +52,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 MODES = ("cache:last-grid", "cache:full", "end-to-end", "adapter", "cache:last-grid/int8", "graphs:last-grid",
-         "graphs:full", "cache:grid1", "graphs:last-grid/int8")
+         "graphs:full", "cache:grid1", "graphs:last-grid/int8", "overlap:last-grid", "overlap:last-grid/int8")
+GRAPHED = ("graphs", "overlap")  # modes whose step replays CUDA graphs (overlap: two, with overlap_copy)
 EAGER = MODES[:5]  # the default modes; graphs:* (CUDA only) run (a)'s step as one replayed CUDA graph
 SETS = {"tiny": "tiny", "full": "specific"}
 
@@ -92,7 +97,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     dev = torch.device(device)
     torch.manual_seed(0)
     manifest = bench_manifest()
-    from_cache = mode.startswith(("cache", "graphs"))
+    from_cache = mode.startswith(("cache", *GRAPHED))
     if from_cache:  # stage two never holds a backbone: read the layout the parent planned
         backbones = None
         records = CacheMeta.from_dict(json.loads(Path(layout).read_text())).backbones
@@ -117,50 +122,61 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
             if stored == "int8":  # codes + scales, as Cache.iterate hands an int8 cache's LCD arrays
                 cached = {**{k: (v * 40).clamp(-127, 127).to(torch.int8) for k, v in cached.items()},
                           **{k + SCALE: torch.rand(v.shape[:-1], device=dev) for k, v in cached.items()}}
-            if mode.startswith("graphs") and dev.type == "cuda":  # the graph copies them in from the host
+            if mode.startswith(GRAPHED) and dev.type == "cuda":  # the graph copies them in from the host
                 cached = {k: v.cpu().pin_memory() for k, v in cached.items()}
+                labels = labels.cpu().pin_memory()  # as the loader hands them over
     else:
         model = AdapterModel(backbones).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
-    graphs = mode.startswith("graphs")
+    graphs = mode.startswith(GRAPHED)
     opt = make_optimizer(params, 1e-4, 1e-2, dev, graphs)  # as mettle-train makes it
-    train_step = TrainStep(model, task.loss, opt, dev, graphs=graphs)
+    train_step = TrainStep(model, task.loss, opt, dev, graphs=graphs, overlap_copy=mode.startswith("overlap"))
     warm = train_step.warmup + 2 if graphs else 1  # eager warm-up steps, the capture, one replay
     times = []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for step in range(steps + warm):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def one_step() -> None:
         if mode == "adapter":  # mixed precision on CUDA, the usual way to train such a baseline
             with torch.autocast("cuda", dtype=torch.float16, enabled=dev.type == "cuda"):
                 logits = model(frames, audio, batch).float()
-        else:
-            if mode == "end-to-end":
-                tokens = {}
-                for m, fw in forwards.items():
-                    x = fw.backbone.preprocess(frames if m == "visual" else audio)
-                    tokens.update({k: v.view(batch, 10, *v.shape[1:]) for k, v in fw(x, on_device=True).items()})
-            else:
-                tokens = cached
-            train_step(tokens, {}, labels)
-        if mode == "adapter":
             loss = task.loss(logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        elif mode == "end-to-end":
+            tokens = {}
+            for m, fw in forwards.items():
+                x = fw.backbone.preprocess(frames if m == "visual" else audio)
+                tokens.update({k: v.view(batch, 10, *v.shape[1:]) for k, v in fw(x, on_device=True).items()})
+            train_step(tokens, {}, labels)
+        else:
+            train_step(cached, {}, labels)
+
+    def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
+
+    for step in range(steps + warm):
+        sync()
+        t0 = time.perf_counter()
+        one_step()
+        sync()
         if step >= warm:  # the first steps warm up allocators and kernels
             times.append(time.perf_counter() - t0)
         elif step == warm - 1 and dev.type == "cuda":  # warm-up (and capture) over: the timed steps' own peak next
             warm_peak = torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
             torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):  # back to back, as mettle-train issues them
+        one_step()
+    sync()
+    pipelined = (time.perf_counter() - t0) / steps
     if graphs and train_step.replays < steps:
         raise RuntimeError(f"{mode}: {train_step.replays} of {steps} timed steps replayed a graph (see the warnings)")
     peak_rss = peak_memory(torch.device("cpu"))  # VmHWM: ru_maxrss would carry the parent's peak
     return {"mode": mode, "size": size, "batch": batch, "seconds_per_step": statistics.median(times),
+            "seconds_per_step_pipelined": pipelined,
             "seconds_per_sample": statistics.median(times) / batch, "trainable": count_parameters(model),
             "peak_gpu": max(warm_peak[0], torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
             # GPU: the timed steps' own peak (after warm-up and capture) and the most the allocator held from CUDA
@@ -264,8 +280,8 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
     gpu = f", {torch.cuda.get_device_name(0)}" if device.startswith("cuda") and torch.cuda.is_available() else ""
     out = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {device}{gpu}, "
            f"{time.strftime('%Y-%m-%d')}; training config: defaults{''.join(' ' + s for s in sets)}", "",
-           f"| size | batch | mode | s/step | s/sample | {mem} | trainable | time vs (a) | memory vs (a) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           f"| size | batch | mode | s/step | s/step pipelined | s/sample | {mem} | trainable | time vs (a) | "
+           "memory vs (a) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def find(r, mode):  # the successful row of ``mode`` at r's size and batch
         return next((b for b in rows if b["size"] == r["size"] and b["batch"] == r["batch"]
@@ -276,7 +292,7 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
 
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | failed: {r['error']} | | | | | |")
+            out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | failed: {r['error']} | | | | | | |")
             continue
         base = find(r, "cache:last-grid")
         m = memory(r)
@@ -286,13 +302,15 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
             tr, mr = f"{r['seconds_per_step'] / base['seconds_per_step']:.1f}x", f"{m / max(memory(base), 1):.1f}x"
         else:
             tr = mr = "-"
-        out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | {r['seconds_per_step']:.3f} | "
-                   f"{r['seconds_per_sample']:.3f} | {mtxt} | {r['trainable']:,} | {tr} | {mr} |")
+        piped = r.get("seconds_per_step_pipelined")
+        out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | {r['seconds_per_step']:.4f} | "
+                   f"{'-' if piped is None else f'{piped:.4f}'} | {r['seconds_per_sample']:.4f} | {mtxt} | {r['trainable']:,} | {tr} | {mr} |")
     for r in rows:  # (a) as one CUDA graph against (b), the issue's headline ratio
         e2e = find(r, "end-to-end")
-        if r["mode"] == "graphs:last-grid" and "error" not in r and e2e is not None:
-            out.append(f"\n{r['size']}, batch {r['batch']}: end-to-end / graphs:last-grid = "
-                       f"{e2e['seconds_per_step'] / r['seconds_per_step']:.1f}x time, "
+        if r["mode"] in ("graphs:last-grid", "overlap:last-grid") and "error" not in r and e2e is not None:
+            out.append(f"\n{r['size']}, batch {r['batch']}: end-to-end / {r['mode']} = "
+                       f"{e2e['seconds_per_step'] / r['seconds_per_step']:.1f}x time (steps alone), "
+                       f"{e2e['seconds_per_step_pipelined'] / r['seconds_per_step_pipelined']:.1f}x (pipelined), "
                        f"{e2e['peak_gpu'] / max(r['peak_gpu'], 1):.1f}x memory")
     held = [r for r in rows if r.get("peak_gpu_reserved") and "error" not in r]
     if held:  # the table's peak includes warm-up and a graph's capture; what replays need, and what CUDA gave

@@ -80,6 +80,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     cuda_graphs: str = "auto"  # each full batch's step as one replayed CUDA graph (step.py): auto = on CUDA
+    overlap_copy: bool = False  # graphed steps: the next batch copied in during the current one (step.py); +1 batch
     init_from: str = ""  # a run folder (or its best.pt) whose matching parameters start this run
     lcd: LCDConfig = field(default_factory=LCDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -99,7 +100,7 @@ class TrainConfig:
 
 # where and how a run executes, not what it computes (up to float rounding): outside the run
 # fingerprint (a rerun that changes only these finds the finished run), and so no sweep axis
-EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "lcd.chunk_mib", "lcd.matmul")
+EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "overlap_copy", "lcd.chunk_mib", "lcd.matmul")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 # string options with a fixed set of values
 CHOICES = {"cuda_graphs": ("auto", "true", "false"), "lcd.matmul": ("auto", "tf32", "float32")}

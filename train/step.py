@@ -24,6 +24,15 @@ How the graph stays exact (the captured step is checked, not trusted):
   run (graphs are the default on CUDA: they may cost speed, never a run). The eager result is the
   one kept.
 
+Overlapping the copy (``overlap_copy``, graphed steps only): a replay first copies the batch into the
+graph's input buffers, and at batch 8 on an H200 the float16 tokens' 149 MB took 2.7 ms of a 14 ms step
+(BENCHMARKS.md). With two sets of input buffers and a graph for each (one memory pool for both: they
+never run at once), the next batch is copied on a stream of its own while the current step replays; the
+copy waits only for the replay that last read its buffers. It costs one more batch of inputs on the
+device (the tokens' size) and one more capture; it gains only where the host runs ahead of the GPU, as
+mettle-train does (it reads a step's loss a step later). Inputs already on the device are copied on the
+current stream, as without it.
+
 Data contract: ``step(tokens, extra, target)`` takes ``tokens`` ``{key: (B, T, N, D)}`` (float, or int8
 codes with their scales, as the model reads them), ``extra`` the head's keyword inputs, ``target`` what ``loss_fn`` takes, all tensors on the
 host (ideally page-locked) or the device; returns the loss, a detached 0-d tensor on the device,
@@ -33,6 +42,7 @@ host (ideally page-locked) or the device; returns the loss, a detached 0-d tenso
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -91,42 +101,70 @@ def adopt_optimizer(opt: torch.optim.Optimizer, device: torch.device, graphs: bo
 Batch = tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Any]
 
 
+@dataclass
+class _Graph:
+    """One captured step: its input buffers, its loss output and when its last replay is done with them."""
+
+    graph: torch.cuda.CUDAGraph
+    static: Batch
+    loss: torch.Tensor
+    done: torch.cuda.Event = field(default_factory=torch.cuda.Event)
+
+
 class TrainStep:
     """``step(tokens, extra, target) -> loss``: see the module docstring.
 
     ``model(tokens, **extra)`` gives the outputs ``loss_fn(outputs, target)`` scores; ``opt`` from
     :func:`make_optimizer` (with ``graphs`` as here); ``grad_clip`` > 0 clips the gradients' total norm.
-    Counters ``replays`` and ``eager`` say how the steps ran.
+    ``overlap_copy`` (with ``graphs``): two input buffers and graphs, the next batch's copy beside the current
+    replay (see the module docstring). Counters ``replays`` and ``eager`` say how the steps ran.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], opt: torch.optim.Optimizer,
-                 device: torch.device, grad_clip: float = 0.0, graphs: bool = False, warmup: int = 3) -> None:
+                 device: torch.device, grad_clip: float = 0.0, graphs: bool = False, warmup: int = 3,
+                 overlap_copy: bool = False) -> None:
         self.model, self.loss_fn, self.opt, self.device = model, loss_fn, opt, device
         # at least one eager step before the capture: AdamW makes its state lazily, in its first step, and the
         # capture's start must have it (else the snapshot misses it and every capture differs from eager)
         self.grad_clip, self.warmup = grad_clip, max(1, warmup)
         self.graphs = graphs and device.type == "cuda"  # graphs_for decides (and warns) for a run's setting
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.buffers = 2 if overlap_copy and self.graphs else 1
+        self.captured: list[_Graph] = []  # replayed in turn
+        self.turn = 0
         self.signature: tuple | None = None
-        self.static: Batch | None = None
-        self.static_loss: torch.Tensor | None = None
         self.replays = self.eager = 0
         self.side = torch.cuda.Stream(device) if self.graphs else None
+        self.copier = torch.cuda.Stream(device) if self.buffers > 1 else None
 
     def __call__(self, tokens: Mapping[str, torch.Tensor], extra: Mapping[str, torch.Tensor], target: Any) -> torch.Tensor:
         if self.graphs:
             sig = _signature((tokens, extra, target))
-            if self.graph is not None and sig == self.signature:
-                _copy_into(self.static, (tokens, extra, target))
-                self.graph.replay()
-                self.replays += 1
-                return self.static_loss.clone()
-            if self.graph is None and self.eager >= self.warmup and (self.signature is None or sig == self.signature):
+            if self.captured and sig == self.signature:
+                return self._replay((tokens, extra, target))
+            if not self.captured and self.eager >= self.warmup and (self.signature is None or sig == self.signature):
                 return self._capture((tokens, extra, target), sig)
             if self.signature is None:
                 self.signature = sig  # the first batch's shape is the one worth a graph
             return self._eager_on_side(tokens, extra, target)
         return self._eager(tokens, extra, target)
+
+    def _replay(self, batch: Batch) -> torch.Tensor:
+        """The next graph in turn on ``batch``: its inputs copied in (by the copy stream when two graphs take
+        turns and ``batch`` is on the host), the replay, its loss cloned out of the graph's buffer."""
+        g = self.captured[self.turn]
+        self.turn = (self.turn + 1) % len(self.captured)
+        current = torch.cuda.current_stream(self.device)
+        if self.copier is not None and _on_host(batch):
+            self.copier.wait_event(g.done)  # the replay that last read these buffers is over
+            with torch.cuda.stream(self.copier):  # page-locked sources are kept until the copy is done
+                _copy_into(g.static, _pinned(batch))
+            current.wait_stream(self.copier)
+        else:
+            _copy_into(g.static, batch)
+        g.graph.replay()
+        g.done.record(current)
+        self.replays += 1
+        return g.loss.clone()
 
     def _eager_on_side(self, tokens, extra, target) -> torch.Tensor:
         """:meth:`_eager` on the side stream (warm-up, odd batches, the capture's check), as CUDA graphs want,
@@ -150,44 +188,55 @@ class TrainStep:
         tokens, extra, target = to_device((tokens, extra, target), self.device)
         self.opt.zero_grad(set_to_none=True)
         loss = self._forward_backward(tokens, extra, target)
-        if self.graph is not None:  # the graph keeps its own gradients: free these
+        if self.captured:  # the graphs keep their own gradients: free these
             self.opt.zero_grad(set_to_none=True)
         self.eager += 1
         return loss
 
     def _capture(self, batch: Batch, sig: tuple) -> torch.Tensor:
         """Check and capture the step for ``batch``'s shape: the eager step from the current state first
-        (its result, kept on the host, is the one kept), then back to the same state, the capture and one
-        replay, compared with it. Returns the eager step's loss.
+        (its result, kept on the host, is the one kept), then back to the same state, the capture (with
+        ``overlap_copy`` two, the second into the first's memory pool) and, from that state again, one replay
+        of each, compared with it. Returns the eager step's loss.
 
         Why in this order, the eager step on the side stream: its activations and gradients are freed
         before the graph's pool holds its own, so a run's peak can be the larger of the two, not their sum
         (with the check after the capture, on the default stream, a graphed run's peak was 66 MiB above an
         eager run's at batch 1 and 8 on the H200, 15d5e9e, BENCHMARKS.md); and the default stream would
-        give cuBLAS a second workspace.
+        give cuBLAS a second workspace. Two graphs share one pool: they replay one after the other on one
+        stream, and what the first leaves for the host (its loss) is cloned out before the second runs; the
+        gradients each writes afresh are dropped before the next capture (``.grad`` set to None), so the
+        second reuses their memory.
         """
         start = _snapshot(self.model, self.opt, self.device)
-        self.static = to_device(batch, self.device, copy=True)
-        loss = self._eager_on_side(*self.static)  # a fault of the step itself is raised here, as in any eager step
+        statics = [to_device(batch, self.device, copy=True) for _ in range(self.buffers)]
+        loss = self._eager_on_side(*statics[0])  # a fault of the step itself is raised here, as in any eager step
         eager = _snapshot(self.model, self.opt, self.device)
-        _restore(self.model, self.opt, self.device, start)
-        self.opt.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.device)  # to restore if the capture fails
-        checking = False
+        captured: list[_Graph] = []
+        checking, loss_err, update_err, out, g = False, 0.0, 0.0, None, None
         try:
-            # on this step's GPU and on the warm-up's stream: torch.cuda.graph's own capture stream is made
-            # once per process on whichever GPU was current then (a graph captured there from work on
-            # another GPU is empty, replays as nothing, and would pass the check below); thread_local:
-            # loader threads may pin memory meanwhile
-            with torch.cuda.device(self.device), \
-                    torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
-                self.static_loss = self._forward_backward(*self.static)
+            for static in statics:
+                _restore(self.model, self.opt, self.device, start)
+                self.opt.zero_grad(set_to_none=True)
+                graph = torch.cuda.CUDAGraph()
+                pool = captured[0].graph.pool() if captured else None
+                # on this step's GPU and on the warm-up's stream: torch.cuda.graph's own capture stream is made
+                # once per process on whichever GPU was current then (a graph captured there from work on
+                # another GPU is empty, replays as nothing, and would pass the check below); thread_local:
+                # loader threads may pin memory meanwhile
+                with torch.cuda.device(self.device), torch.cuda.graph(
+                        graph, pool=pool, stream=self.side, capture_error_mode="thread_local"):
+                    out = self._forward_backward(*static)
+                captured.append(_Graph(graph, static, out))
+                del graph
             checking = True
-            graph.replay()
-            replayed = _snapshot(self.model, self.opt, self.device, params_only=True)
-            loss_err = abs(float(self.static_loss) - float(loss)) / max(abs(float(loss)), 1e-12)
-            update_err = _update_error(start["params"], replayed["params"], eager["params"])
+            for g in captured:
+                _restore(self.model, self.opt, self.device, start)
+                g.graph.replay()
+                replayed = _snapshot(self.model, self.opt, self.device, params_only=True)
+                loss_err = max(loss_err, abs(float(g.loss) - float(loss)) / max(abs(float(loss)), 1e-12))
+                update_err = max(update_err, _update_error(start["params"], replayed["params"], eager["params"]))
         except Exception as e:  # RuntimeError: what CUDA and torch raise when a capture is refused; graphs are on by
             # default, so a fault in the check falls back too, it does not end the run
             failure = _first_line(e)
@@ -200,7 +249,7 @@ class TrainStep:
                 torch.cuda.set_stream(current)
         _restore(self.model, self.opt, self.device, eager)  # the eager result is the one kept, whatever happened
         if failure is not None:
-            del graph
+            captured = statics = out = g = None  # the graphs and their pool go with them
             self._drop_graph()
             log.warning("cuda_graphs: %s failed (%s); running without graphs",
                         "checking the captured training step" if checking else "capturing the training step", failure)
@@ -208,19 +257,21 @@ class TrainStep:
         if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
             log.warning("cuda_graphs: the captured training step differs from the eager one (loss by %.2g, "
                         "update by %.2g, relative); running without graphs", loss_err, update_err)
-            del graph
+            captured = statics = out = g = None  # the graphs and their pool go with them
             self._drop_graph()
             return loss
-        self.graph, self.signature = graph, sig
-        log.info("cuda_graphs: training steps on batches of %s run as one CUDA graph (loss within %.2g, "
-                 "update within %.2g of eager)", _describe(sig), loss_err, update_err)
+        self.captured, self.signature, self.turn = captured, sig, 0
+        log.info("cuda_graphs: training steps on batches of %s run as %s (loss within %.2g, update within %.2g "
+                 "of eager)", _describe(sig), "one CUDA graph" if len(captured) == 1 else
+                 f"{len(captured)} CUDA graphs taking turns, each batch copied in during the step before",
+                 loss_err, update_err)
         return loss
 
     def _drop_graph(self) -> None:
         """Eager steps from now on; the graph's pool goes back to CUDA once the caller holds no graph (the
         gradients the capture made live in it: dropped here)."""
         self.opt.zero_grad(set_to_none=True)
-        self.graph, self.graphs, self.static, self.static_loss = None, False, None, None
+        self.captured, self.graphs, self.copier = [], False, None
         torch.cuda.empty_cache()
 
 
@@ -259,6 +310,30 @@ def to_device(batch: Any, device: torch.device, copy: bool = False) -> Any:
         return {k: to_device(v, device, copy) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device, copy) for v in batch)
+    return batch
+
+
+def _on_host(batch: Any) -> bool:
+    """Whether every tensor in a (nested) batch is in host memory."""
+    if isinstance(batch, torch.Tensor):
+        return batch.device.type == "cpu"
+    if isinstance(batch, Mapping):
+        return all(_on_host(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return all(_on_host(v) for v in batch)
+    return True
+
+
+def _pinned(batch: Any) -> Any:
+    """``batch`` with its pageable host tensors copied into page-locked memory (the loader's tokens already
+    are; targets and head inputs made on the host may not be): a copy from pageable memory may wait for the
+    copy stream, and so for the replay before, where it should be queued behind it."""
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.device.type != "cpu" or batch.is_pinned() else batch.pin_memory()
+    if isinstance(batch, Mapping):
+        return {k: _pinned(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_pinned(v) for v in batch)
     return batch
 
 

@@ -82,7 +82,8 @@ def test_config_layers_and_errors(tmp_path):
 def test_execution_options_leave_the_run_fingerprint_alone():
     """Options that change only speed or memory (up to float rounding) find a finished run again."""
     base = resolve_config("ave", {"hidden": 256})
-    for sets in ({"lcd.chunk_mib": "64"}, {"cuda_graphs": "false"}, {"workers": "2"}, {"lcd.matmul": "float32"}):
+    for sets in ({"lcd.chunk_mib": "64"}, {"cuda_graphs": "false"}, {"workers": "2"}, {"lcd.matmul": "float32"},
+                 {"overlap_copy": "true"}):
         assert resolve_config("ave", {"hidden": 256}, sets=sets).fingerprint() == base.fingerprint(), sets
     assert resolve_config("ave", {"hidden": 256}, sets={"lcd.dim": "64"}).fingerprint() != base.fingerprint()
 
