@@ -9,16 +9,21 @@
 #                   since the sixth session: the LCD's bmm into strided out= views on CUDA, the capture checked
 #                   by an eager step run before it)
 #   train           end-to-end and the adapter baseline against the eager and the graphed cache step (float16
-#                   and int8 tokens), full size, batch 1 and 8 (the seventh session: 23.0x / 12.7x time and
+#                   and int8 tokens; overlap_copy: two graphs, each batch copied in during the step before), full
+#                   size, batch 1 and 8, each step timed alone and back to back (the seventh session: 23.0x / 12.7x time and
 #                   9.5x / 11.8x memory against end-to-end; the adapter baseline was last run against the
 #                   graphed step at f5a0833)
 #   train_chunks    the graphed cache step with lcd.chunk_mib=16 (the CUDA default before 2026-11-27's
 #                   fifth session) and 64: what fewer, larger chunks buy in time and cost in memory (counted
 #                   on the CPU since the sixth session: 64 MiB at batch 8 is 27 % fewer LCD operators than 32
 #                   for +44 MiB of peak: make it the CUDA default if the time is worth it)
-#   step_profile    kernels and peak memory of one eager step at batch 8, chunk_mib 32 / 64, with the 15 kernels
-#                   taking the most device time (the seventh session: 10.6 ms of kernels, ~1,130 of them, ~10 us
-#                   each: which kernels are slow, and are they the LCD's bmm, its norms or its reductions?)
+#   train_fp32      the graphed step with lcd.matmul=float32 (full float32 products, the default before the eighth
+#                   session, which made TF32 the LCD's default on CUDA): what TF32 buys, beside train's rows
+#   step_profile    kernels and peak memory of one eager step at batch 8, the LCD's products as TF32 (the default)
+#                   and as float32, with the 12 kernels taking the most device time (the eighth session, float32:
+#                   10.7 ms of kernels, 6.5 ms of it FFMA matrix products)
+#   extract_long    extraction with graphs on 576 toy clips, two runs: one-off costs (graph captures, the float16
+#                   check) weigh a third as much as on 192 clips, nearer a real dataset's share
 #   train_workspace end-to-end and the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
 #                   (CUBLAS_WORKSPACE_CONFIG=:4096:1) and cuBLASLt's to 4 MiB (CUBLASLT_WORKSPACE_SIZE, in
 #                   KiB; torch's library names that variable): the seventh session saw (a)'s peak fall by ~50 MiB
@@ -59,10 +64,10 @@ cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 WORK=${2:-/tmp/bwork}
 shift $(( $# < 2 ? $# : 2 ))
-PARTS=${*:-gpu_tests train train_chunks step_profile train_workspace encode_profile extract_eager extract_graphs extract_switch spy extract_host}
+PARTS=${*:-gpu_tests train train_fp32 train_chunks step_profile train_workspace encode_profile extract_eager extract_graphs extract_long extract_switch spy extract_host}
 for part in $PARTS; do  # every name checked before anything runs
-    case " gpu_tests train train_chunks step_profile train_workspace encode_profile extract_eager extract_graphs \
-extract_switch spy extract_host " in
+    case " gpu_tests train train_fp32 train_chunks step_profile train_workspace encode_profile extract_eager \
+extract_graphs extract_long extract_switch spy extract_host " in
     *" $part "*) ;;
     *) echo "unknown part $part (see the usage at the top of $0)"; exit 2 ;;
     esac
@@ -84,23 +89,27 @@ DEVICE=${DEVICE:-cuda}
 BACKBONES=${BACKBONES:-specific}
 SIZE=${SIZE:-full}
 GRAPHED=graphs:last-grid
-[ "$DEVICE" = cuda ] || GRAPHED=cache:last-grid  # CUDA graphs need CUDA: the eager step, to try the script
+OVERLAP=overlap:last-grid
+[ "$DEVICE" = cuda ] || GRAPHED=cache:last-grid OVERLAP=  # CUDA graphs need CUDA: the eager step, to try the script
 EXTRACT=("$PY" scripts/bench_pipeline.py --backbones "$BACKBONES" --clips 192 --device "$DEVICE" --work "$WORK" --data-clips 0)
 TRAIN=("$PY" scripts/bench_train_cost.py --sizes "$SIZE" --batches 1 8 --device "$DEVICE" --steps 3)
 for part in $PARTS; do
     case $part in
     gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs
         show gpu_tests 4 ;;
-    train) step train 240 "${TRAIN[@]}" --modes cache:last-grid end-to-end adapter $GRAPHED $GRAPHED/int8 --out "$OUT/train"
-        show train ;;
+    train) step train 300 "${TRAIN[@]}" --modes cache:last-grid end-to-end adapter $GRAPHED $GRAPHED/int8 $OVERLAP \
+            --out "$OUT/train"
+        show train 34 ;;
+    train_fp32) step train_fp32 100 "${TRAIN[@]}" --modes $GRAPHED --set lcd.matmul=float32 --out "$OUT/train_fp32"
+        show train_fp32 8 ;;
     train_chunks)
         for mib in 16 64; do
             step train_chunk$mib 100 "${TRAIN[@]}" --modes $GRAPHED --set lcd.chunk_mib=$mib --out "$OUT/train_chunk$mib"
             show train_chunk$mib 8
         done ;;
     step_profile) step step_profile 120 $PY scripts/step_profile.py --device $DEVICE --size $SIZE --batches 8 \
-            --set lcd.chunk_mib=32 --compare lcd.chunk_mib=64 --top 15
-        show step_profile 44 ;;
+            --compare lcd.matmul=float32 --top 12
+        show step_profile 36 ;;
     train_workspace) step train_workspace 150 env CUBLAS_WORKSPACE_CONFIG=:4096:1 CUBLASLT_WORKSPACE_SIZE=4096 \
         TORCH_CUBLASLT_WORKSPACE_SIZE=4096 "${TRAIN[@]}" --modes end-to-end $GRAPHED \
             --out "$OUT/train_workspace"
@@ -111,6 +120,8 @@ for part in $PARTS; do
         show extract_eager ;;
     extract_graphs) step extract_graphs 150 "${EXTRACT[@]}" --repeats 3 --out "$OUT/graphs" --cuda-graphs
         show extract_graphs ;;
+    extract_long) step extract_long 200 "${EXTRACT[@]}" --clips 576 --repeats 2 --out "$OUT/long" --cuda-graphs
+        show extract_long ;;
     # the launching thread waits up to Python's switch interval (5 ms) for the lock after each operator
     # when another thread runs Python (a 1000x slowdown in a throwaway test): the same, at 0.5 ms
     extract_switch) step extract_switch 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT/switch" --no-cuda-graphs \
