@@ -7,7 +7,8 @@
 # Usage: bash scripts/gpu_checks.sh [OUT] [WORK] [PART ...]      (no PART: all, in this order)
 #   gpu_tests       the GPU tests (kept weight casts, graphed extraction with partial batches, training graphs;
 #                   since the sixth session: the LCD's bmm into strided out= views on CUDA, the capture checked
-#                   by an eager step run before it)
+#                   by an eager step run before it; since the eighth: TF32 products, two graphs taking turns),
+#                   then the loader test with worker processes on its own (it hung in the eighth session)
 #   train           end-to-end and the adapter baseline against the eager and the graphed cache step (float16
 #                   and int8 tokens; overlap_copy: two graphs, each batch copied in during the step before), full
 #                   size, batch 1 and 8, each step timed alone and back to back (the seventh session: 23.0x / 12.7x time and
@@ -40,10 +41,12 @@
 #   extract_host    extraction's host side alone on this machine (a stand-in for the device work)
 # The parts' times on an H200 (seventh session): gpu_tests 60 s, train 105, train_chunks 64, step_profile
 # ~20, train_workspace ~40 (graphed only; ~70 with end-to-end), extract_eager 46-51, extract_graphs 45-58;
+# eighth session: train (with overlap:last-grid) 176, train_fp32 41, step_profile 13, extract_long 75,
+# extract_graphs 56; the new GPU tests alone ~50 s with their fixtures;
 # the per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed call
-# leaves in OUT still comes back. Next loan, one call of ~7 minutes: `... OUT WORK gpu_tests extract_graphs
-# extract_eager step_profile train_workspace train` (train with the adapter baseline: ~135 s). DEVICE=cpu BACKBONES=tiny SIZE=tiny runs the parts on a
-# CPU, to try the script.
+# leaves in OUT still comes back. Next loan, one call of ~6 minutes: `... OUT WORK gpu_tests train_workspace
+# extract_long train` (gpu_tests now ends with the loader test that hung: read its stacks first). DEVICE=cpu
+# BACKBONES=tiny SIZE=tiny runs the parts on a CPU, to try the script.
 #
 # On the lent machine (Python 3.12 and torch there, none of mettle's other packages, no network):
 # carry an ignored folder `.whl/` of cp312 wheels made here beforehand (`echo /.whl/ >> .git/info/exclude`;
@@ -95,8 +98,14 @@ EXTRACT=("$PY" scripts/bench_pipeline.py --backbones "$BACKBONES" --clips 192 --
 TRAIN=("$PY" scripts/bench_train_cost.py --sizes "$SIZE" --batches 1 8 --device "$DEVICE" --steps 3)
 for part in $PARTS; do
     case $part in
-    gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs
-        show gpu_tests 4 ;;
+    # the loader test with worker processes hung in both of the eighth session's calls (a worker forked from a
+    # process with page-locked batches, a pin thread and idle read threads; see README): on its own, after the rest
+    gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs \
+            -k "not page_locked_memory" -o faulthandler_timeout=60
+        show gpu_tests 4
+        step gpu_fork 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs -k page_locked_memory \
+            -o faulthandler_timeout=25
+        show gpu_fork 8 ;;
     train) step train 300 "${TRAIN[@]}" --modes cache:last-grid end-to-end adapter $GRAPHED $GRAPHED/int8 $OVERLAP \
             --out "$OUT/train"
         show train 34 ;;
