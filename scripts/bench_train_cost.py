@@ -17,11 +17,12 @@ For AVE-shaped samples (10 one-second segments: 10 frames + 10 audio seconds), o
 * ``cache:grid1`` (not in the defaults): every layer pooled to one token, to see what a step costs
   without its tokens (the meta-token path: output projection and MLP over layers x segments x K);
 * ``graphs:last-grid`` / ``graphs:full`` (CUDA, ``--modes`` or ``--cuda-graphs``): (a) with
-  ``mettle-train --cuda-graphs``: the step replayed as one CUDA graph (train/step.py), the tokens
-  handed over in page-locked host memory as the loader does and copied in by the timed step;
+  ``mettle-train --set overlap_copy=false``: the step replayed as one CUDA graph (train/step.py), the
+  tokens handed over in page-locked host memory as the loader does and copied in by the timed step;
   ``graphs:last-grid/int8`` (not in the defaults): the same from an int8 cache (half the bytes to copy in);
-* ``overlap:last-grid`` (CUDA, not in the defaults): graphs with ``overlap_copy``: two graphs taking turns,
-  each batch copied in while the step before runs (one more batch of tokens on the device);
+* ``overlap:last-grid`` (CUDA, not in the defaults): mettle-train's default on CUDA since the eighth session
+  of 2026-11-27 (``overlap_copy: auto``): two graphs taking turns, each batch copied in while the step before
+  runs (one more batch of tokens on the device); ``overlap:last-grid/int8`` likewise;
 
 (a) and (b) step through mettle-train's own ``TrainStep`` (no gradient clipping, as the adapter).
 

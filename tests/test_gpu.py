@@ -199,12 +199,13 @@ def test_encoding_on_a_second_gpu_waits_for_that_gpu(small_toy_cache):
             assert np.array_equal(e.codes.numpy(), encode(want[key].numpy(), get_dtype("float16"))[0]), key
 
 
-@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("overlap", ["false", "auto"])
 def test_cuda_graph_training_follows_eager(toy48_cache, caplog, overlap):
     """``cuda_graphs`` (auto on CUDA, true here): after the warm-up, full batches replay one captured step (checked against
     the eager step at capture), the epoch's last, smaller batch runs eagerly; dropout included, the
-    losses follow the eager run's and the replays counted. With ``overlap_copy`` two graphs take turns, each
-    batch copied in on a stream of its own while the step before runs: the same losses and parameters."""
+    losses follow the eager run's and the replays counted. With ``overlap_copy`` (auto: on with graphs) two
+    graphs take turns, each batch copied in on a stream of its own while the step before runs: the same losses
+    and parameters."""
     import logging
 
     sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "optim.batch_size": 3, "optim.lr": 1e-3,
@@ -214,7 +215,7 @@ def test_cuda_graph_training_follows_eager(toy48_cache, caplog, overlap):
     eager = fit(resolve_config("ave", head, sets=sets, device="cuda", cuda_graphs=False), cache, progress=False)
     with caplog.at_level(logging.INFO, logger="mettle.train.step"):
         graphed = fit(resolve_config("ave", head, sets=sets, device="cuda", cuda_graphs=True), cache, progress=False)
-    assert ("2 CUDA graphs taking turns" if overlap else "run as one CUDA graph") in caplog.text, caplog.text
+    assert ("2 CUDA graphs taking turns" if overlap == "auto" else "run as one CUDA graph") in caplog.text, caplog.text
     steps = len(eager.step_losses)  # 32 training clips at 3 a batch: 10 full batches and one of 2, twice
     assert steps == 22 and graphed.graph_replays == steps - 4 - 2, graphed.graph_replays  # warm-up 3, capture 1
     a, b = torch.tensor(eager.step_losses), torch.tensor(graphed.step_losses)

@@ -80,7 +80,8 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     cuda_graphs: str = "auto"  # each full batch's step as one replayed CUDA graph (step.py): auto = on CUDA
-    overlap_copy: bool = False  # graphed steps: the next batch copied in during the current one (step.py); +1 batch
+    overlap_copy: str = "auto"  # graphed steps take turns between two graphs, the next batch copied in during the
+    # current one (step.py): auto = wherever steps are graphed; costs one more batch of inputs on the device
     init_from: str = ""  # a run folder (or its best.pt) whose matching parameters start this run
     lcd: LCDConfig = field(default_factory=LCDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -103,7 +104,8 @@ class TrainConfig:
 EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "overlap_copy", "lcd.chunk_mib", "lcd.matmul")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 # string options with a fixed set of values
-CHOICES = {"cuda_graphs": ("auto", "true", "false"), "lcd.matmul": ("auto", "tf32", "float32")}
+CHOICES = {"cuda_graphs": ("auto", "true", "false"), "overlap_copy": ("auto", "true", "false"),
+           "lcd.matmul": ("auto", "tf32", "float32")}
 
 
 def _convert(key: str, value: Any, default: Any) -> Any:

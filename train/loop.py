@@ -160,8 +160,9 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         log.info("resuming at epoch %d of %d", start + 1, cfg.optim.epochs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_step = TrainStep(model, task.loss, opt, device, cfg.optim.grad_clip, graphs, overlap_copy=cfg.overlap_copy)
-    if cfg.overlap_copy and not graphs:
+    train_step = TrainStep(model, task.loss, opt, device, cfg.optim.grad_clip, graphs,
+                           overlap_copy=graphs and cfg.overlap_copy != "false")
+    if cfg.overlap_copy == "true" and not graphs:
         log.warning("overlap_copy: training runs without CUDA graphs (device %s, cuda_graphs=%s); the batches' copies "
                     "are not overlapped", device, cfg.cuda_graphs)
     lag = device.type in LAG_DEVICES  # reading a loss waits for the device: do it a step late

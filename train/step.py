@@ -24,9 +24,10 @@ How the graph stays exact (the captured step is checked, not trusted):
   run (graphs are the default on CUDA: they may cost speed, never a run). The eager result is the
   one kept.
 
-Overlapping the copy (``overlap_copy``, graphed steps only): a replay first copies the batch into the
-graph's input buffers, and at batch 8 on an H200 the float16 tokens' 149 MB took 2.7 ms of a 14 ms step
-(BENCHMARKS.md). With two sets of input buffers and a graph for each (one memory pool for both: they
+Overlapping the copy (``overlap_copy``: auto, the default, wherever steps are graphed; false: one graph): a
+replay first copies the batch into the graph's input buffers, and at batch 8 on an H200 the float16 tokens'
+149 MB took 2.7 ms of a 14 ms step (BENCHMARKS.md; with TF32 products, steps back to back: 9.6 -> 7.8 ms for
++142 MiB, eighth session). With two sets of input buffers and a graph for each (one memory pool for both: they
 never run at once), the next batch is copied on a stream of its own while the current step replays; the
 copy waits only for the replay that last read its buffers. It costs one more batch of inputs on the
 device (the tokens' size) and one more capture; it gains only where the host runs ahead of the GPU, as

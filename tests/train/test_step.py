@@ -65,10 +65,13 @@ def test_cuda_graphs_on_a_cpu_warn_and_train_as_without(small_toy_cache, caplog)
                      max_steps=3)
     assert "cuda_graphs: training runs on cpu" in caplog.text
     assert graphs.graph_replays == 0 and graphs.step_losses == plain.step_losses
+    assert "overlap_copy" not in caplog.text  # auto on a CPU says nothing either
     with caplog.at_level(logging.WARNING, logger="mettle.train.loop"):  # two input buffers need graphs
         overlap = fit(resolve_config("ave", HEAD, sets={**SETS, "overlap_copy": "yes"}, device="cpu"), cache,
                       progress=False, max_steps=3)
     assert "overlap_copy: training runs without CUDA graphs (device cpu, cuda_graphs=auto)" in caplog.text
+    with pytest.raises(ConfigError, match="overlap_copy='later' is not one of auto, true, false"):
+        resolve_config("ave", HEAD, sets={"overlap_copy": "later"})
     assert overlap.graph_replays == 0 and overlap.step_losses == plain.step_losses
 
 
