@@ -68,10 +68,12 @@ class TokenDataset(Dataset):
             return self.cache.read_scales(key[:-len(SCALE)], rows)
         return self.cache.read(key, rows, self.dtype_of(key))
 
-    def _keep(self, row: int, tokens: dict[str, torch.Tensor]) -> None:
+    def _keep(self, row: int, tokens: dict[str, torch.Tensor], copy: bool = False) -> None:
+        """Keep ``row``'s tokens while the budget allows; ``copy``: as copies in ordinary memory (the caller's
+        are views of page-locked batch arrays, see :class:`BatchedTokens`)."""
         size = sum(t.numel() * t.element_size() for t in tokens.values())
         if self._kept_bytes + size <= self.memory_budget:
-            self._kept[row] = tokens
+            self._kept[row] = {k: t.clone() for k, t in tokens.items()} if copy else tokens
             self._kept_bytes += size
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
@@ -140,7 +142,11 @@ class BatchedTokens(Dataset):
 
     A batch of fresh rows is read straight into its arrays: page-locked tensors with ``pinned`` (CUDA
     only: its copy to the GPU then needs no staging copy, and the loader should not pin again), else
-    arrays recycled from earlier batches that nothing holds any more (see :class:`_Recycled`).
+    arrays recycled from earlier batches that nothing holds any more (see :class:`_Recycled`). Rows of
+    a page-locked batch are kept (``memory_budget``) as copies in ordinary memory, not as views: a view
+    would hold the whole batch's page-locked block (torch's host allocator could not reuse it, and
+    page-locked memory would grow to the budget), and page-locked memory comes from CUDA, which a
+    forked loader worker must not touch (NVIDIA's rule for fork) while it may read the parent's kept rows.
 
     The batch's arrays are read by up to ``threads`` threads at once (each array by one thread, so
     no two threads share a reader): a read is a ``preadv`` system call, which releases Python's
@@ -187,8 +193,8 @@ class BatchedTokens(Dataset):
         if len(set(rows.tolist())) == len(rows) and not any(r in ds._kept for r in rows.tolist()):
             # the common case: distinct rows not in memory, read straight into the batch's own order
             data = self._map(ds.out_keys, rows)
-            for pos, r in enumerate(rows.tolist()):
-                ds._keep(r, {k: torch.from_numpy(v[pos]) for k, v in data.items()})
+            for pos, r in enumerate(rows.tolist()):  # page-locked batches: rows kept as copies (see __init__)
+                ds._keep(r, {k: torch.from_numpy(v[pos]) for k, v in data.items()}, copy=self.pinned)
             return {"row": torch.from_numpy(rows), "tokens": {k: torch.from_numpy(v) for k, v in data.items()}}
         items = ds.__getitems__(indices)  # repeated or kept rows: the per-item path, then one stack per key
         return {"row": torch.from_numpy(rows), "tokens": {k: torch.stack([it["tokens"][k] for it in items])

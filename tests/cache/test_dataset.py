@@ -1,0 +1,42 @@
+"""The training data path's kept rows (cache/dataset.py) where batches are page-locked."""
+
+import numpy as np
+import pytest
+import torch
+
+from mettle.cache import open_cache
+from mettle.cache import dataset as dataset_module
+
+from test_cache import _fill  # tests/ holds no packages: the module is found by its folder
+
+
+@pytest.fixture(scope="module")
+def rows5(toy_manifest):
+    return toy_manifest.subset(range(5))
+
+
+def test_rows_of_page_locked_batches_are_kept_as_copies(rows5, tmp_path, monkeypatch):
+    """On CUDA machines batches are read into page-locked memory; the rows kept for later epochs are copies
+    in ordinary memory, not views of the batch: a view would hold the batch's page-locked block, and a forked
+    loader worker reading the parent's kept rows must not touch memory CUDA allocated. Page-locked memory
+    needs CUDA, so here ``torch.empty(..., pin_memory=True)`` makes ordinary memory; what is checked is that
+    kept rows share no memory with the batch, and that they hold the batch's values."""
+    truth = _fill(rows5, tmp_path / "c", dtype="float16")[1]
+    empty = torch.empty
+    monkeypatch.setattr(dataset_module.torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    cache = open_cache(tmp_path / "c")
+    keys = ["visual/stage0.block0", "audio/stage1.block0"]
+    ds = dataset_module.TokenDataset(cache, range(5), keys, dtype="float16")
+    for pinned in (True, False):
+        ds._kept.clear()
+        ds._kept_bytes = 0
+        batch = dataset_module.BatchedTokens(ds, pinned=pinned).__getitems__([3, 1, 4])
+        for key in keys:
+            got = batch["tokens"][key]
+            assert np.array_equal(got.numpy(), truth[key][[3, 1, 4]].astype(np.float16))
+            start, end = got.data_ptr(), got.data_ptr() + got.numel() * got.element_size()
+            for pos, row in enumerate([3, 1, 4]):
+                kept = ds._kept[row][key]
+                assert torch.equal(kept, got[pos])
+                inside = start <= kept.data_ptr() < end
+                assert inside != pinned, (pinned, row, key)  # pinned: a copy; otherwise a view, no copy made
