@@ -258,9 +258,11 @@ def test_overlapped_copies_wait_for_the_replay_reading_their_buffers():
     assert torch.allclose(losses[1], losses[0], rtol=1e-4, atol=1e-6), losses
 
 
-def test_a_fault_in_the_graph_check_falls_back_to_eager_steps(toy48_cache, caplog, monkeypatch):
+@pytest.mark.parametrize("fault", ["check", "second capture"])
+def test_a_fault_in_the_graph_check_falls_back_to_eager_steps(toy48_cache, caplog, monkeypatch, fault):
     """Graphs are on by default on CUDA: a fault while checking the capture (here forced, as the
-    snapshot mix-up found on the H200 on 2026-11-27 was) gives a warning and eager steps that train as
+    snapshot mix-up found on the H200 on 2026-11-27 was), or inside the second graph's capture (two graphs
+    take turns by default, the second in the first's pool), gives a warning and eager steps that train as
     without graphs, not a failed run."""
     import logging
 
@@ -274,10 +276,24 @@ def test_a_fault_in_the_graph_check_falls_back_to_eager_steps(toy48_cache, caplo
     def broken(*args):
         raise TypeError("forced")
 
-    monkeypatch.setattr(step, "_update_error", broken)
+    captures, step_once = [], step.TrainStep._forward_backward
+
+    def second_capture_fails(self, *batch):
+        if torch.cuda.is_current_stream_capturing():
+            captures.append(1)
+            if len(captures) == 2:
+                raise TypeError("forced")
+        return step_once(self, *batch)
+
+    if fault == "check":
+        monkeypatch.setattr(step, "_update_error", broken)
+    else:
+        monkeypatch.setattr(step.TrainStep, "_forward_backward", second_capture_fails)
     with caplog.at_level(logging.WARNING, logger="mettle.train.step"):
         graphed = fit(resolve_config("ave", head, sets=sets, device="cuda"), cache, progress=False)
-    assert "checking the captured training step failed (TypeError: forced)" in caplog.text
+    what = "checking the captured training step" if fault == "check" else "capturing the training step"
+    assert f"{what} failed (TypeError: forced)" in caplog.text, caplog.text
+    assert torch.cuda.current_stream().cuda_stream == torch.cuda.default_stream().cuda_stream  # restored
     assert graphed.graph_replays == 0
     a, b = torch.tensor(eager.step_losses), torch.tensor(graphed.step_losses)  # AdamW capturable vs not: 1e-3
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), (a, b)

@@ -38,8 +38,10 @@ class LCDConfig:
         (tensor cores, inputs rounded to 10 mantissa bits, the float16 cache's own precision; sums
         in float32) | ``float32`` (full float32, FFMA: on an H200 the products took 6.5 of a batch-8
         step's 10.7 ms of kernels that way). The CPU has no TF32: there every value computes in float32.
-        Set for the LCD's forward and backward only (the process's setting is restored); like the device, an
-        execution choice, no part of a run's fingerprint.
+        Set around the LCD's forward (the process's setting is restored after) and again for the backward of
+        its attention and of the recomputed part after it; where that part keeps its activations instead
+        (small batches: ``LCD.recompute``), its backward, small products, follows the process's setting as
+        the head's does. Like the device, an execution choice, no part of a run's fingerprint.
     The queries are per layer and per head (``heads x meta_tokens x D_l``); with
     ``meta_tokens <= dim / heads`` that is the same function class as query and key projections.
     """

@@ -155,6 +155,9 @@ class TrainStep:
         g = self.captured[self.turn]
         self.turn = (self.turn + 1) % len(self.captured)
         current = torch.cuda.current_stream(self.device)
+        for other in self.captured:  # the graphs share a pool: never two at once, whichever stream a caller is on
+            if other is not g:
+                current.wait_event(other.done)
         if self.copier is not None and _on_host(batch):
             self.copier.wait_event(g.done)  # the replay that last read these buffers is over
             with torch.cuda.stream(self.copier):  # page-locked sources are kept until the copy is done
@@ -215,7 +218,7 @@ class TrainStep:
         eager = _snapshot(self.model, self.opt, self.device)
         current = torch.cuda.current_stream(self.device)  # to restore if the capture fails
         captured: list[_Graph] = []
-        checking, loss_err, update_err, out, g = False, 0.0, 0.0, None, None
+        checking, loss_err, update_err, out, g, graph, static = False, 0.0, 0.0, None, None, None, None
         try:
             for static in statics:
                 _restore(self.model, self.opt, self.device, start)
@@ -236,8 +239,11 @@ class TrainStep:
                 _restore(self.model, self.opt, self.device, start)
                 g.graph.replay()
                 replayed = _snapshot(self.model, self.opt, self.device, params_only=True)
-                loss_err = max(loss_err, abs(float(g.loss) - float(loss)) / max(abs(float(loss)), 1e-12))
-                update_err = max(update_err, _update_error(start["params"], replayed["params"], eager["params"]))
+                # the worst graph's errors; NaN (a replay gone wrong) counts as infinite, which max would drop
+                gap = abs(float(g.loss) - float(loss)) / max(abs(float(loss)), 1e-12)
+                loss_err = max(loss_err, _finite_or_inf(gap))
+                update_err = max(update_err, _finite_or_inf(_update_error(start["params"], replayed["params"],
+                                                                          eager["params"])))
         except Exception as e:  # RuntimeError: what CUDA and torch raise when a capture is refused; graphs are on by
             # default, so a fault in the check falls back too, it does not end the run
             failure = _first_line(e)
@@ -250,7 +256,7 @@ class TrainStep:
                 torch.cuda.set_stream(current)
         _restore(self.model, self.opt, self.device, eager)  # the eager result is the one kept, whatever happened
         if failure is not None:
-            captured = statics = out = g = None  # the graphs and their pool go with them
+            del captured, statics, out, g, graph, static  # the graphs and their pool go with them
             self._drop_graph()
             log.warning("cuda_graphs: %s failed (%s); running without graphs",
                         "checking the captured training step" if checking else "capturing the training step", failure)
@@ -258,7 +264,7 @@ class TrainStep:
         if not (loss_err <= LOSS_TOLERANCE and update_err <= UPDATE_TOLERANCE):
             log.warning("cuda_graphs: the captured training step differs from the eager one (loss by %.2g, "
                         "update by %.2g, relative); running without graphs", loss_err, update_err)
-            captured = statics = out = g = None  # the graphs and their pool go with them
+            del captured, statics, out, g, graph, static  # the graphs and their pool go with them
             self._drop_graph()
             return loss
         self.captured, self.signature, self.turn = captured, sig, 0
@@ -274,6 +280,10 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         self.captured, self.graphs, self.copier = [], False, None
         torch.cuda.empty_cache()
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if x == x else float("inf")
 
 
 def _first_line(e: Exception) -> str:
