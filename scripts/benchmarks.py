@@ -4,13 +4,14 @@ Usage: python scripts/benchmarks.py --out DIR [--work DIR] [--device cuda] [--qu
        [--parts train extraction tiny sizes]
 
 The set, each run as its own process: training cost per step (full-size architectures at batch 1
-and 8: cache vs end-to-end vs adapter baseline, an int8 cache, and on CUDA the cache's step as one
-CUDA graph, as mettle-train runs it there; the tiny architectures); extraction and data-path
+and 8: cache vs end-to-end vs adapter baseline, an int8 cache, and on CUDA the cache's step as
+mettle-train runs it there: replayed CUDA graphs, two taking turns (``overlap:last-grid``); the tiny
+architectures); extraction and data-path
 throughput (full-size random-init backbones on the toy dataset, with a torch.profiler table of one
 more extraction; extraction's host side alone, with a stand-in for the device work; a
 full-size-layout cache of random tokens); cache sizes per preset and dtype.
-``--extended`` adds what is not one of the issue's figures (a few minutes more): the graphed step
-at the `full` budget, extraction without CUDA graphs on CUDA (``--no-cuda-graphs``; graphs are
+``--extended`` adds what is not one of the issue's figures (a few minutes more): the step as one
+graph (``overlap_copy=false``) and at the `full` budget, extraction without CUDA graphs on CUDA (``--no-cuda-graphs``; graphs are
 the default there since 2026-11-27's seventh session), extraction with the tiny backbones, and
 the LCD without stage sharing and at width 128.
 
@@ -51,9 +52,9 @@ def main() -> None:
     # toy clips to extract: on a GPU enough that one-off work (the first batch's precision check, graph
     # capture, kernel selection) weighs little against the steady rate; 48 (15 batches) did not
     cuda = args.device.startswith("cuda")
-    # (a) as mettle-train runs it on CUDA (graphed steps by default) beside the eager modes
+    # (a) as mettle-train runs it on CUDA (graphed steps, two graphs taking turns, by default) beside the eager modes
     train_modes = ["cache:last-grid", "cache:full", "end-to-end", "adapter", "cache:last-grid/int8",
-                   *(["graphs:last-grid"] if cuda else [])]
+                   *(["overlap:last-grid"] if cuda else [])]
     clips = "12" if args.quick else "192" if cuda else "48"
     runs = [  # (part, command, file for stdout); the headline figures first, so a run cut short still has them
         ("train", [py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches, "--device", args.device,
@@ -72,7 +73,7 @@ def main() -> None:
         if cuda:
             runs.append(("train", [py, HERE / "bench_train_cost.py", "--sizes", "full", "--batches", *full_batches,
                                    "--device", args.device, "--steps", "2" if args.quick else "3",
-                                   "--modes", "cache:last-grid", "graphs:full",
+                                   "--modes", "cache:last-grid", "graphs:last-grid", "graphs:full",
                                    "--out", args.out / "train_full_graphs"], None))
             runs.append(("extraction", [py, HERE / "bench_pipeline.py", "--backbones", "specific", "--clips", clips,
                                         "--device", args.device, "--repeats", "1" if args.quick else "3",
