@@ -100,7 +100,7 @@ for part in $PARTS; do
     case $part in
     # the loader test with worker processes hung in both of the eighth session's calls (a worker forked from a
     # process with page-locked batches, a pin thread and idle read threads; see README): on its own, after the rest
-    gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs \
+    gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_train.py -rs \
             -k "not page_locked_memory" -o faulthandler_timeout=60
         show gpu_tests 4
         step gpu_fork 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs -k page_locked_memory \

@@ -1,0 +1,74 @@
+"""CUDA paths of the training step added in the eighth session of 2026-11-27: the LCD's TF32 products
+and two graphs taking turns (marker ``gpu``; deselected by default, run with ``pytest -m gpu``)."""
+
+import pytest
+import torch
+
+from mettle.cache import ArraySpec
+from mettle.train.config import LCDConfig
+from mettle.train.lcd import LCD
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+def test_cuda_lcd_runs_tf32_by_default_and_restores_the_setting():
+    """lcd.matmul=auto on CUDA: the LCD's products run as TF32 (its outputs differ from full float32's, by
+    little; its gradients stay close to them), and the process's setting is the same after as before. That
+    backward runs under the forward's setting is tested on the CPU (tests/train/test_lcd.py)."""
+    torch.manual_seed(0)
+    arrays = [ArraySpec(f"visual/stage0.block{i}", "visual", f"stage0.block{i}", i, 0, 96, (10, 10), (10, 10))
+              for i in range(4)]
+    tokens = {a.key: torch.randn(4, 3, 100, 96, device="cuda").half() for a in arrays}
+    before, results = torch.backends.cuda.matmul.fp32_precision, {}
+    for matmul in ("float32", "auto"):
+        torch.manual_seed(1)
+        lcd = LCD(arrays, LCDConfig(meta_tokens=4, dim=64, heads=4, matmul=matmul)).cuda()
+        out = lcd(tokens)
+        out.square().sum().backward()
+        results[matmul] = out.detach(), {n: p.grad for n, p in lcd.named_parameters()}
+        assert torch.backends.cuda.matmul.fp32_precision == before, matmul
+    (exact, exact_grads), (fast, fast_grads) = results["float32"], results["auto"]
+    assert not torch.equal(fast, exact)  # TF32 was on
+    assert (fast - exact).norm() <= 1e-2 * exact.norm()
+    for n, g in exact_grads.items():
+        assert (fast_grads[n] - g).norm() <= 3e-2 * g.norm() + 1e-6, (n, float((fast_grads[n] - g).norm() / g.norm()))
+
+
+def test_overlapped_copies_wait_for_the_replay_reading_their_buffers():
+    """Two graphs taking turns with the host far ahead of a slow step (~30 ms, the copy <1 ms): every batch
+    trains as given, as the eager steps do (a copy into buffers a queued replay still reads would mix two
+    batches), and the copies run on their own stream."""
+    from torch import nn
+
+    from mettle.train.step import TrainStep, make_optimizer
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.out = nn.Linear(512, 512), nn.Linear(512, 4)
+
+        def forward(self, tokens):
+            h = tokens["x"].float()
+            for _ in range(24):
+                h = torch.tanh(self.lin(h))
+            return self.out(h).mean(1)
+
+    torch.manual_seed(0)
+    batches = [({"x": torch.randn(8, 2048, 512).half().pin_memory()}, {}, torch.randint(0, 4, (8,)).pin_memory())
+               for _ in range(10)]
+    losses = []
+    for graphs in (False, True):
+        torch.manual_seed(1)
+        model = Slow().cuda()
+        opt = make_optimizer(list(model.parameters()), 1e-3, 0.0, torch.device("cuda"), graphs)
+        step = TrainStep(model, nn.functional.cross_entropy, opt, torch.device("cuda"), graphs=graphs,
+                         overlap_copy=True)
+        losses.append(torch.stack([step(*b) for b in batches]).cpu())  # read at the end: the host runs ahead
+    assert step.replays == 6 and len(step.captured) == 2 and step.copier is not None
+    assert torch.allclose(losses[1], losses[0], rtol=1e-4, atol=1e-6), losses
