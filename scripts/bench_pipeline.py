@@ -100,6 +100,15 @@ def _trace(args, cfg, backbones) -> None:
              "profile: " + json.dumps({k: round(v, 3) for k, v in summary.profile.items() if isinstance(v, float)}), "",
              events.table(sort_by="self_cpu_time_total", row_limit=30)]
     if args.device.startswith("cuda"):
+        from device_busy import device_busy
+
+        busy, span, gaps = device_busy([(e.start_ns(), e.end_ns()) for e in prof.profiler.kineto_results.events()
+                                        if e.device_type() == torch.autograd.DeviceType.CUDA])
+        if span:  # the union of kernels, copies and memsets: what the sum above counts twice where they overlap
+            long = [g for g in gaps if g >= 1e-3]
+            lines[1:1] = [f"GPU busy {busy:.2f} s of the {span:.2f} s from its first activity to its last "
+                          f"({100 * busy / span:.0f} %); idle gaps of 1 ms or more: {len(long)}, {sum(long):.2f} s in "
+                          f"all, the longest {', '.join(f'{1e3 * g:.0f}' for g in sorted(long)[-5:][::-1])} ms"]
         lines += ["", events.table(sort_by="self_device_time_total", row_limit=15)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"extraction_trace_{args.backbones}{'-graphs' if args.graphs else ''}.txt").write_text("\n".join(lines) + "\n")

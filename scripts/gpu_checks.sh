@@ -25,6 +25,9 @@
 #                   10.7 ms of kernels, 6.5 ms of it FFMA matrix products)
 #   extract_long    extraction with graphs on 576 toy clips, two runs: one-off costs (graph captures, the float16
 #                   check) weigh a third as much as on 192 clips, nearer a real dataset's share
+#   extract_trace   one more such extraction under torch.profiler: how busy the GPU was (the union of its kernels
+#                   and copies) and its idle gaps: host stalls (the eighth session's 73 %) or device work beyond
+#                   the forward (pooling, encoding, copies)?
 #   train_workspace end-to-end and the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
 #                   (CUBLAS_WORKSPACE_CONFIG=:4096:1) and cuBLASLt's to 4 MiB (CUBLASLT_WORKSPACE_SIZE, in
 #                   KiB; torch's library names that variable): the seventh session saw (a)'s peak fall by ~50 MiB
@@ -44,8 +47,8 @@
 # eighth session: train (with overlap:last-grid) 176, train_fp32 41, step_profile 13, extract_long 75,
 # extract_graphs 56; the new GPU tests alone ~50 s with their fixtures;
 # the per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed call
-# leaves in OUT still comes back. Next loan, one call of ~6 minutes: `... OUT WORK gpu_tests train_workspace
-# extract_long train` (gpu_tests now ends with the loader test that hung: read its stacks first). DEVICE=cpu
+# leaves in OUT still comes back. Next loan, one call of ~7 minutes: `... OUT WORK gpu_tests train_workspace
+# extract_trace extract_long train` (gpu_tests now ends with the loader test that hung: read its stacks first). DEVICE=cpu
 # BACKBONES=tiny SIZE=tiny runs the parts on a CPU, to try the script.
 #
 # On the lent machine (Python 3.12 and torch there, none of mettle's other packages, no network):
@@ -67,10 +70,10 @@ cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 WORK=${2:-/tmp/bwork}
 shift $(( $# < 2 ? $# : 2 ))
-PARTS=${*:-gpu_tests train train_fp32 train_chunks step_profile train_workspace encode_profile extract_eager extract_graphs extract_long extract_switch spy extract_host}
+PARTS=${*:-gpu_tests train train_fp32 train_chunks step_profile train_workspace encode_profile extract_eager extract_graphs extract_long extract_trace extract_switch spy extract_host}
 for part in $PARTS; do  # every name checked before anything runs
     case " gpu_tests train train_fp32 train_chunks step_profile train_workspace encode_profile extract_eager \
-extract_graphs extract_long extract_switch spy extract_host " in
+extract_graphs extract_long extract_trace extract_switch spy extract_host " in
     *" $part "*) ;;
     *) echo "unknown part $part (see the usage at the top of $0)"; exit 2 ;;
     esac
@@ -131,6 +134,8 @@ for part in $PARTS; do
         show extract_graphs ;;
     extract_long) step extract_long 200 "${EXTRACT[@]}" --clips 576 --repeats 2 --out "$OUT/long" --cuda-graphs
         show extract_long ;;
+    extract_trace) step extract_trace 150 "${EXTRACT[@]}" --clips 576 --repeats 1 --out "$OUT/trace" --cuda-graphs --trace
+        echo "== extract_trace"; head -3 "$OUT/trace/extraction_trace_$BACKBONES-graphs.txt" ;;
     # the launching thread waits up to Python's switch interval (5 ms) for the lock after each operator
     # when another thread runs Python (a 1000x slowdown in a throwaway test): the same, at 0.5 ms
     extract_switch) step extract_switch 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT/switch" --no-cuda-graphs \
