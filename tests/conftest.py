@@ -11,6 +11,16 @@ import pytest  # noqa: E402
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.fixture(autouse=True)
+def _gpu_tests_need_cuda(request):
+    """Tests marked ``gpu`` (run with ``pytest -m gpu``) skip where no CUDA device is."""
+    if request.node.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory) -> Path:
     """A 12-clip toy dataset with videos and the extracted frames + waves layout."""

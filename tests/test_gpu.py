@@ -11,13 +11,7 @@ from mettle.train.config import LCDConfig, resolve_config
 from mettle.train.lcd import LCD, LayerDistiller, Readout
 from mettle.train.loop import fit
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+pytestmark = pytest.mark.gpu  # skipped without CUDA (conftest.py)
 
 
 def test_cuda_extraction_matches_cpu(toy_root, tmp_path):

@@ -8,13 +8,7 @@ from mettle.cache import ArraySpec
 from mettle.train.config import LCDConfig
 from mettle.train.lcd import LCD
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+pytestmark = pytest.mark.gpu  # skipped without CUDA (conftest.py)
 
 
 def test_cuda_lcd_runs_tf32_by_default_and_restores_the_setting():
@@ -43,7 +37,7 @@ def test_cuda_lcd_runs_tf32_by_default_and_restores_the_setting():
 def test_overlapped_copies_wait_for_the_replay_reading_their_buffers():
     """Two graphs taking turns with the host far ahead of a slow step (~30 ms, the copy <1 ms): every batch
     trains as given, as the eager steps do (a copy into buffers a queued replay still reads would mix two
-    batches), and the copies run on their own stream."""
+    batches); a copy stream is made for the copies."""
     from torch import nn
 
     from mettle.train.step import TrainStep, make_optimizer
