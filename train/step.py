@@ -313,39 +313,34 @@ def _describe(sig: tuple) -> str:
     return f"{len(shapes)} tensors, the first {shapes[0]}" if shapes else "no tensors"
 
 
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A (nested) dict / tuple / list batch with every tensor replaced by ``fn(tensor)``; other values kept."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def to_device(batch: Any, device: torch.device, copy: bool = False) -> Any:
     """Tensors in a (nested) dict / tuple / list moved to ``device`` without blocking (``copy``: always copies)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True, copy=copy)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device, copy) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device, copy) for v in batch)
-    return batch
+    return _map_tensors(batch, lambda t: t.to(device, non_blocking=True, copy=copy))
 
 
 def _on_host(batch: Any) -> bool:
     """Whether every tensor in a (nested) batch is in host memory."""
-    if isinstance(batch, torch.Tensor):
-        return batch.device.type == "cpu"
-    if isinstance(batch, Mapping):
-        return all(_on_host(v) for v in batch.values())
-    if isinstance(batch, (tuple, list)):
-        return all(_on_host(v) for v in batch)
-    return True
+    tensors: list[torch.Tensor] = []
+    _map_tensors(batch, lambda t: tensors.append(t) or t)
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def _pinned(batch: Any) -> Any:
     """``batch`` with its pageable host tensors copied into page-locked memory (the loader's tokens already
     are; targets and head inputs made on the host may not be): a copy from pageable memory may wait for the
     copy stream, and so for the replay before, where it should be queued behind it."""
-    if isinstance(batch, torch.Tensor):
-        return batch if batch.device.type != "cpu" or batch.is_pinned() else batch.pin_memory()
-    if isinstance(batch, Mapping):
-        return {k: _pinned(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_pinned(v) for v in batch)
-    return batch
+    return _map_tensors(batch, lambda t: t if t.device.type != "cpu" or t.is_pinned() else t.pin_memory())
 
 
 def _copy_into(static: Any, batch: Any) -> None:
