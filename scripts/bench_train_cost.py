@@ -306,7 +306,7 @@ def table(rows: list[dict], device: str, sets: list[str]) -> list[str]:
         piped = r.get("seconds_per_step_pipelined")
         out.append(f"| {r['size']} | {r['batch']} | {r['mode']} | {r['seconds_per_step']:.4f} | "
                    f"{'-' if piped is None else f'{piped:.4f}'} | {r['seconds_per_sample']:.4f} | {mtxt} | {r['trainable']:,} | {tr} | {mr} |")
-    for r in rows:  # (a) as one CUDA graph against (b), the headline ratio
+    for r in rows:  # graphed (a), one graph or two taking turns, against (b): the headline ratio
         e2e = find(r, "end-to-end")
         if r["mode"] in ("graphs:last-grid", "overlap:last-grid") and "error" not in r and e2e is not None:
             out.append(f"\n{r['size']}, batch {r['batch']}: end-to-end / {r['mode']} = "
