@@ -117,6 +117,7 @@ def _without_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
 def fp32_matmul(precision: str | None):
     """A context in which CUDA runs float32 matrix products as ``precision`` says (``tf32``: tensor cores,
     inputs rounded to 10 mantissa bits; ``ieee``: full float32; ``none``: as torch's legacy settings say;
@@ -127,15 +128,12 @@ def fp32_matmul(precision: str | None):
     The setting is the process's, not the thread's: while the context is open, other threads' CUDA float32
     products follow it too (mettle's loader threads run none).
     """
-    if precision is None or torch.backends.cuda.matmul.fp32_precision == precision:
-        return contextlib.nullcontext()
-    return _precision(precision)
-
-
-@contextlib.contextmanager
-def _precision(precision: str):
     matmul = torch.backends.cuda.matmul
-    saved, matmul.fp32_precision = matmul.fp32_precision, precision
+    saved = matmul.fp32_precision
+    if precision is None or precision == saved:
+        yield
+        return
+    matmul.fp32_precision = precision
     try:
         yield
     finally:
