@@ -116,12 +116,13 @@ class Cache(TokenSource):
 
         The dataset is kept between calls with the same keys and codes, so rows read in one epoch stay in
         memory for the next (up to ``memory_budget`` bytes; with ``workers`` each worker process
-        holds its own copy for the life of the loader only).
+        holds its own copy for the life of the loader only). Once CUDA is initialised in this process the
+        workers start from a forkserver, not by fork (see :func:`~mettle.cache.dataset.loader_context`).
         """
         import torch
         from torch.utils.data import DataLoader
 
-        from .dataset import BatchedTokens, TokenDataset, whole_batch
+        from .dataset import BatchedTokens, TokenDataset, loader_context, whole_batch
 
         if not batches:
             return iter(())
@@ -137,6 +138,7 @@ class Cache(TokenSource):
         # int8 scales, targets, and whatever worker processes hand over)
         loader = DataLoader(BatchedTokens(ds, pinned=pin and not workers), batch_sampler=[list(b) for b in batches],
                             num_workers=workers, collate_fn=whole_batch, persistent_workers=False, pin_memory=pin,
+                            multiprocessing_context=loader_context(workers),
                             generator=torch.Generator().manual_seed(seed))  # never touches the global RNG
         return iter(loader)
 

@@ -1,5 +1,7 @@
 """The training data path's kept rows (cache/dataset.py) where batches are page-locked."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -40,3 +42,37 @@ def test_rows_of_page_locked_batches_are_kept_as_copies(rows5, tmp_path, monkeyp
                 assert torch.equal(kept, got[pos])
                 inside = start <= kept.data_ptr() < end
                 assert inside != pinned, (pinned, row, key)  # pinned: a copy; otherwise a view, no copy made
+
+
+def test_loader_workers_start_from_a_forkserver_once_cuda_is_initialised(rows5, tmp_path, monkeypatch):
+    """A process with CUDA initialised starts its loader workers from a forkserver, not by fork (see
+    ``loader_context``). Without a GPU, torch is told CUDA is initialised: the batches must be the cache's
+    rows, read by worker processes that began from a pickle of the dataset, which leaves the parent's kept
+    rows behind."""
+    truth = _fill(rows5, tmp_path / "c", dtype="float16")[1]
+    cache = open_cache(tmp_path / "c")
+    keys = ["visual/stage0.block0", "audio/stage1.block0"]
+    assert dataset_module.loader_context(2, cuda=False) is None and dataset_module.loader_context(0, cuda=True) is None
+    assert dataset_module.loader_context(2, cuda=True).get_start_method() == "forkserver"
+    batches = [[3, 1], [0, 4, 2]]
+    first = list(cache.iterate(batches, keys))  # no workers: rows are read here and kept for later epochs
+    ds = next(iter(cache._datasets.values()))
+    assert sorted(ds._kept) == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    started = []
+    make = torch.utils.data.DataLoader.__init__
+
+    def record(self, *args, **kwargs):
+        started.append(kwargs.get("multiprocessing_context"))
+        make(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", record)
+    for workers in (0, 2):
+        for rows, batch, before in zip(batches, cache.iterate(batches, keys, workers=workers), first):
+            assert batch["row"].tolist() == rows
+            for key in keys:
+                assert np.array_equal(batch["tokens"][key].numpy(), truth[key][rows].astype(np.float16))
+                assert torch.equal(batch["tokens"][key], before["tokens"][key])
+    assert started[0] is None and started[1].get_start_method() == "forkserver"
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._kept == {} and copy._kept_bytes == 0 and copy.rows == ds.rows and ds._kept  # the parent keeps its rows
