@@ -77,7 +77,8 @@ def submit_decodes(pool: Executor, manifest: Manifest, data_root: Path, rows: Se
 
 
 def stage_inputs(inputs: list[torch.Tensor], pinned: bool) -> torch.Tensor:
-    """The queued inputs as one batch tensor; in page-locked memory with ``pinned``.
+    """The queued inputs as one batch tensor; in page-locked memory with ``pinned``. (A stage thread of
+    :func:`launch_shard`: ``torch.cat`` releases Python's lock while it copies.)
 
     Why: copying pageable memory to a GPU waits for everything queued on the stream first (CUDA's
     rule for pageable host-to-device copies), so each batch's input copy would stall the host until
@@ -92,6 +93,8 @@ def stage_inputs(inputs: list[torch.Tensor], pinned: bool) -> torch.Tensor:
 
 
 PUT_THREADS = 3  # batches put into the buffer at once (numpy's copies release Python's lock)
+STAGE_THREADS = 2  # batches' inputs joined at once, off the launching thread (torch.cat releases the lock)
+STAGE_AHEAD = 2  # batches joined (or being joined) and not yet launched: page-locked memory, like MAX_BACKLOG
 MAX_BACKLOG = 6  # batches launched and not yet put: bounds the page-locked host memory in flight
 
 
@@ -100,13 +103,27 @@ class _Pending:
     """One modality's segments waiting for a full batch (a batch may join the end of one clip and the
     start of the next: the backbone then always runs ``batch_size`` segments but at a shard's end)."""
 
-    inputs: list[torch.Tensor] = field(default_factory=list)  # preprocessed (n, ...) not yet run
+    inputs: deque = field(default_factory=deque)  # preprocessed (n, ...) not yet staged
     clips: deque = field(default_factory=deque)  # [local row, segments, first segment not yet run]
 
     @property
     def queued(self) -> int:
         """Segments in ``inputs``."""
         return sum(len(x) for x in self.inputs)
+
+    def take(self, size: int) -> list[torch.Tensor]:
+        """The next ``size`` queued segments, as views of the clips' inputs (joined on a stage thread)."""
+        pieces, at = [], 0
+        while at < size:
+            x = self.inputs[0]
+            m = min(len(x), size - at)
+            pieces.append(x[:m])
+            if m == len(x):
+                self.inputs.popleft()
+            else:
+                self.inputs[0] = x[m:]
+            at += m
+        return pieces
 
     def place(self, size: int) -> list[tuple[int, slice, slice]]:
         """Where the next ``size`` queued segments go: ``(local row, the clip's segments, the batch's rows)``."""
@@ -211,7 +228,10 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
     the reason. ``recycle``: a written shard's buffer to reuse (see
     :class:`ShardBuffer`: every row is put or cleared here).
 
-    Threads: this one waits for decoded clips, stages the inputs and launches the batches; put
+    Threads: this one waits for decoded clips and launches the batches; stage threads (``STAGE_THREADS``)
+    join each batch's inputs (the ends and starts of several clips) meanwhile, up to ``STAGE_AHEAD``
+    batches ahead of the launches (on the H200, 2026-11-27, joining on this thread took 2.05 s of a 7.63-s
+    extraction, time the device may wait through); put
     threads (``PUT_THREADS``) wait for a batch's tokens each and copy them into the buffer (numpy
     copies release Python's lock; batches write disjoint rows). Why: on a GPU extraction is bound by
     the host thread that launches kernels (BENCHMARKS.md), and the copies into the buffer were a
@@ -224,7 +244,7 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
     clip_ids = [manifest.clips[r].clip_id for r in rows]
     status = {cid: OK for cid in clip_ids}
     pending = {m: _Pending() for m in forwards}
-    # this thread: decode (waiting for decoded clips), stage (joining a batch's inputs), launch, backlog
+    # this thread: decode (waiting for decoded clips), stage (waiting for a batch's inputs to be joined), launch, backlog
     # (waiting for the put threads; forward_s = stage + launch + backlog); the put threads, summed: wait
     # (for the device's copies), put (into the buffer)
     timing = {"decode": 0.0, "stage": 0.0, "launch": 0.0, "backlog": 0.0, "wait": 0.0, "put": 0.0, "end": 0.0}
@@ -270,30 +290,37 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
             timing["put"] += t2 - t1
             timing["end"] = max(timing["end"], t2)  # when the shard's last put ended
 
+    def launch(ahead: int) -> None:
+        """Launch staged batches, oldest first, until at most ``ahead`` are left (those already joined
+        go too), and hand each to the put threads."""
+        while staged and (len(staged) > ahead or staged[0][1].done()):
+            modality, joined, places = staged.popleft()
+            t0 = time.perf_counter()
+            x = joined.result()
+            t1 = time.perf_counter()
+            putter.settle(putter.limit - 1)  # room for this batch
+            t2 = time.perf_counter()
+            tokens = forwards[modality].encoded(x, storage)
+            puts.append(putter.submit(put, tokens, places))
+            timing["stage"] += t1 - t0
+            timing["backlog"] += t2 - t1
+            timing["launch"] += time.perf_counter() - t2
+
     def flush(modality: str, final: bool = False) -> None:
-        """Launch the whole batches queued for ``modality`` (with ``final``, the rest too) and hand each to
-        the put threads."""
+        """Stage the whole batches queued for ``modality`` (with ``final``, the rest too): each is joined on a
+        stage thread while this one launches the batches before it (:func:`launch`)."""
         p = pending[modality]
         queued = p.queued
         n = queued if final else queued - queued % batch_size
-        if not n:
-            return
-        t0 = time.perf_counter()
-        x = stage_inputs(p.inputs, pinned=forwards[modality].device.type == "cuda")
-        p.inputs = [x[n:].clone()] if n < len(x) else []
-        timing["stage"] += time.perf_counter() - t0
+        pinned = forwards[modality].device.type == "cuda"
         for s in range(0, n, batch_size):
-            t0 = time.perf_counter()
-            putter.settle(putter.limit - 1)  # room for this batch
-            t1 = time.perf_counter()
             size = min(batch_size, n - s)
-            tokens = forwards[modality].encoded(x[s:s + size], storage)
-            puts.append(putter.submit(put, tokens, p.place(size)))
-            timing["backlog"] += t1 - t0
-            timing["launch"] += time.perf_counter() - t1
+            staged.append((modality, stager.submit(stage_inputs, p.take(size), pinned), p.place(size)))
 
     def fill() -> None:
         for local, fut in enumerate(decodes):
+            if not fut.done():
+                launch(0)  # about to wait for a decode: what is staged runs meanwhile
             t0 = time.perf_counter()
             try:
                 decoded = fut.result()
@@ -321,17 +348,23 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
                     p.clips.append([local, len(x), 0])
                     if p.queued >= batch_size:
                         flush(modality)
+            launch(STAGE_AHEAD)  # batches joined since
             if on_clip is not None:
                 on_clip()
         for modality in forwards:
             flush(modality, final=True)
+        launch(0)
 
     storage = buffer.dtype
-    try:
-        fill()
-    except BaseException:  # nothing more of this shard is put (a running put finishes)
-        putter.discard(puts)
-        raise
+    staged: deque[tuple[str, Future, list]] = deque()  # (modality, the joined batch, its places), oldest first
+    with ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="stage") as stager:
+        try:
+            fill()
+        except BaseException:  # nothing more of this shard is put (a running put finishes)
+            for _, joined, _ in staged:
+                joined.cancel()
+            putter.discard(puts)
+            raise
     launched = time.perf_counter()
     one_off = sum(fw.one_off_s for fw in forwards.values()) - one_off_before  # before the next shard's launches
     device = next(iter(forwards.values())).device if forwards else torch.device("cpu")

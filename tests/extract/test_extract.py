@@ -355,21 +355,3 @@ def test_shards_launch_while_the_previous_ones_last_puts_run(clean, toy_root, tm
     summary = extract(_cfg(toy_root, tmp_path / "c", dtype="float32"), progress=False)
     assert summary.clips_ok == 12 and len(flights) == 6 and any(overlapped), overlapped
     _same(_arrays(tmp_path / "c"), _arrays(clean))
-
-
-def test_a_failed_launchs_puts_are_cancelled_and_forgotten():
-    """``Putter.discard``: puts of a launch that failed are cancelled and leave the shared backlog, so the
-    next shard's settling neither waits for them nor meets their cancellation."""
-    import threading
-
-    from mettle.extract.shard import Putter
-
-    gate = threading.Event()
-    with Putter(threads=1, backlog=4) as putter:
-        running = putter.submit(gate.wait)  # occupies the one thread
-        queued = [putter.submit(lambda: None) for _ in range(2)]
-        putter.discard(queued)
-        assert all(f.cancelled() for f in queued) and list(putter.backlog) == [running]
-        gate.set()
-        putter.settle(0)
-        assert not putter.backlog
