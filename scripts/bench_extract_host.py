@@ -198,7 +198,7 @@ def main() -> None:
     print(f"| median of {len(runs)} (runs: {spread}) | "
           f"{mid['clips_per_s']:.2f} | {mid['bytes'] / 1e6 / steady:.0f} |\n")
     print(f"Where the median run's {steady:.2f} s after setup went (host seconds): waiting for decoded clips "
-          f"{mid['decode_s']:.2f}, joining inputs into batches {mid['stage_s']:.2f}, the stand-in's launches "
+          f"{mid['decode_s']:.2f}, waiting for inputs joined into batches (stage threads) {mid['stage_s']:.2f}, the stand-in's launches "
           f"{mid['launch_s']:.2f}, waiting for the put threads {mid['backlog_s']:.2f}; put threads (summed): putting tokens "
           f"into shard buffers {mid['put_s']:.2f}; writes {mid['write_s']:.2f} (writer thread); "
           f"{mid['bytes'] / 1e6 / args.clips:.1f} MB written per clip.")

@@ -155,25 +155,30 @@ def _extraction_once(args, cfg, backbones) -> dict:
         torch.cuda.synchronize()
     forward = time.perf_counter() - t0
     encode = _encode_path(args, backbones, meta, autocast, inputs, dev, segs)
+    serial = _encode_path(args, backbones, meta, autocast, inputs, dev, segs, copy_streams=False) \
+        if dev.type == "cuda" else None  # the copies on the compute stream, as before the ninth session
     steady = pipeline - summary.profile["setup_s"]  # without loading the models and planning (once per run)
     return {"clips": args.clips, "pipeline_s": pipeline, "pipeline_clips_per_s": args.clips / pipeline,
             "steady_s": steady, "steady_clips_per_s": args.clips / steady,
             "forward_s": forward, "forward_clips_per_s": args.clips / forward, "ratio": forward / steady,
             "ratio_with_setup": forward / pipeline, "encode_s": encode, "encode_clips_per_s": args.clips / encode,
+            "encode_serial_s": serial,
             "profile": summary.profile, "cache": str(cache), "autocast": autocast}
 
 
-def _encode_path(args, backbones, meta, autocast: dict, inputs: dict, dev, segs: int) -> float:
+def _encode_path(args, backbones, meta, autocast: dict, inputs: dict, dev, segs: int, copy_streams: bool = True) -> float:
     """Seconds for extraction's device work alone on the same batches: ``TokenForward.encoded`` (forward,
     pooling, encoding into the storage dtype, copy to the host) from page-locked host inputs, two
     batches in flight as extraction keeps them, without decoding, shard buffers or writes. Between the
-    pure forward and the whole pipeline, it says which side of the gap a change should work on."""
+    pure forward and the whole pipeline, it says which side of the gap a change should work on.
+    ``copy_streams`` False: the copies to and from the device on the compute stream (see TokenForward)."""
     from mettle.cache.dtypes import get_dtype
     from mettle.extract.tokens import TokenForward
 
     storage = get_dtype(meta.dtype)
     fws = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev,
-                           "float16" if autocast[m] else "float32", args.batch_size if args.graphs else None)
+                           "float16" if autocast[m] else "float32", args.batch_size if args.graphs else None,
+                           copy_streams=copy_streams)
            for m, b in backbones.items()}
     host = {m: x.cpu().pin_memory() if dev.type == "cuda" else x.cpu() for m, x in inputs.items()}
     for m, fw in fws.items():  # warm-up (with --cuda-graphs: the capture)
@@ -351,14 +356,17 @@ def main() -> None:
                   f"{ex['forward_clips_per_s']:.2f} |",
                   f"| forward + pooling + encoding + copy to the host alone (TokenForward.encoded) | "
                   f"{ex['encode_clips_per_s']:.2f} ({100 * ex['forward_s'] / ex['encode_s']:.0f} % of the forward) |",
+                  *([f"| the same with the copies on the compute stream (copy_streams=False) | "
+                     f"{ex['clips'] / ex['encode_serial_s']:.2f} ({100 * ex['forward_s'] / ex['encode_serial_s']:.0f} % "
+                     f"of the forward) |"] if ex.get("encode_serial_s") else []),
                   f"| ratio (median of {len(ex['ratios'])}) | {100 * ex['ratio']:.0f} % (runs: "
                   f"{'/'.join(f'{100 * x:.0f}' for x in ex['ratios'])} %) |",
                   f"| mettle-extract including setup ({ex['pipeline_s'] - ex['steady_s']:.1f} s: plan, models to "
                   f"the device, decode processes; building the models took {ex['build_s']:.1f} s more) | "
                   f"{ex['pipeline_clips_per_s']:.2f} ({100 * ex['ratio_with_setup']:.0f} %) |"]
         p = ex["profile"]
-        lines += [f"\nWhere the median run's {ex['steady_s']:.2f} s after setup went (host seconds): joining "
-                  f"decoded inputs into batches {p.get('stage_s', 0.0):.2f}, launching the backbones {p['launch_s']:.2f} (of which one-off work of first batches, the float16 check and "
+        lines += [f"\nWhere the median run's {ex['steady_s']:.2f} s after setup went (host seconds): waiting for "
+                  f"decoded inputs joined into batches (stage threads) {p.get('stage_s', 0.0):.2f}, launching the backbones {p['launch_s']:.2f} (of which one-off work of first batches, the float16 check and "
                   f"graph captures, {p.get('one_off_s', 0.0):.2f}), waiting for the put threads "
                   f"{p.get('backlog_s', 0.0):.2f}, waiting for decoded clips {p['decode_s']:.2f}; put threads (busy seconds summed): waiting "
                   f"for the device {p['wait_s']:.2f}, putting tokens into shard buffers {p['put_s']:.2f}; writes "

@@ -131,6 +131,39 @@ def test_tokens_encoded_on_the_gpu_reach_the_host_as_the_cpu_encodes_them(storag
                 assert np.allclose(e.scale.numpy(), scale, rtol=1e-5), key
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_copies_on_their_own_streams_hand_over_each_batch_s_own_tokens(graphs, small_toy_cache):
+    """``TokenForward.encoded`` with the copies on upload and download streams (the default): five different
+    page-locked batches in flight at once, each comes back as the same batch with the copies on the compute
+    stream (``copy_streams=False``) gives (int8 codes within one step: two captures may pick other kernels);
+    with graphs, a replay overwriting the outputs of the one before while its copy to the host runs would
+    show here, as the batches' codes are far apart."""
+    from mettle.cache.dtypes import get_dtype
+    from mettle.extract.backbones import create_backbone
+    from mettle.extract.tokens import TokenForward
+
+    backbone = create_backbone("test_swinv2_tiny", random_init=True)
+    arrays = [a for a in open_cache(small_toy_cache).meta.arrays if a.modality == "visual"]
+    rng = np.random.default_rng(0)
+    batches = [backbone.preprocess(rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)).pin_memory()
+               for _ in range(5)]
+    dtype = get_dtype("int8")
+    runs = {}
+    for streams in (True, False):
+        fw = TokenForward(backbone, arrays, torch.device("cuda"), precision="float32",
+                          graph_batch=8 if graphs else None, copy_streams=streams)
+        fw.encoded(batches[0], dtype).wait()  # warm-up (with graphs: the capture)
+        runs[streams] = [flight.wait() for flight in [fw.encoded(x, dtype) for x in batches]]
+        assert (len(fw.graphs) == 1) == graphs and bool(fw._copy_streams) == streams
+    for b, (got, want) in enumerate(zip(runs[True], runs[False])):
+        for key in want:
+            assert (got[key].codes.int() - want[key].codes.int()).abs().max() <= 1, (b, key)
+            assert torch.allclose(got[key].scale, want[key].scale, rtol=1e-3), (b, key)
+            assert torch.allclose(got[key].peak, want[key].peak, rtol=1e-3), (b, key)
+    first, second = (runs[True][i][arrays[0].key].codes.int() for i in (0, 1))
+    assert (first - second).abs().max() > 8  # different batches: a mix-up could not pass the checks above
+
+
 def test_cuda_graph_extraction_equals_eager(toy_root, tmp_path, caplog):
     """``--cuda-graphs`` (the default on CUDA) against ``--no-cuda-graphs``: full batches replay one captured graph per backbone, and the partial batch
     at each shard's end (6 segments here, in both shards) one of its own from its second time; the
