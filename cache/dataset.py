@@ -209,8 +209,9 @@ class BatchedTokens(Dataset):
 
 
 def loader_context(workers: int, cuda: bool | None = None):
-    """How DataLoader worker processes start: ``None`` (the platform's default, fork on Linux) unless CUDA
-    is initialised in this process (``cuda`` None: asked of torch), then a forkserver context.
+    """How DataLoader worker processes start: ``None`` (the platform's default: fork on Linux before
+    Python 3.14) unless CUDA is initialised in this process (``cuda`` None: asked of torch) or the
+    default is a forkserver anyway (Python 3.14 on Linux), then a forkserver context with preloads.
 
     Why: a process that has initialised CUDA and runs threads (the loader's pin thread, cache reads, the
     CUDA driver's own) is not safe to fork: NVIDIA does not support CUDA in a forked child, and a lock held
@@ -226,7 +227,10 @@ def loader_context(workers: int, cuda: bool | None = None):
     """
     import torch
 
-    if workers <= 0 or not (torch.cuda.is_initialized() if cuda is None else cuda):
+    if workers <= 0:
+        return None
+    default = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if default != "forkserver" and not (torch.cuda.is_initialized() if cuda is None else cuda):
         return None
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", __name__])

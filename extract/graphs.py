@@ -44,7 +44,8 @@ class GraphedEncode:
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # captured on the warm-up's stream, of this GPU: torch.cuda.graph's own stream is made once per
-        # process, on whichever GPU was current then; thread_local: decode threads do no CUDA work
+        # process, on whichever GPU was current then; thread_local: other threads' CUDA calls during a capture
+        # are allowed (stage threads allocate page-locked memory, put threads wait on events)
         with torch.cuda.device(device), torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self.output = fn(self.input)
 

@@ -316,6 +316,7 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
         for s in range(0, n, batch_size):
             size = min(batch_size, n - s)
             staged.append((modality, stager.submit(stage_inputs, p.take(size), pinned), p.place(size)))
+            launch(STAGE_AHEAD)  # the bound holds within a clip's several batches too
 
     def fill() -> None:
         for local, fut in enumerate(decodes):

@@ -34,6 +34,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from encode_path import batch_inputs, copy_streams_compared, encode_path  # this folder's
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -73,7 +75,9 @@ def extraction(args) -> dict:
     runs = sorted((_extraction_once(args, cfg, backbones) for _ in range(args.repeats)), key=lambda r: r["ratio"])
     if args.trace and args.out:
         _trace(args, cfg, backbones)
-    return dict(runs[(len(runs) - 1) // 2], ratios=[r["ratio"] for r in runs], build_s=build)  # even: the lower
+    mid = runs[(len(runs) - 1) // 2]  # even: the lower
+    copies = copy_streams_compared(args, backbones, mid) if args.device.startswith("cuda") else None
+    return dict(mid, ratios=[r["ratio"] for r in runs], build_s=build, copies=copies)
 
 
 def _trace(args, cfg, backbones) -> None:
@@ -117,7 +121,6 @@ def _trace(args, cfg, backbones) -> None:
 def _extraction_once(args, cfg, backbones) -> dict:
     import torch
 
-    from extract_ops import random_media
 
     from mettle.cache import open_cache
     from mettle.extract.run import extract
@@ -130,8 +133,7 @@ def _extraction_once(args, cfg, backbones) -> dict:
     pipeline = time.perf_counter() - t0
     dev = torch.device(args.device)
     segs = args.clips * 10
-    media = random_media(args.batch_size)
-    inputs = {m: b.preprocess(media[m]).to(dev) for m, b in backbones.items()}
+    inputs = batch_inputs(args, backbones, dev)
     meta = open_cache(cache).meta
     indices = {m: [a.block_index for a in meta.arrays if a.modality == m] for m in backbones}
     status = json.loads(next((cache / "status").glob("*.json")).read_text())
@@ -154,46 +156,14 @@ def _extraction_once(args, cfg, backbones) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     forward = time.perf_counter() - t0
-    encode = _encode_path(args, backbones, meta, autocast, inputs, dev, segs)
-    serial = _encode_path(args, backbones, meta, autocast, inputs, dev, segs, copy_streams=False) \
-        if dev.type == "cuda" else None  # the copies on the compute stream, as before the ninth session
+    encode = encode_path(args, backbones, meta, autocast, inputs, dev, segs)
     steady = pipeline - summary.profile["setup_s"]  # without loading the models and planning (once per run)
     return {"clips": args.clips, "pipeline_s": pipeline, "pipeline_clips_per_s": args.clips / pipeline,
             "steady_s": steady, "steady_clips_per_s": args.clips / steady,
             "forward_s": forward, "forward_clips_per_s": args.clips / forward, "ratio": forward / steady,
             "ratio_with_setup": forward / pipeline, "encode_s": encode, "encode_clips_per_s": args.clips / encode,
-            "encode_serial_s": serial,
+
             "profile": summary.profile, "cache": str(cache), "autocast": autocast}
-
-
-def _encode_path(args, backbones, meta, autocast: dict, inputs: dict, dev, segs: int, copy_streams: bool = True) -> float:
-    """Seconds for extraction's device work alone on the same batches: ``TokenForward.encoded`` (forward,
-    pooling, encoding into the storage dtype, copy to the host) from page-locked host inputs, two
-    batches in flight as extraction keeps them, without decoding, shard buffers or writes. Between the
-    pure forward and the whole pipeline, it says which side of the gap a change should work on.
-    ``copy_streams`` False: the copies to and from the device on the compute stream (see TokenForward)."""
-    from mettle.cache.dtypes import get_dtype
-    from mettle.extract.tokens import TokenForward
-
-    storage = get_dtype(meta.dtype)
-    fws = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev,
-                           "float16" if autocast[m] else "float32", args.batch_size if args.graphs else None,
-                           copy_streams=copy_streams)
-           for m, b in backbones.items()}
-    host = {m: x.cpu().pin_memory() if dev.type == "cuda" else x.cpu() for m, x in inputs.items()}
-    for m, fw in fws.items():  # warm-up (with --cuda-graphs: the capture)
-        fw.encoded(host[m], storage).wait()
-    t0 = time.perf_counter()
-    flights = []
-    for start in range(0, segs, args.batch_size):
-        n = min(args.batch_size, segs - start)
-        for m, fw in fws.items():
-            flights.append(fw.encoded(host[m][:n], storage))
-        while len(flights) > 2 * len(fws):
-            flights.pop(0).wait()
-    for f in flights:
-        f.wait()
-    return time.perf_counter() - t0
 
 
 def _precision(autocast: dict) -> str:
@@ -356,9 +326,10 @@ def main() -> None:
                   f"{ex['forward_clips_per_s']:.2f} |",
                   f"| forward + pooling + encoding + copy to the host alone (TokenForward.encoded) | "
                   f"{ex['encode_clips_per_s']:.2f} ({100 * ex['forward_s'] / ex['encode_s']:.0f} % of the forward) |",
-                  *([f"| the same with the copies on the compute stream (copy_streams=False) | "
-                     f"{ex['clips'] / ex['encode_serial_s']:.2f} ({100 * ex['forward_s'] / ex['encode_serial_s']:.0f} % "
-                     f"of the forward) |"] if ex.get("encode_serial_s") else []),
+                  *([f"| the same, copies on the compute stream / on streams of their own, once each after the runs | "
+                     f"{ex['clips'] / ex['copies'][False]:.2f} / {ex['clips'] / ex['copies'][True]:.2f} "
+                     f"({100 * ex['forward_s'] / ex['copies'][False]:.0f} % / "
+                     f"{100 * ex['forward_s'] / ex['copies'][True]:.0f} % of the forward) |"] if ex.get("copies") else []),
                   f"| ratio (median of {len(ex['ratios'])}) | {100 * ex['ratio']:.0f} % (runs: "
                   f"{'/'.join(f'{100 * x:.0f}' for x in ex['ratios'])} %) |",
                   f"| mettle-extract including setup ({ex['pipeline_s'] - ex['steady_s']:.1f} s: plan, models to "

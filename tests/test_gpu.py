@@ -1,5 +1,7 @@
 """CUDA paths (marker ``gpu``; deselected by default, run with ``pytest -m gpu`` on a GPU machine)."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -148,13 +150,23 @@ def test_copies_on_their_own_streams_hand_over_each_batch_s_own_tokens(graphs, s
     batches = [backbone.preprocess(rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)).pin_memory()
                for _ in range(5)]
     dtype = get_dtype("int8")
+    stream = TokenForward._stream
+
+    def late(self, name):  # each copy starts ~20 ms late, so that a missing wait, clone or record_stream shows
+        s = stream(self, name)
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(40_000_000)
+        return s
+
     runs = {}
     for streams in (True, False):
         fw = TokenForward(backbone, arrays, torch.device("cuda"), precision="float32",
                           graph_batch=8 if graphs else None, copy_streams=streams)
         fw.encoded(batches[0], dtype).wait()  # warm-up (with graphs: the capture)
-        runs[streams] = [flight.wait() for flight in [fw.encoded(x, dtype) for x in batches]]
-        assert (len(fw.graphs) == 1) == graphs and bool(fw._copy_streams) == streams
+        with mock.patch.object(TokenForward, "_stream", late):
+            runs[streams] = [flight.wait() for flight in [fw.encoded(x, dtype) for x in batches]]
+        assert len(fw.graphs) == graphs and all(g is not None for g in fw.graphs.values())
+        assert bool(fw._copy_streams) == streams
     for b, (got, want) in enumerate(zip(runs[True], runs[False])):
         for key in want:
             assert (got[key].codes.int() - want[key].codes.int()).abs().max() <= 1, (b, key)
