@@ -7,8 +7,10 @@
 # Usage: bash scripts/gpu_checks.sh [OUT] [WORK] [PART ...]      (no PART: all, in this order)
 #   gpu_tests       the GPU tests (kept weight casts, graphed extraction with partial batches, training graphs;
 #                   since the sixth session: the LCD's bmm into strided out= views on CUDA, the capture checked
-#                   by an eager step run before it; since the eighth: TF32 products, two graphs taking turns),
-#                   then the loader test with worker processes on its own (it hung in the eighth session)
+#                   by an eager step run before it; since the eighth: TF32 products, two graphs taking turns;
+#                   since the ninth: extraction's copies on streams of their own, five batches in flight),
+#                   then the loader test with worker processes on its own (it hung in the eighth session; since
+#                   the ninth a process with CUDA starts its loader workers from a forkserver)
 #   train           end-to-end and the adapter baseline against the eager and the graphed cache step (float16
 #                   and int8 tokens; overlap_copy: two graphs, each batch copied in during the step before), full
 #                   size, batch 1 and 8, each step timed alone and back to back (the seventh session: 23.0x / 12.7x time and
@@ -24,7 +26,9 @@
 #                   and as float32, with the 12 kernels taking the most device time (the eighth session, float32:
 #                   10.7 ms of kernels, 6.5 ms of it FFMA matrix products)
 #   extract_long    extraction with graphs on 576 toy clips, two runs: one-off costs (graph captures, the float16
-#                   check) weigh a third as much as on 192 clips, nearer a real dataset's share
+#                   check) weigh a third as much as on 192 clips, nearer a real dataset's share; since the ninth
+#                   session with the joins on stage threads and the copies on streams of their own, and
+#                   TokenForward.encoded timed with its copies on the compute stream and on their own streams
 #   extract_trace   one more such extraction under torch.profiler: how busy the GPU was (the union of its kernels
 #                   and copies) and its idle gaps: host stalls (the eighth session's 73 %) or device work beyond
 #                   the forward (pooling, encoding, copies)?
