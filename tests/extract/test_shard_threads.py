@@ -4,6 +4,8 @@ inputs, and the put threads' shared backlog."""
 import threading
 import time
 
+import torch
+
 from mettle.extract import shard
 from mettle.extract.run import extract
 from mettle.extract.tokens import TokenForward
@@ -44,6 +46,21 @@ def test_batches_are_joined_on_stage_threads_while_earlier_ones_launch(clean, to
     assert len(joins) == len(launches) == 36  # 6 shards x 2 modalities x 3 batches (8 + 8 + 4 segments)
     assert all(e[1].startswith("stage") for e in joins) and not any(e[1].startswith("stage") for e in launches)
     assert any(j[2] < l[3] and l[2] < j[3] for j in joins for l in launches)  # a join during a launch
+
+
+def test_joined_batches_keep_their_inputs_memory_layout():
+    """``stage_inputs`` joins the ends and starts of clips as ``torch.cat`` would, keeping the frames'
+    channels-last layout (a batch laid out otherwise runs other CPU kernels: its tokens would differ in the
+    last bits from those of a batch of one clip) and the audio's contiguous one; one piece on a CPU is
+    handed over as it is."""
+    frames = [torch.randn(10, 3, 8, 8).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    audio = [torch.randn(10, 1, 16, 4) for _ in range(2)]
+    for clips in (frames, audio):
+        pieces = [clips[0][8:], clips[1][:6]]
+        got, want = shard.stage_inputs(pieces, pinned=False), torch.cat(pieces)
+        assert torch.equal(got, want) and got.stride() == want.stride(), (got.stride(), want.stride())
+    one = audio[0][:8]
+    assert shard.stage_inputs([one], pinned=False) is one  # one clip's part, on a CPU: no copy
 
 
 def test_a_failed_launchs_puts_are_cancelled_and_forgotten():
