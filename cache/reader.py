@@ -47,6 +47,20 @@ class Cache(TokenSource):
         self.memory_budget = DEFAULT_MEMORY_BUDGET  # bytes of decoded rows kept between epochs (per process)
         self._datasets: dict = {}
 
+    def __getstate__(self) -> dict:
+        # a loader worker started from a pickle (see dataset.loader_context) needs the metadata and the
+        # store, not the manifest: MUSIC-AVQA's pickles to 4 MB (0.27 s, once per worker and epoch), so it
+        # stays behind and is read again from the cache folder if a copy ever asks for it
+        state = {**self.__dict__, "_datasets": {}}
+        del state["manifest"]
+        return state
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not set: a pickled copy's manifest
+        if name == "manifest" and "root" in self.__dict__:
+            self.manifest = Manifest.from_json((self.root / MANIFEST_FILE).read_text())
+            return self.manifest
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def batch_dtype(self) -> str:
         """What :meth:`iterate` hands out: float16 caches stay float16 (half the bytes to move and keep;

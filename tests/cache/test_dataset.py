@@ -79,3 +79,7 @@ def test_loader_workers_start_from_a_forkserver_once_cuda_is_initialised(rows5, 
     assert started[0] is None and started[1].get_start_method() == "forkserver"
     copy = pickle.loads(pickle.dumps(ds))
     assert copy._kept == {} and copy._kept_bytes == 0 and copy.rows == ds.rows and ds._kept  # the parent keeps its rows
+    assert "manifest" not in copy.cache.__dict__ and not copy.cache._datasets  # the manifest stays behind
+    assert copy.cache.manifest.sha256() == cache.manifest.sha256()  # ... and is read again when asked for
+    with pytest.raises(AttributeError, match="no attribute 'manifests'"):
+        copy.cache.manifests
