@@ -52,13 +52,17 @@ class Cache(TokenSource):
         # store, not the manifest: MUSIC-AVQA's pickles to 4 MB (0.27 s, once per worker and epoch), so it
         # stays behind and is read again from the cache folder if a copy ever asks for it
         state = {**self.__dict__, "_datasets": {}}
-        del state["manifest"]
+        state.pop("manifest", None)  # absent already in a copy that never needed it
         return state
 
     def __getattr__(self, name: str) -> Any:  # only for attributes not set: a pickled copy's manifest
         if name == "manifest" and "root" in self.__dict__:
-            self.manifest = Manifest.from_json((self.root / MANIFEST_FILE).read_text())
-            return self.manifest
+            manifest = Manifest.from_json((self.root / MANIFEST_FILE).read_text())
+            if manifest.sha256() != self.meta.manifest_sha256:
+                raise CacheError(f"{self.root / MANIFEST_FILE} changed since this cache was opened. Fix: open "
+                                 "the cache again (mettle re-reads it on every run), or restore the folder")
+            self.manifest = manifest
+            return manifest
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property

@@ -91,12 +91,18 @@ def stage_inputs(inputs: list[torch.Tensor], pinned: bool) -> torch.Tensor:
     if not pinned and len(inputs) == 1:
         return inputs[0]
     first = inputs[0]
-    layout = torch.channels_last if first.dim() == 4 and not first.is_contiguous() and \
+    # on a CPU, frames come channels-last and the forward reads them so: a batch joined from several clips'
+    # frames runs the same kernels as one clip's own (the tokens are then equal bit for bit); a GPU batch
+    # is contiguous, as it has been since graphs were measured (a graph's input buffer is contiguous)
+    layout = torch.channels_last if not pinned and first.dim() == 4 and not first.is_contiguous() and \
         first.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     out = torch.empty((sum(len(x) for x in inputs), *first.shape[1:]), dtype=first.dtype, pin_memory=pinned,
-                      memory_format=layout)  # frames come channels-last: a batch joined from several clips'
-    # frames runs through the same kernels as one clip's own (CPU results are then equal bit for bit)
-    np.concatenate([x.numpy() for x in inputs], out=out.numpy())
+                      memory_format=layout)
+    try:
+        arrays = [x.numpy() for x in inputs]
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16): torch's copy, with its own threads
+        return torch.cat(inputs, out=out)
+    np.concatenate(arrays, out=out.numpy())
     return out
 
 

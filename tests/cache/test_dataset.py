@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mettle.cache import open_cache
+from mettle.cache import CacheError, open_cache
+from mettle.cache.format import MANIFEST_FILE
 from mettle.cache import dataset as dataset_module
 
 from test_cache import _fill  # tests/ holds no packages: the module is found by its folder
@@ -80,6 +81,13 @@ def test_loader_workers_start_from_a_forkserver_once_cuda_is_initialised(rows5, 
     copy = pickle.loads(pickle.dumps(ds))
     assert copy._kept == {} and copy._kept_bytes == 0 and copy.rows == ds.rows and ds._kept  # the parent keeps its rows
     assert "manifest" not in copy.cache.__dict__ and not copy.cache._datasets  # the manifest stays behind
+    again = pickle.loads(pickle.dumps(copy.cache))  # a copy of a copy that never read it
     assert copy.cache.manifest.sha256() == cache.manifest.sha256()  # ... and is read again when asked for
+    assert again.manifest.sha256() == cache.manifest.sha256()
+    stale = pickle.loads(pickle.dumps(cache))
+    path = tmp_path / "c" / MANIFEST_FILE
+    path.write_text(path.read_text().replace(cache.manifest.clips[0].clip_id, "renamed"))
+    with pytest.raises(CacheError, match="changed since this cache was opened"):
+        stale.manifest
     with pytest.raises(AttributeError, match="no attribute 'manifests'"):
         copy.cache.manifests

@@ -59,6 +59,8 @@ def test_joined_batches_keep_their_inputs_memory_layout():
         pieces = [clips[0][8:], clips[1][:6]]
         got, want = shard.stage_inputs(pieces, pinned=False), torch.cat(pieces)
         assert torch.equal(got, want) and got.stride() == want.stride(), (got.stride(), want.stride())
+    bf16 = [x.bfloat16() for x in audio]  # a dtype numpy lacks: joined by torch
+    assert torch.equal(shard.stage_inputs([bf16[0][8:], bf16[1][:6]], pinned=False), torch.cat([bf16[0][8:], bf16[1][:6]]))
     one = audio[0][:8]
     assert shard.stage_inputs([one], pinned=False) is one  # one clip's part, on a CPU: no copy
 
