@@ -19,11 +19,10 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from mettle.cache import OK, CacheError, CacheMeta, ShardBuffer, ShardStatus
@@ -32,6 +31,7 @@ from mettle.manifests import Manifest
 
 from .media import MediaError, read_clip, read_masks
 from .media.pool import MediaPool
+from .batches import Pending, stage_inputs
 from .tokens import InFlight, TokenForward
 
 log = logging.getLogger(__name__)
@@ -77,81 +77,10 @@ def submit_decodes(pool: Executor, manifest: Manifest, data_root: Path, rows: Se
             for r in rows]
 
 
-def stage_inputs(inputs: list[torch.Tensor], pinned: bool) -> torch.Tensor:
-    """The queued inputs as one batch tensor; in page-locked memory with ``pinned``. (A stage thread of
-    :func:`launch_shard`.)
-
-    Why page-locked: copying pageable memory to a GPU waits for everything queued on the stream first
-    (CUDA's rule for pageable host-to-device copies), so each batch's input copy would stall the host
-    until the previous batch had finished. From page-locked memory the copy is queued like a kernel.
-    Why numpy: its copy releases Python's lock and runs on this thread alone, where ``torch.cat`` on a
-    CPU would start an intra-op thread team for each stage thread (as many threads as cores, beside the
-    launching, decode and put threads); one thread joins a 14 MB batch in ~2 ms on this machine.
-    """
-    if not pinned and len(inputs) == 1:
-        return inputs[0]
-    first = inputs[0]
-    # on a CPU, frames come channels-last and the forward reads them so: a batch joined from several clips'
-    # frames runs the same kernels as one clip's own (the tokens are then equal bit for bit); a GPU batch
-    # is contiguous, as it has been since graphs were measured (a graph's input buffer is contiguous)
-    layout = torch.channels_last if not pinned and first.dim() == 4 and not first.is_contiguous() and \
-        first.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    out = torch.empty((sum(len(x) for x in inputs), *first.shape[1:]), dtype=first.dtype, pin_memory=pinned,
-                      memory_format=layout)
-    try:
-        arrays = [x.numpy() for x in inputs]
-    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16): torch's copy, with its own threads
-        return torch.cat(inputs, out=out)
-    np.concatenate(arrays, out=out.numpy())
-    return out
-
-
 PUT_THREADS = 3  # batches put into the buffer at once (numpy's copies release Python's lock)
 STAGE_THREADS = 2  # batches' inputs joined at once, off the launching thread (numpy's copies release the lock)
 STAGE_AHEAD = 2  # batches joined (or being joined) and not yet launched: page-locked memory, like MAX_BACKLOG
 MAX_BACKLOG = 6  # batches launched and not yet put: bounds the page-locked host memory in flight
-
-
-@dataclass
-class _Pending:
-    """One modality's segments waiting for a full batch (a batch may join the end of one clip and the
-    start of the next: the backbone then always runs ``batch_size`` segments but at a shard's end)."""
-
-    inputs: deque = field(default_factory=deque)  # preprocessed (n, ...) not yet staged
-    clips: deque = field(default_factory=deque)  # [local row, segments, first segment not yet run]
-
-    @property
-    def queued(self) -> int:
-        """Segments in ``inputs``."""
-        return sum(len(x) for x in self.inputs)
-
-    def take(self, size: int) -> list[torch.Tensor]:
-        """The next ``size`` queued segments, as views of the clips' inputs (joined on a stage thread)."""
-        pieces, at = [], 0
-        while at < size:
-            x = self.inputs[0]
-            m = min(len(x), size - at)
-            pieces.append(x[:m])
-            if m == len(x):
-                self.inputs.popleft()
-            else:
-                self.inputs[0] = x[m:]
-            at += m
-        return pieces
-
-    def place(self, size: int) -> list[tuple[int, slice, slice]]:
-        """Where the next ``size`` queued segments go: ``(local row, the clip's segments, the batch's rows)``."""
-        places, at = [], 0
-        while at < size:
-            clip = self.clips[0]
-            local, count, first = clip
-            m = min(count - first, size - at)
-            places.append((local, slice(first, first + m), slice(at, at + m)))
-            at += m
-            clip[2] = first + m
-            if clip[2] == count:
-                self.clips.popleft()
-        return places
 
 
 class Putter:
@@ -257,7 +186,7 @@ def launch_shard(meta: CacheMeta, manifest: Manifest, shard: int, decodes: list[
     buffer = ShardBuffer(meta, shard, recycle)
     clip_ids = [manifest.clips[r].clip_id for r in rows]
     status = {cid: OK for cid in clip_ids}
-    pending = {m: _Pending() for m in forwards}
+    pending = {m: Pending() for m in forwards}
     # this thread: decode (waiting for decoded clips), stage (waiting for a batch's inputs to be joined), launch, backlog
     # (waiting for the put threads; forward_s = stage + launch + backlog); the put threads, summed: wait
     # (for the device's copies), put (into the buffer)

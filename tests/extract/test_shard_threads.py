@@ -1,12 +1,12 @@
 """The extractor's host threads around one shard (extract/shard.py): stage threads joining each batch's
-inputs, and the put threads' shared backlog."""
+inputs (extract/batches.py), and the put threads' shared backlog."""
 
 import threading
 import time
 
 import torch
 
-from mettle.extract import shard
+from mettle.extract import batches, shard
 from mettle.extract.run import extract
 from mettle.extract.tokens import TokenForward
 
@@ -57,12 +57,13 @@ def test_joined_batches_keep_their_inputs_memory_layout():
     audio = [torch.randn(10, 1, 16, 4) for _ in range(2)]
     for clips in (frames, audio):
         pieces = [clips[0][8:], clips[1][:6]]
-        got, want = shard.stage_inputs(pieces, pinned=False), torch.cat(pieces)
+        got, want = batches.stage_inputs(pieces, pinned=False), torch.cat(pieces)
         assert torch.equal(got, want) and got.stride() == want.stride(), (got.stride(), want.stride())
     bf16 = [x.bfloat16() for x in audio]  # a dtype numpy lacks: joined by torch
-    assert torch.equal(shard.stage_inputs([bf16[0][8:], bf16[1][:6]], pinned=False), torch.cat([bf16[0][8:], bf16[1][:6]]))
+    bf = [bf16[0][8:], bf16[1][:6]]
+    assert torch.equal(batches.stage_inputs(bf, pinned=False), torch.cat(bf))
     one = audio[0][:8]
-    assert shard.stage_inputs([one], pinned=False) is one  # one clip's part, on a CPU: no copy
+    assert batches.stage_inputs([one], pinned=False) is one  # one clip's part, on a CPU: no copy
 
 
 def test_a_failed_launchs_puts_are_cancelled_and_forgotten():
