@@ -225,8 +225,6 @@ def loader_context(workers: int, cuda: bool | None = None):
     :meth:`TokenDataset.__getstate__`), and a script driving training needs the usual
     ``if __name__ == "__main__":`` guard, as on macOS or Windows.
     """
-    import torch
-
     if workers <= 0:
         return None
     default = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]

@@ -29,9 +29,9 @@ from mettle.cache import OK, CacheError, CacheMeta, ShardBuffer, ShardStatus
 from mettle.cache.runtime import peak_memory
 from mettle.manifests import Manifest
 
+from .batches import Pending, stage_inputs
 from .media import MediaError, read_clip, read_masks
 from .media.pool import MediaPool
-from .batches import Pending, stage_inputs
 from .tokens import InFlight, TokenForward
 
 log = logging.getLogger(__name__)

@@ -67,7 +67,7 @@ class TokenForward:
         self._partial_seen: dict[tuple, int] = {}  # partial batches' keys -> times run eagerly
         self.one_off_s = 0.0  # host seconds in the precision check and graph captures (profiles report it)
         self.copy_streams = copy_streams and device.type == "cuda"
-        self._copy_streams: dict[str, torch.cuda.Stream] = {}
+        self._streams: dict[str, torch.cuda.Stream] = {}  # "upload", "download": made on first use
 
     def _forward(self, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
         """Tokens of each group of arrays for batch ``x`` (on the device): ``(G * B, n, d)`` per group
@@ -158,9 +158,9 @@ class TokenForward:
         return InFlight(self._split(host), event)  # views: nothing is read before wait()
 
     def _stream(self, name: str) -> torch.cuda.Stream:
-        if name not in self._copy_streams:
-            self._copy_streams[name] = torch.cuda.Stream(self.device)
-        return self._copy_streams[name]
+        if name not in self._streams:
+            self._streams[name] = torch.cuda.Stream(self.device)
+        return self._streams[name]
 
     def _upload(self, x: torch.Tensor, compute: torch.cuda.Stream) -> torch.Tensor:
         """Batch ``x`` on the device. With :attr:`copy_streams` a page-locked batch is copied on an upload

@@ -120,6 +120,7 @@ def run(args) -> list[dict]:
     """``args.repeats`` extractions with the stand-in; each run's profile and clips/s after setup."""
     from bench_pipeline import toy_extract_config  # this folder's: the same toy data and config
 
+    from mettle.extract import shard
     from mettle.extract.config import load_backbones
     from mettle.extract.run import extract
     from mettle.extract.tokens import TokenForward
@@ -129,8 +130,6 @@ def run(args) -> list[dict]:
                              decode_processes=args.decode_processes,
                              **({"decode_threads": args.decode_threads} if args.decode_threads else {}))
     backbones = load_backbones(cfg)
-    from mettle.extract import shard
-
     decode = mock.patch.object(shard, "_decode", predecoded()) if args.predecoded else contextlib.nullcontext()
     runs = []
     for i in range(-1 if args.predecoded else 0, args.repeats):  # -1: the untimed run that decodes

@@ -121,7 +121,6 @@ def _trace(args, cfg, backbones) -> None:
 def _extraction_once(args, cfg, backbones) -> dict:
     import torch
 
-
     from mettle.cache import open_cache
     from mettle.extract.run import extract
 

@@ -166,7 +166,7 @@ def test_copies_on_their_own_streams_hand_over_each_batch_s_own_tokens(graphs, s
         with mock.patch.object(TokenForward, "_stream", late):
             runs[streams] = [flight.wait() for flight in [fw.encoded(x, dtype) for x in batches]]
         assert len(fw.graphs) == graphs and all(g is not None for g in fw.graphs.values())
-        assert bool(fw._copy_streams) == streams
+        assert bool(fw._streams) == streams
     for b, (got, want) in enumerate(zip(runs[True], runs[False])):
         for key in want:
             assert (got[key].codes.int() - want[key].codes.int()).abs().max() <= 1, (b, key)
