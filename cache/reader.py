@@ -46,12 +46,13 @@ class Cache(TokenSource):
         self._dtype = get_dtype(meta.dtype)
         self.memory_budget = DEFAULT_MEMORY_BUDGET  # bytes of decoded rows kept between epochs (per process)
         self._datasets: dict = {}
+        self._kept = None  # the loader whose worker processes iterate() keeps between passes
 
     def __getstate__(self) -> dict:
         # a loader worker started from a pickle (see dataset.loader_context) needs the metadata and the
         # store, not the manifest: MUSIC-AVQA's pickles to 4 MB (0.27 s, once per worker and epoch), so it
         # stays behind and is read again from the cache folder if a copy ever asks for it
-        state = {**self.__dict__, "_datasets": {}}
+        state = {**self.__dict__, "_datasets": {}, "_kept": None}
         state.pop("manifest", None)  # absent already in a copy that never needed it
         return state
 
@@ -133,14 +134,17 @@ class Cache(TokenSource):
         ``key + ".scale"`` (see :class:`TokenSource`), a quarter of the float32 bytes.
 
         The dataset is kept between calls with the same keys and codes, so rows read in one epoch stay in
-        memory for the next (up to ``memory_budget`` bytes; with ``workers`` each worker process
-        holds its own copy for the life of the loader only). Once CUDA is initialised in this process the
-        workers start from a forkserver, not by fork (see :func:`~mettle.cache.dataset.loader_context`).
+        memory for the next (up to ``memory_budget`` bytes per process). So are the ``workers`` processes
+        (see :mod:`~mettle.cache.loader`): started at the first call, they read every later pass too
+        (epochs, evaluations), each keeping its own rows, until :meth:`close`, another ``keys``, ``codes``
+        or ``workers``, or the end of the process; a call made while an earlier pass is still being
+        read gets workers of its own for that pass. Once CUDA is initialised in this process new workers
+        start from a forkserver, not by fork (see :func:`~mettle.cache.dataset.loader_context`).
         """
         import torch
-        from torch.utils.data import DataLoader
 
-        from .dataset import BatchedTokens, TokenDataset, loader_context, whole_batch
+        from .dataset import TokenDataset
+        from .loader import KeptLoader, make_loader
 
         if not batches:
             return iter(())
@@ -151,14 +155,21 @@ class Cache(TokenSource):
                               memory_budget=self.memory_budget, codes=ident[1])
             self._datasets = {ident: ds}
         pin = torch.cuda.is_available()  # page-locked batches copy to the GPU asynchronously, and faster
-        # in this process, fresh rows are read straight into page-locked memory, which the loader's
-        # pinning then leaves as it is; it copies the rest (rows kept in memory, int8 tokens decoded,
-        # int8 scales, targets, and whatever worker processes hand over)
-        loader = DataLoader(BatchedTokens(ds, pinned=pin and not workers), batch_sampler=[list(b) for b in batches],
-                            num_workers=workers, collate_fn=whole_batch, persistent_workers=False, pin_memory=pin,
-                            multiprocessing_context=loader_context(workers),
-                            generator=torch.Generator().manual_seed(seed))  # never touches the global RNG
-        return iter(loader)
+        if workers <= 0:
+            return iter(make_loader(ds, batches, 0, pin, seed))
+        kept = self._kept
+        if kept is None or kept.closed or kept.tokens is not ds or kept.workers != workers:
+            self.close()
+            kept = self._kept = KeptLoader(ds, workers, pin, seed)
+        if kept.busy():  # an earlier pass is still being read: this one reads on workers of its own
+            return iter(make_loader(ds, batches, workers, pin, seed))
+        return kept.start(batches)
+
+    def close(self) -> None:
+        """End the loader's worker processes kept by :meth:`iterate` (if any); the cache stays readable."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept.close()
 
     def describe(self) -> str:
         return str(self.root)

@@ -61,6 +61,16 @@ class TokenSource(ABC):
                 seed: int = 0, codes: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         """Tokens of ``keys`` for each batch of rows, in order (see the module docstring)."""
 
+    def close(self) -> None:
+        """Release what the source keeps between calls of :meth:`iterate` (a cache: its loader's worker
+        processes); it stays usable, a later call starts them again. ``with source:`` closes at the end."""
+
+    def __enter__(self) -> "TokenSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @abstractmethod
     def describe(self) -> str:
         """A short human name (the cache path, or the live backbones)."""

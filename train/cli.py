@@ -61,26 +61,28 @@ def main(task, cache_path, config_file, sets, out, device, seed, workers, cuda_g
     cfg = resolve_config(task, spec.head_defaults, config_file, parse_sets(sets), cache=cache_path, out=out,
                          device=device, seed=seed, workers=workers, cuda_graphs=cuda_graphs,
                          init_from=init_from)
-    source = open_cache(cache_path)
-    if eval_only:
-        from .run import eval_checkpoint
+    with open_cache(cache_path) as source:  # its loader workers (--workers) end with the run
+        if eval_only:
+            from .run import eval_checkpoint
 
-        if checkpoint is None:
-            raise ConfigError("--eval-only needs --checkpoint RUN/best.pt")
-        results = eval_checkpoint(cfg, source, checkpoint)
-        click.echo(json.dumps({k: results[k] for k in ("val", "test")}))
-    else:
-        from .run import train_run
+            if checkpoint is None:
+                raise ConfigError("--eval-only needs --checkpoint RUN/best.pt")
+            results = eval_checkpoint(cfg, source, checkpoint)
+            click.echo(json.dumps({k: results[k] for k in ("val", "test")}))
+        else:
+            from .run import train_run
 
-        if save_masks and not hasattr(spec, "save_examples"):
-            raise ConfigError(f"--save-masks: task {task} does not predict masks. Fix: use it with avs-s4 or avs-ms3")
-        run_dir, results = train_run(cfg, source, overwrite=overwrite, progress=not quiet, save_masks=save_masks,
-                                     resume=resume)
-        click.echo(f"run {run_dir}")
-        click.echo(f"trainable parameters {results['trainable_parameters']:,}; {results['seconds_per_epoch']:.2f} s "
-                   f"per epoch; peak memory {results['peak_memory_bytes'] / 2**20:.0f} MiB; best epoch "
-                   f"{results['best_epoch'] + 1} (on val)"
-                   + (f"; {results.get('graph_replays', 0)} steps replayed from a CUDA graph"
-                      if results.get("graph_replays") or cfg.cuda_graphs == "true" else ""))
+            if save_masks and not hasattr(spec, "save_examples"):
+                raise ConfigError(f"--save-masks: task {task} does not predict masks. "
+                                  "Fix: use it with avs-s4 or avs-ms3")
+            run_dir, results = train_run(cfg, source, overwrite=overwrite, progress=not quiet,
+                                         save_masks=save_masks, resume=resume)
+            click.echo(f"run {run_dir}")
+            click.echo(f"trainable parameters {results['trainable_parameters']:,}; "
+                       f"{results['seconds_per_epoch']:.2f} s per epoch; "
+                       f"peak memory {results['peak_memory_bytes'] / 2**20:.0f} MiB; best epoch "
+                       f"{results['best_epoch'] + 1} (on val)"
+                       + (f"; {results.get('graph_replays', 0)} steps replayed from a CUDA graph"
+                          if results.get("graph_replays") or cfg.cuda_graphs == "true" else ""))
     for line in results["table"]:
         click.echo(line)

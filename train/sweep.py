@@ -92,7 +92,8 @@ def _run(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     from .run import train_run
 
     cfg = load_config_dict(cfg_dict)
-    run_dir, results = train_run(cfg, open_cache(cfg.cache), progress=False)
+    with open_cache(cfg.cache) as source:  # its loader workers (cfg.workers) end with the run
+        run_dir, results = train_run(cfg, source, progress=False)
     return {"run": str(run_dir), **results}
 
 

@@ -78,6 +78,7 @@ def test_loader_workers_start_from_a_forkserver_once_cuda_is_initialised(rows5, 
                 assert np.array_equal(batch["tokens"][key].numpy(), truth[key][rows].astype(np.float16))
                 assert torch.equal(batch["tokens"][key], before["tokens"][key])
     assert started[0] is None and started[1].get_start_method() == "forkserver"
+    cache.close()  # the kept workers end here, not whenever the cache is collected
     copy = pickle.loads(pickle.dumps(ds))
     assert copy._kept == {} and copy._kept_bytes == 0 and copy.rows == ds.rows and ds._kept  # the parent keeps its rows
     assert "manifest" not in copy.cache.__dict__ and not copy.cache._datasets  # the manifest stays behind

@@ -159,3 +159,25 @@ def test_an_int8_cache_trains_from_its_codes_as_from_decoded_tokens(toy_root, tm
     decoded = fit(cfg, cache, progress=False)
     assert len(codes.step_losses) == 4  # 4 training clips of the 6, batches of 2, 2 epochs
     assert codes.step_losses == decoded.step_losses and codes.val == decoded.val  # the same float32 products
+
+
+def test_loader_workers_train_as_in_process_reads_through_one_kept_loader(toy_cache, tmp_path, monkeypatch):
+    """With loader workers (--workers N) every epoch's training and validation pass and the final test pass
+    read through one set of worker processes, kept by the cache, and the training is the one that reads in
+    this process give, step for step."""
+    from mettle.cache import loader as loader_module
+
+    made = []
+    real = loader_module.KeptLoader.__init__
+    monkeypatch.setattr(loader_module.KeptLoader, "__init__",
+                        lambda self, tokens, workers, *a, **k: (made.append(workers), real(self, tokens, workers, *a, **k))[1])
+    in_process = fit(_cfg(toy_cache, tmp_path, **{"optim.epochs": 3}), open_cache(toy_cache), progress=False)
+    cfg = resolve_config("ave", {"hidden": 256, "temporal": "gru", "dropout": 0.1}, sets={**FAST, "optim.epochs": 3},
+                         cache=str(toy_cache), out=str(tmp_path), device="cpu", workers=2)
+    with open_cache(toy_cache) as source:
+        workers = fit(cfg, source, progress=False)
+        assert made == [2] and not source._kept.closed
+    assert source._kept is None
+    assert len(workers.step_losses) == len(in_process.step_losses) > 3
+    assert workers.step_losses == in_process.step_losses
+    assert workers.val == in_process.val and workers.test == in_process.test
