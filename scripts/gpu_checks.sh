@@ -10,7 +10,8 @@
 #                   by an eager step run before it; since the eighth: TF32 products, two graphs taking turns;
 #                   since the ninth: extraction's copies on streams of their own, five batches in flight),
 #                   then the loader test with worker processes on its own (it hung in the eighth session; since
-#                   the ninth a process with CUDA starts its loader workers from a forkserver)
+#                   the ninth a process with CUDA starts its loader workers from a forkserver; since the tenth
+#                   the cache keeps them from one pass to the next)
 #   train           end-to-end and the adapter baseline against the eager and the graphed cache step (float16
 #                   and int8 tokens; overlap_copy: two graphs, each batch copied in during the step before), full
 #                   size, batch 1 and 8, each step timed alone and back to back (the seventh session: 23.0x / 12.7x time and

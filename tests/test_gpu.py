@@ -42,6 +42,7 @@ def test_training_batches_are_read_into_page_locked_memory(toy48_cache):
                 assert t.is_pinned(), (k, workers, epoch)
                 assert np.array_equal(t.numpy(), cache.read(k, [5, 2, 9], cache.batch_dtype))
                 assert torch.equal(t.to("cuda", non_blocking=True).cpu(), t)
+    cache.close()  # the worker kept for both epochs (cache/loader.py) ends here
 
 
 def test_cuda_lcd_equals_naive_and_cpu():
