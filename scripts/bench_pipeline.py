@@ -3,7 +3,7 @@ sequential read of the same bytes.
 
 Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48] [--batch-size 32]
        [--device cpu] [--repeats 3] [--work DIR] [--out DIR] [--trace] [--[no-]cuda-graphs]
-       [--data-clips 64] [--data-dtype float16|int8] [--switch-interval S] [--no-data-path]
+       [--data-clips 64] [--data-dtype float16|int8] [--data-workers N] [--switch-interval S] [--no-data-path]
 
 1. ``mettle-extract`` on the toy dataset (decode + forward + write, clips/s) against the backbones'
    forward alone on inputs of the same shapes, same device, batch size and precision (float16
@@ -19,7 +19,9 @@ Usage: python scripts/bench_pipeline.py [--backbones tiny|specific] [--clips 48]
    on a CPU machine by the loader's array pool, on a CUDA machine, where batches are page-locked,
    by torch's host allocator); three times, the median run shown.
    With ``--data-dtype int8`` the full-size layout cache is int8, read as training reads it (the
-   LCD's arrays as codes + scales) and, for comparison, decoded to float32 on the host.
+   LCD's arrays as codes + scales) and, for comparison, decoded to float32 on the host. With
+   ``--data-workers N`` the epochs read through N loader worker processes (``mettle-train --workers``),
+   started at the first epoch and kept for the later ones, as training keeps them.
 """
 
 from __future__ import annotations
@@ -205,12 +207,13 @@ def full_size_cache(work: Path, clips: int, backbones: str = "specific", dtype: 
     return path
 
 
-def data_path(cache_path: Path, repeats: int = 3, codes: bool = True) -> dict:
+def data_path(cache_path: Path, repeats: int = 3, codes: bool = True, workers: int = 0) -> dict:
     """The data-path measurement ``repeats`` times; each figure is the run with the median ratio
     (a shared machine's disk is noisy, which is also why raw and loader are read side by side).
     ``codes``: an int8 cache's arrays handed over as stored (codes + scales), as training reads the
-    LCD's arrays; else decoded to float32 on the host."""
-    runs = [_data_path_once(cache_path, codes) for _ in range(repeats)]
+    LCD's arrays; else decoded to float32 on the host. ``workers``: loader worker processes (training's
+    ``--workers``), kept by the cache from one epoch to the next as training keeps them."""
+    runs = [_data_path_once(cache_path, codes, workers) for _ in range(repeats)]
     out = {}
     for state in STATES:
         got = sorted((r[state] for r in runs if r[state]), key=lambda r: r["ratio"])
@@ -222,7 +225,7 @@ STATES = ("first", "cold", "warm")  # a process's first epoch (cold), later epoc
 LABELS = {"first": "cold, first epoch", "cold": "cold", "warm": "warm"}
 
 
-def _data_path_once(cache_path: Path, codes: bool) -> dict:
+def _data_path_once(cache_path: Path, codes: bool, workers: int = 0) -> dict:
     """One cache opened as training opens it; its first epoch from a dropped page cache (batch
     arrays not yet allocated: their pages fault in), then an epoch as later epochs run, cold and
     warm (the arrays reused, see cache/dataset.py), each beside a raw read of the same files."""
@@ -251,7 +254,7 @@ def _data_path_once(cache_path: Path, codes: bool) -> dict:
 
     def epoch() -> float:
         t0 = time.perf_counter()
-        for _ in cache.iterate(batches, cache.keys(), codes=cache.keys() if codes else ()):
+        for _ in cache.iterate(batches, cache.keys(), workers, codes=cache.keys() if codes else ()):
             pass
         return time.perf_counter() - t0
 
@@ -269,6 +272,7 @@ def _data_path_once(cache_path: Path, codes: bool) -> dict:
         seconds = epoch()
         out[state] = {"bytes": nbytes, "raw_mb_per_s": nbytes / seconds_raw / 1e6,
                       "loader_mb_per_s": nbytes / seconds / 1e6, "ratio": seconds_raw / seconds}
+    cache.close()  # the loader workers, if any, kept over the epochs above
     return out
 
 
@@ -291,6 +295,8 @@ def main() -> None:
                     help="clips of the full-size synthetic cache the data path is also measured on (0: skip)")
     ap.add_argument("--data-dtype", default="float16", choices=["float16", "int8"],
                     help="that cache's dtype; int8 is read both as training reads it (codes) and decoded")
+    ap.add_argument("--data-workers", type=int, default=0,
+                    help="loader worker processes of the data path (mettle-train --workers; 0: reads in this process)")
     ap.add_argument("--no-data-path", action="store_true", help="skip the extracted cache's data path (extraction only)")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="Python's thread switch interval in seconds for this process (sys.setswitchinterval; 0: "
@@ -307,12 +313,12 @@ def main() -> None:
         sys.setswitchinterval(args.switch_interval)
     args.work.mkdir(parents=True, exist_ok=True)
     ex = extraction(args) if args.clips else None  # --clips 0: the data path on the full-size layout only
-    dp = data_path(Path(ex["cache"])) if ex and not (args.cuda_graphs is not None or args.no_data_path) else None  # a variant: extraction only
+    dp = data_path(Path(ex["cache"]), workers=args.data_workers) if ex and not (args.cuda_graphs is not None or args.no_data_path) else None  # a variant: extraction only
     full = decoded = None
     if args.data_clips:
         layout = full_size_cache(args.work, args.data_clips, dtype=args.data_dtype)
-        full = data_path(layout)
-        decoded = data_path(layout, codes=False) if args.data_dtype == "int8" else None
+        full = data_path(layout, workers=args.data_workers)
+        decoded = data_path(layout, codes=False, workers=args.data_workers) if args.data_dtype == "int8" else None
     lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU threads, device {args.device}, "
              f"{time.strftime('%Y-%m-%d')}; backbones {args.backbones}, {args.clips} toy clips, batch {args.batch_size}"
              + ("; extraction with CUDA graphs" if args.graphs else "")
@@ -345,6 +351,8 @@ def main() -> None:
     lines += ["| training data path | raw sequential read MB/s | one epoch through Cache.iterate MB/s | ratio |",
               "| --- | --- | --- | --- |"]
     layout = f"full-size layout, {args.data_clips} clips" + ("" if args.data_dtype == "float16" else ", int8")
+    if args.data_workers:
+        lines[0] += f"; data path through {args.data_workers} loader worker processes"
     for name, result in ((f"this {args.backbones} cache", dp), (layout + (" as codes" if decoded else ""), full),
                          (f"{layout} decoded to float32", decoded)):
         for state in STATES:
