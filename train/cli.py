@@ -25,7 +25,7 @@ from .tasks import get_task, list_tasks
 @click.option("--device", help="auto, cpu, cuda, cuda:N [auto]")
 @click.option("--seed", type=int, help="seed of initialisation and data order [0]")
 @click.option("--workers", type=int, help="DataLoader reader processes [0: reads on threads of this process, "
-              "3-5x faster on every cache measured: processes hand batches over through shared memory]")
+              "1.3-5x faster on every cache measured: processes hand batches over through shared memory]")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="replay each full batch's training step as one CUDA graph, checked against eager at capture "
                    "[on for CUDA devices; --no-cuda-graphs: eager steps, less GPU memory]")
