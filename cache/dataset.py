@@ -23,6 +23,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -31,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .dtypes import get_dtype
+from .errors import CacheError
 from .format import TARGETS
 from .store import SCALE
 
@@ -42,10 +44,13 @@ class TokenDataset(Dataset):
     codes plus ``key + ".scale"`` (float32 ``(T, N)``) instead (see :class:`~mettle.cache.TokenSource`)."""
 
     def __init__(self, cache, rows: Sequence[int], keys: Sequence[str], dtype: str = "float32",
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, codes: Sequence[str] = ()) -> None:
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, codes: Sequence[str] = (), weak: bool = False) -> None:
         for k in keys:
             cache.meta.check_key(k)  # unknown keys fail here, naming the valid ones
-        self.cache, self.rows, self.keys, self.dtype = cache, list(rows), list(keys), dtype
+        # weak: the dataset a Cache keeps for itself (Cache.iterate) refers to it weakly, so that no cycle
+        # delays the Cache's collection, and with it the end of its loader workers (see cache/loader.py)
+        self._cache = weakref.ref(cache) if weak else cache
+        self.rows, self.keys, self.dtype = list(rows), list(keys), dtype
         scaled = get_dtype(cache.meta.dtype).scaled
         self.codes = {k for k in codes if scaled and k in self.keys and not k.startswith(TARGETS)}
         self.out_keys = list(dict.fromkeys(self.keys + [k + SCALE for k in self.keys if k in self.codes]))
@@ -54,11 +59,19 @@ class TokenDataset(Dataset):
         self._kept_bytes = 0
         self.batch_arrays = _Recycled()  # BatchedTokens' batch arrays: kept with the dataset, so across epochs
 
+    @property
+    def cache(self):
+        cache = self._cache() if isinstance(self._cache, weakref.ref) else self._cache
+        if cache is None:
+            raise CacheError("the cache this dataset reads was closed and collected. Fix: keep the Cache "
+                             "(open_cache(...)) referenced while its batches are read")
+        return cache
+
     def __getstate__(self) -> dict:
         # a worker process started from a pickle (see loader_context) begins with no kept rows: sending the
         # parent's (up to memory_budget bytes) would cost more than the reads they save, and torch would
-        # move them into shared memory on the way
-        return {**self.__dict__, "_kept": {}, "_kept_bytes": 0}
+        # move them into shared memory on the way; it holds its copy of the cache itself
+        return {**self.__dict__, "_cache": self.cache, "_kept": {}, "_kept_bytes": 0}
 
     def __len__(self) -> int:
         return len(self.rows)

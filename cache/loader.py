@@ -12,9 +12,14 @@ reads in this process at the start of every pass; the workers see only batch ind
 Contract of a pass (:meth:`KeptLoader.start`): an iterator over the batches, in order, as
 ``Cache.iterate`` describes them. One pass at a time runs through the kept workers: while a pass is
 alive and not finished (a caller still holds it part-read), another is refused (:meth:`KeptLoader.busy`)
-and the caller reads with a loader of its own instead. A pass left part-read and dropped costs nothing
-later: the next pass resets the workers (torch drops what they had read ahead). A pass that fails (a
-worker died) discards the kept workers; the next pass starts new ones.
+and the caller reads with a loader of its own instead. A pass left part-read and dropped leaves nothing
+behind: the next pass resets the workers, which first finish the batches they were reading ahead (up to
+2 per worker) and torch drops them. A pass that fails (a worker died) discards the kept workers, and so
+does a pass finding a worker gone between passes; the next pass starts new ones.
+
+The workers end with ``Cache.close()`` (``with open_cache(...) as cache:``) or as soon as the cache is
+dropped: its own dataset refers to it weakly, so no reference cycle leaves the cache to the cyclic garbage
+collector, where ending the workers would wait 5 s for each (torch's queues are finalised first).
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ def make_loader(tokens: TokenDataset, batches: Sequence[Sequence[int]] | Schedul
     ``pin``: batches in page-locked memory (CUDA machines: their copy to the GPU is then asynchronous and
     faster). In this process fresh rows are read straight into page-locked memory, which the loader's
     pinning leaves as it is; it copies the rest (rows kept in memory, int8 tokens decoded, int8 scales,
-    targets, and whatever worker processes hand over). ``seed`` seeds the workers' random generators
-    (reads use none) and never touches the global one.
+    targets, and whatever worker processes hand over). ``seed`` seeds the workers' random generators when
+    they start (reads use none; a kept loader's workers keep their first seed) and never touches the
+    global one.
     """
     sampler = batches if isinstance(batches, Schedule) else [list(b) for b in batches]
     return DataLoader(BatchedTokens(tokens, pinned=pin and not workers), batch_sampler=sampler,
@@ -63,8 +69,8 @@ class KeptLoader:
     """Worker processes reading ``tokens`` for pass after pass (see the module docstring).
 
     The workers start at the first pass, from the context :func:`~mettle.cache.dataset.loader_context`
-    gives then (a forkserver once CUDA is initialised), and end with :meth:`close` or when this object
-    is collected. Each worker keeps its own rows in memory across passes (``memory_budget`` bytes per
+    gives then (a forkserver once CUDA is initialised), and end with :meth:`close` (``Cache.close``, or
+    the cache dropped) or when this object is collected. Each worker keeps its own rows in memory across passes (``memory_budget`` bytes per
     process), as this process does when reading without workers.
     """
 
@@ -99,6 +105,12 @@ class KeptLoader:
     def closed(self) -> bool:
         return self._loader is None
 
+    def healthy(self) -> bool:
+        """Whether every worker started so far is alive. One that ended between passes (Ctrl-C reaches the
+        workers too, and they exit) would make the next pass wait 5 s for it and fail: replace the loader."""
+        it = self._loader._iterator if self._loader is not None else None
+        return it is None or all(w.is_alive() for w in getattr(it, "_workers", ()))
+
     def close(self) -> None:
         """End the worker processes; a pass still running raises :class:`CacheError` at its next batch."""
         loader, running = self._loader, self._pass() if self._pass is not None else None
@@ -107,6 +119,14 @@ class KeptLoader:
             running._cut()
         if loader is not None and loader._iterator is not None:
             loader._iterator._shutdown_workers()  # now, not whenever the iterator is collected
+
+
+def holding(it: Iterator[dict[str, Any]], owner: object) -> Iterator[dict[str, Any]]:
+    """``it``, keeping ``owner`` alive while it is read: a cache's own dataset refers to the cache weakly
+    (no cycle, so that a dropped cache ends its workers at once), and ``for b in open_cache(p).iterate(...)``
+    must not lose the cache it reads."""
+    yield from it
+    del owner
 
 
 class _Pass:

@@ -136,15 +136,16 @@ class Cache(TokenSource):
         The dataset is kept between calls with the same keys and codes, so rows read in one epoch stay in
         memory for the next (up to ``memory_budget`` bytes per process). So are the ``workers`` processes
         (see :mod:`~mettle.cache.loader`): started at the first call, they read every later pass too
-        (epochs, evaluations), each keeping its own rows, until :meth:`close`, another ``keys``, ``codes``
-        or ``workers``, or the end of the process; a call made while an earlier pass is still being
-        read gets workers of its own for that pass. Once CUDA is initialised in this process new workers
-        start from a forkserver, not by fork (see :func:`~mettle.cache.dataset.loader_context`).
+        (epochs, evaluations), each keeping its own rows, until :meth:`close`, the cache dropped, or a
+        call with other ``keys``, ``codes`` or ``workers``; a call made while an earlier pass is still
+        being read through them gets a loader of its own for that pass. Once CUDA is initialised in this
+        process new workers start from a forkserver, not by fork (see
+        :func:`~mettle.cache.dataset.loader_context`). The iterator keeps this cache alive while it is read.
         """
         import torch
 
         from .dataset import TokenDataset
-        from .loader import KeptLoader, make_loader
+        from .loader import KeptLoader, holding, make_loader
 
         if not batches:
             return iter(())
@@ -152,24 +153,30 @@ class Cache(TokenSource):
         ds = self._datasets.get(ident)
         if ds is None:  # over every row, kept: later epochs (and other splits) share its memory budget
             ds = TokenDataset(self, range(self.meta.num_clips), keys, dtype=self.batch_dtype,
-                              memory_budget=self.memory_budget, codes=ident[1])
+                              memory_budget=self.memory_budget, codes=ident[1], weak=True)
             self._datasets = {ident: ds}
         pin = torch.cuda.is_available()  # page-locked batches copy to the GPU asynchronously, and faster
-        if workers <= 0:
-            return iter(make_loader(ds, batches, 0, pin, seed))
         kept = self._kept
-        if kept is None or kept.closed or kept.tokens is not ds or kept.workers != workers:
+        if workers <= 0 or (kept is not None and not kept.closed and kept.busy()):
+            # no workers, or an earlier pass is still being read through the kept ones: a loader of its own
+            return holding(iter(make_loader(ds, batches, workers, pin, seed)), self)
+        if kept is None or kept.closed or kept.tokens is not ds or kept.workers != workers or not kept.healthy():
             self.close()
             kept = self._kept = KeptLoader(ds, workers, pin, seed)
-        if kept.busy():  # an earlier pass is still being read: this one reads on workers of its own
-            return iter(make_loader(ds, batches, workers, pin, seed))
-        return kept.start(batches)
+        return holding(kept.start(batches), self)
 
     def close(self) -> None:
         """End the loader's worker processes kept by :meth:`iterate` (if any); the cache stays readable."""
-        kept, self._kept = self._kept, None
+        kept, self._kept = self.__dict__.get("_kept"), None
         if kept is not None:
             kept.close()
+
+    def __del__(self) -> None:  # a dropped cache ends its workers now (see cache/loader.py)
+        if self.__dict__.get("_kept") is not None:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 (at interpreter exit torch may be half torn down; its workers end anyway)
+                pass
 
     def describe(self) -> str:
         return str(self.root)

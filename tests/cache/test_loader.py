@@ -1,7 +1,12 @@
 """Loader worker processes kept across passes (cache/loader.py, ``Cache.iterate(..., workers=N)``)."""
 
+import gc
 import multiprocessing
+import os
 import pickle
+import signal
+import time
+import weakref
 
 import numpy as np
 import pytest
@@ -25,11 +30,12 @@ def _workers() -> set[int]:
     return {p.pid for p in multiprocessing.active_children()}
 
 
-def _check(batches, got, truth):
+def _check(batches, got, truth, keys=KEYS):
     got = list(got)
     assert [b["row"].tolist() for b in got] == [list(r) for r in batches]
     for rows, batch in zip(batches, got):
-        for key in KEYS:
+        assert sorted(batch["tokens"]) == sorted(keys)
+        for key in keys:
             assert np.array_equal(batch["tokens"][key].numpy(), truth[key][rows].astype(np.float16)), (rows, key)
 
 
@@ -82,8 +88,14 @@ def test_a_second_pass_while_one_is_read_gets_workers_of_its_own(cache6):
     cache.close()  # closed during a pass: the pass says so instead of ending as if complete
     with pytest.raises(CacheError, match="closed during this pass"):
         next(running)
-    cache.iterate(inner, KEYS, workers=1)  # other workers: another loader
-    assert cache._kept.workers == 1
+    running = cache.iterate(outer, KEYS, workers=1)  # other workers: another kept loader ...
+    got = [next(running)]
+    kept = cache._kept
+    assert kept.workers == 1
+    _check(inner, cache.iterate(inner, KEYS[:1], workers=2), truth, KEYS[:1])  # ... left alone by
+    _check(inner, cache.iterate(inner, KEYS, workers=1), truth)  # passes with other keys or workers meanwhile
+    assert cache._kept is kept and not kept.closed
+    _check(outer, got + list(running), truth)
     cache.close()
 
 
@@ -110,3 +122,44 @@ def test_a_failed_pass_discards_the_workers_and_the_next_starts_new_ones(cache6,
     _check([[3, 4], [2]], cache.iterate([[3, 4], [2]], KEYS, workers=2), truth)
     assert cache._kept is not first and not cache._kept.closed
     cache.close()
+
+
+def test_a_dropped_cache_ends_its_workers_at_once(cache6):
+    """No reference cycle holds a cache (its own dataset refers to it weakly), so dropping it ends its
+    workers there and then; left to the cyclic garbage collector, ending them waited 5 s a worker. A cache
+    used only for one pass (``open_cache(p).iterate(...)``) lives as long as the pass."""
+    root, truth = cache6
+    batches = [[4, 0], [1]]
+    gc.disable()
+    try:
+        before = _workers()
+        for workers in (0, 2):
+            _check(batches, open_cache(root).iterate(batches, KEYS, workers=workers), truth)
+            assert _workers() == before  # the pass over, the cache and its workers are gone
+        cache = open_cache(root)
+        _check(batches, cache.iterate(batches, KEYS, workers=2), truth)
+        assert len(_workers() - before) == 2
+        dropped = weakref.ref(cache)
+        del cache
+        assert dropped() is None and _workers() == before
+    finally:
+        gc.enable()
+
+
+def test_workers_gone_between_passes_are_replaced(cache6):
+    """Ctrl-C reaches the workers too, and they exit; the next pass starts new ones instead of waiting for
+    the old ones and failing."""
+    root, truth = cache6
+    before = _workers()
+    with open_cache(root) as cache:
+        _check([[0, 1]], cache.iterate([[0, 1]], KEYS, workers=2), truth)
+        old, pids = cache._kept, _workers() - before
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while _workers() & pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not (_workers() & pids)
+        assert not old.healthy()
+        _check([[5, 2], [3]], cache.iterate([[5, 2], [3]], KEYS, workers=2), truth)
+        assert cache._kept is not old and old.closed and len(_workers() - before) == 2
