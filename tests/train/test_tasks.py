@@ -94,7 +94,7 @@ def test_avqa_grounding_then_avqa_learns(avqa_cache, tmp_path):
     grounding = next((tmp_path / "runs").glob("avqa-grounding__*"))
     assert json.loads((grounding / "results.json").read_text())["val"]["match_accuracy"] > 60
     r = runner.invoke(train_cli, ["--task", "avqa", "--cache", str(avqa_cache), "--out", out, "-q", "--device", "cpu",
-                                  *sets, "--set", "optim.epochs=25", "--init-from", str(grounding)])
+                                  *sets, "--set", "optim.epochs=15", "--init-from", str(grounding)])
     assert r.exit_code == 0, r.output
     assert "| A-Count | A-Comp | A-Avg |" in r.output
     results = json.loads(next((tmp_path / "runs").glob("avqa__*/results.json")).read_text())
