@@ -70,8 +70,8 @@ class KeptLoader:
 
     The workers start at the first pass, from the context :func:`~mettle.cache.dataset.loader_context`
     gives then (a forkserver once CUDA is initialised), and end with :meth:`close` (``Cache.close``, or
-    the cache dropped) or when this object is collected. Each worker keeps its own rows in memory across passes (``memory_budget`` bytes per
-    process), as this process does when reading without workers.
+    the cache dropped) or when this object is collected. Each worker keeps its own rows in memory across
+    passes (``memory_budget`` bytes per process), as this process does when reading without workers.
     """
 
     def __init__(self, tokens: TokenDataset, workers: int, pin: bool, seed: int = 0) -> None:
@@ -83,12 +83,12 @@ class KeptLoader:
         self._pass: weakref.ref | None = None
 
     def busy(self) -> bool:
-        """Whether a pass is alive and not finished (or this loader is closed)."""
-        return self._loader is None or (self._pass is not None and self._pass() is not None)
+        """Whether a pass is alive and not finished."""
+        return self._pass is not None and self._pass() is not None
 
     def start(self, batches: Sequence[Sequence[int]]) -> Iterator[dict[str, Any]]:
-        """A pass over ``batches`` through the kept workers; refused (ValueError) while :meth:`busy`."""
-        if self.busy():
+        """A pass over ``batches`` through the kept workers; refused (ValueError) while :meth:`busy` or closed."""
+        if self.closed or self.busy():
             raise ValueError("this KeptLoader is closed or still in a pass. Fix: finish or drop the pass "
                              "first, or read with a loader of your own")
         self._schedule.batches = [list(b) for b in batches]
@@ -124,9 +124,8 @@ class KeptLoader:
 def holding(it: Iterator[dict[str, Any]], owner: object) -> Iterator[dict[str, Any]]:
     """``it``, keeping ``owner`` alive while it is read: a cache's own dataset refers to the cache weakly
     (no cycle, so that a dropped cache ends its workers at once), and ``for b in open_cache(p).iterate(...)``
-    must not lose the cache it reads."""
+    must not lose the cache it reads (``owner`` stays referenced by this generator's frame until it ends)."""
     yield from it
-    del owner
 
 
 class _Pass:

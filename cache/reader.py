@@ -157,7 +157,7 @@ class Cache(TokenSource):
             self._datasets = {ident: ds}
         pin = torch.cuda.is_available()  # page-locked batches copy to the GPU asynchronously, and faster
         kept = self._kept
-        if workers <= 0 or (kept is not None and not kept.closed and kept.busy()):
+        if workers <= 0 or (kept is not None and kept.busy()):
             # no workers, or an earlier pass is still being read through the kept ones: a loader of its own
             return holding(iter(make_loader(ds, batches, workers, pin, seed)), self)
         if kept is None or kept.closed or kept.tokens is not ds or kept.workers != workers or not kept.healthy():
@@ -167,7 +167,7 @@ class Cache(TokenSource):
 
     def close(self) -> None:
         """End the loader's worker processes kept by :meth:`iterate` (if any); the cache stays readable."""
-        kept, self._kept = self.__dict__.get("_kept"), None
+        kept, self._kept = self._kept, None
         if kept is not None:
             kept.close()
 

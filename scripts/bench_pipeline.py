@@ -313,7 +313,8 @@ def main() -> None:
         sys.setswitchinterval(args.switch_interval)
     args.work.mkdir(parents=True, exist_ok=True)
     ex = extraction(args) if args.clips else None  # --clips 0: the data path on the full-size layout only
-    dp = data_path(Path(ex["cache"]), workers=args.data_workers) if ex and not (args.cuda_graphs is not None or args.no_data_path) else None  # a variant: extraction only
+    extraction_only = args.cuda_graphs is not None or args.no_data_path  # a variant: extraction only
+    dp = data_path(Path(ex["cache"]), workers=args.data_workers) if ex and not extraction_only else None
     full = decoded = None
     if args.data_clips:
         layout = full_size_cache(args.work, args.data_clips, dtype=args.data_dtype)
