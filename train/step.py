@@ -232,8 +232,7 @@ class TrainStep:
                 with torch.cuda.device(self.device), torch.cuda.graph(
                         graph, pool=pool, stream=self.side, capture_error_mode="thread_local"):
                     out = self._forward_backward(*static)
-                captured.append(_Graph(graph, static, out))
-                del graph
+                captured.append(_Graph(graph, static, out))  # `graph` stays bound: the failure paths del it
             checking = True
             for g in captured:
                 _restore(self.model, self.opt, self.device, start)
