@@ -1,7 +1,8 @@
-"""Runtime helpers both stages use (device choice, peak memory); here because both import cache."""
+"""Runtime helpers both stages use (device choice, peak memory, cuBLAS's workspace); here because both import cache."""
 
 from __future__ import annotations
 
+import os
 import resource
 
 import torch
@@ -36,3 +37,34 @@ def peak_memory(device: torch.device) -> int:
     except OSError:
         pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# cuBLAS's workspace as mettle-train sets it on CUDA: one 4 MiB block per stream for cuBLAS (the format
+# :KIB:COUNT) and 4 MiB (in KiB) for cuBLASLt. torch's own default on Hopper is 32 MiB per stream, and a
+# graphed training step uses two streams (the capture's and the replay's): on an H200 the small one took
+# 52 MiB off a full-size graphed step's peak at batch 1 (200 -> 148 MiB) and 49 at batch 8 (386 -> 337) for
+# 1-6 % of its time (3.2 -> 3.3 ms and 9.8 -> 9.9 ms timed alone; BENCHMARKS.md, 2026-11-28). End-to-end
+# training lost 18-29 % of its time under it, so extraction and the benchmarks' end-to-end mode keep the
+# library's.
+CUBLAS_SMALL = {"CUBLAS_WORKSPACE_CONFIG": ":4096:1", "CUBLASLT_WORKSPACE_SIZE": "4096"}
+CUBLAS_WORKSPACE_CHOICES = ("auto", "small", "library")
+
+
+def cublas_workspace(setting: str, device: torch.device) -> str:
+    """Size cuBLAS's workspace for this process; returns what holds: ``small``, ``library`` or ``environment``.
+
+    ``auto``: ``small`` on CUDA unless the user set either variable of :data:`CUBLAS_SMALL` (theirs is kept:
+    ``environment``); ``small``: set them, whatever was there; ``library``: leave cuBLAS's defaults. A CPU
+    device changes nothing (``library``). torch reads the variables once, when its first cuBLAS call makes
+    a workspace: set later in a process that already multiplied on the GPU, they do not apply (the result
+    then says what was asked, not what cuBLAS kept; there is no way to ask it).
+    """
+    if setting not in CUBLAS_WORKSPACE_CHOICES:
+        raise ValueError(f"cublas_workspace={setting!r} is not one of {', '.join(CUBLAS_WORKSPACE_CHOICES)}. "
+                         "Fix: write e.g. cublas_workspace=auto")
+    if device.type != "cuda" or setting == "library":
+        return "library"
+    if setting == "auto" and any(k in os.environ for k in CUBLAS_SMALL):
+        return "environment"
+    os.environ.update(CUBLAS_SMALL)
+    return "small"

@@ -24,7 +24,9 @@ For AVE-shaped samples (10 one-second segments: 10 frames + 10 audio seconds), o
   of 2026-11-27 (``overlap_copy: auto``): two graphs taking turns, each batch copied in while the step before
   runs (one more batch of tokens on the device); ``overlap:last-grid/int8`` likewise;
 
-(a) and (b) step through mettle-train's own ``TrainStep`` (no gradient clipping, as the adapter).
+(a) and (b) step through mettle-train's own ``TrainStep`` (no gradient clipping, as the adapter). (a) sizes
+cuBLAS's workspace as mettle-train does (``cublas_workspace: auto``, 4 MiB a stream on CUDA since 2026-11-28;
+``--set cublas_workspace=library`` for cuBLAS's own); (b) and (c) keep the library's, as their code would.
 
 Each configuration runs in its own process. Reported: seconds per step (median of ``--steps``
 after one warm-up step, each step timed alone: the GPU idle before it), seconds per step pipelined (``--steps``
@@ -85,7 +87,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
             sets: dict | None = None) -> dict:
     from extract_ops import random_media
     from mettle.cache import SCALE, CacheMeta, plan_cache
-    from mettle.cache.runtime import peak_memory
+    from mettle.cache.runtime import cublas_workspace, peak_memory
     from mettle.extract.config import ExtractConfig, load_backbones
     from mettle.extract.backbones.kept import kept_bytes
     from mettle.extract.tokens import TokenForward
@@ -99,6 +101,9 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     torch.manual_seed(0)
     manifest = bench_manifest()
     from_cache = mode.startswith(("cache", *GRAPHED))
+    task = get_task("ave")
+    if from_cache:  # as mettle-train sizes cuBLAS's workspace (end-to-end keeps the library's, as the paper's code)
+        cublas_workspace(resolve_config("ave", task.head_defaults, sets=sets).cublas_workspace, dev)
     if from_cache:  # stage two never holds a backbone: read the layout the parent planned
         backbones = None
         records = CacheMeta.from_dict(json.loads(Path(layout).read_text())).backbones
@@ -109,7 +114,6 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
         media = random_media(batch * 10, size=224)
         frames, audio = media["visual"], media["audio"]
     labels = torch.randint(0, 29, (batch, 10), device=dev)
-    task = get_task("ave")
     if mode != "adapter":
         budget, _, stored = (mode.split(":")[1] if from_cache else "full").partition("/")
         meta = plan_cache(manifest, records, tokens=budget, dtype=stored or "float16")  # default: float16

@@ -33,11 +33,9 @@
 #   extract_trace   one more such extraction under torch.profiler: how busy the GPU was (the union of its kernels
 #                   and copies) and its idle gaps: host stalls (the eighth session's 73 %) or device work beyond
 #                   the forward (pooling, encoding, copies)?
-#   train_workspace end-to-end and the graphed step with cuBLAS's workspace cut to one 4 MiB block per stream
-#                   (CUBLAS_WORKSPACE_CONFIG=:4096:1) and cuBLASLt's to 4 MiB (CUBLASLT_WORKSPACE_SIZE, in
-#                   KiB; torch's library names that variable): the seventh session saw (a)'s peak fall by ~50 MiB
-#                   (200 -> 148 at batch 1) for 3-5 % of time; what end-to-end loses under the same setting
-#                   decides whether mettle-train should set it
+#   train_workspace the graphed step with cuBLAS's own workspace (--set cublas_workspace=library), beside train's
+#                   rows under mettle-train's default since 2026-11-28 (4 MiB a stream: on the H200 that day
+#                   52 / 49 MiB less peak at batch 1 / 8 for 1-6 % of the time; end-to-end lost 18-29 % under it)
 #   encode_profile  host time per operator: the pure forward against TokenForward.encoded (71 % of it eagerly
 #                   on the H200 for ~5 % more operators: where does the rest go?)
 #   extract_eager   extraction, 192 toy clips, three runs, --no-cuda-graphs (graphs are the default on CUDA since
@@ -127,10 +125,9 @@ for part in $PARTS; do
     step_profile) step step_profile 120 $PY scripts/step_profile.py --device $DEVICE --size $SIZE --batches 8 \
             --compare lcd.matmul=float32 --top 12
         show step_profile 36 ;;
-    train_workspace) step train_workspace 150 env CUBLAS_WORKSPACE_CONFIG=:4096:1 CUBLASLT_WORKSPACE_SIZE=4096 \
-        TORCH_CUBLASLT_WORKSPACE_SIZE=4096 "${TRAIN[@]}" --modes end-to-end $GRAPHED \
+    train_workspace) step train_workspace 100 "${TRAIN[@]}" --modes $GRAPHED --set cublas_workspace=library \
             --out "$OUT/train_workspace"
-        show train_workspace 12 ;;
+        show train_workspace 8 ;;
     encode_profile) step encode_profile 120 $PY scripts/encode_profile.py --backbones $BACKBONES --device $DEVICE
         show encode_profile 34 ;;
     extract_eager) step extract_eager 200 "${EXTRACT[@]}" --repeats 3 --out "$OUT" --no-cuda-graphs

@@ -1,5 +1,10 @@
 """CUDA paths of the training step added in the eighth session of 2026-11-27: the LCD's TF32 products
-and two graphs taking turns (marker ``gpu``; deselected by default, run with ``pytest -m gpu``)."""
+and two graphs taking turns; since 2026-11-28 cuBLAS's small workspace (marker ``gpu``; deselected by
+default, run with ``pytest -m gpu``)."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,3 +71,32 @@ def test_overlapped_copies_wait_for_the_replay_reading_their_buffers():
         losses.append(torch.stack([step(*b) for b in batches]).cpu())  # read at the end: the host runs ahead
     assert step.replays == 6 and len(step.captured) == 2 and step.copier is not None
     assert torch.allclose(losses[1], losses[0], rtol=1e-4, atol=1e-6), losses
+
+
+WORKSPACE_PROBE = """
+import json, os, sys, torch
+from mettle.cache.runtime import CUBLAS_SMALL, cublas_workspace
+for key in CUBLAS_SMALL:
+    os.environ.pop(key, None)
+dev = torch.device("cuda")
+held = cublas_workspace(sys.argv[1], dev)
+a = torch.randn(512, 512, device=dev)
+torch.cuda.synchronize()
+before = torch.cuda.memory_allocated(dev)
+b = a @ a  # the process's first product: cuBLAS makes its workspace here, from torch's allocator
+torch.cuda.synchronize()
+print(json.dumps({"held": held, "extra": torch.cuda.memory_allocated(dev) - before - b.numel() * 4}))
+"""
+
+
+def test_the_small_cublas_workspace_is_what_cublas_takes():
+    """cublas_workspace=auto (mettle-train's default) must reach cuBLAS: torch reads the variables once, at
+    its first product, and takes the workspace from its own allocator (so it counts in a run's peak)."""
+    seen = {}
+    for setting in ("auto", "library"):  # each in a fresh process: the size is fixed at the first product
+        out = subprocess.run([sys.executable, "-c", WORKSPACE_PROBE, setting], capture_output=True, text=True,
+                             check=True).stdout
+        seen[setting] = json.loads(out.strip().splitlines()[-1])
+    assert seen["auto"]["held"] == "small" and seen["library"]["held"] == "library"
+    assert seen["auto"]["extra"] <= 8 << 20, seen  # cuBLAS's 4 MiB, and cuBLASLt's 4 if not shared
+    assert seen["auto"]["extra"] < seen["library"]["extra"], seen

@@ -84,6 +84,9 @@ class TrainConfig:
     cuda_graphs: str = "auto"  # each full batch's step as one replayed CUDA graph (step.py): auto = on CUDA
     overlap_copy: str = "auto"  # graphed steps take turns between two graphs, the next batch copied in during the
     # current one (step.py): auto = wherever steps are graphed; costs one more batch of inputs on the device
+    cublas_workspace: str = "auto"  # auto | small | library: cuBLAS's workspace on CUDA (cache/runtime.py): auto =
+    # small (4 MiB a stream, ~50 MiB off a full-size step's peak) unless CUBLAS_WORKSPACE_CONFIG or
+    # CUBLASLT_WORKSPACE_SIZE is set; library = cuBLAS's own (32 MiB a stream on Hopper)
     init_from: str = ""  # a run folder (or its best.pt) whose matching parameters start this run
     lcd: LCDConfig = field(default_factory=LCDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -103,10 +106,12 @@ class TrainConfig:
 
 # where and how a run executes, not what it computes (up to float rounding): outside the run
 # fingerprint (a rerun that changes only these finds the finished run), and so no sweep axis
-EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "overlap_copy", "lcd.chunk_mib", "lcd.matmul")
+EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "overlap_copy", "cublas_workspace",
+                     "lcd.chunk_mib", "lcd.matmul")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 # string options with a fixed set of values
 CHOICES = {"cuda_graphs": ("auto", "true", "false"), "overlap_copy": ("auto", "true", "false"),
+           "cublas_workspace": ("auto", "small", "library"),
            "lcd.matmul": ("auto", "tf32", "float32")}
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mettle.cache import TokenSource
-from mettle.cache.runtime import peak_memory, resolve_device
+from mettle.cache.runtime import cublas_workspace, peak_memory, resolve_device
 
 from .config import TrainConfig
 from .model import MettleModel, count_parameters
@@ -120,6 +120,8 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     """
     task = get_task(cfg.task)
     device = resolve_device(cfg.device)
+    if cublas_workspace(cfg.cublas_workspace, device) == "small":  # before the process's first cuBLAS call
+        log.info("cublas_workspace: 4 MiB a stream (cublas_workspace=library for cuBLAS's own)")
     model = model if model is not None else build_model(cfg, source, task)
     initialised = init_from(model, cfg.init_from) if cfg.init_from else 0
     model.to(device)

@@ -26,6 +26,7 @@ from typing import Any
 from mettle import __version__
 from mettle.cache import TokenSource
 from mettle.cache.format import write_json_atomic
+from mettle.cache.runtime import cublas_workspace
 
 from .config import TrainConfig, save_config
 from .loop import FitResult, build_model, evaluate, fit, load_checkpoint, resolve_device, save_checkpoint
@@ -117,6 +118,7 @@ def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> 
     ckpt = load_checkpoint(checkpoint)
     task = get_task(cfg.task)
     device = resolve_device(cfg.device)
+    cublas_workspace(cfg.cublas_workspace, device)  # as training sets it
     model = build_model(cfg, source, task)
     try:
         model.load_state_dict(ckpt["model"])

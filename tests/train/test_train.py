@@ -74,6 +74,8 @@ def test_config_layers_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="lcd.matmul='fast' is not one of auto, tf32, float32"):
         resolve_config("ave", {}, sets={"lcd.matmul": "fast"})
     assert resolve_config("ave", {}, sets={"lcd.matmul": "TF32"}).lcd.matmul == "tf32"
+    with pytest.raises(ConfigError, match="cublas_workspace='huge' is not one of auto, small, library"):
+        resolve_config("ave", {}, sets={"cublas_workspace": "huge"})
     y.write_text("- a list\n")
     with pytest.raises(ConfigError, match="not a YAML mapping"):
         resolve_config("ave", {}, y)
@@ -83,7 +85,7 @@ def test_execution_options_leave_the_run_fingerprint_alone():
     """Options that change only speed or memory (up to float rounding) find a finished run again."""
     base = resolve_config("ave", {"hidden": 256})
     for sets in ({"lcd.chunk_mib": "64"}, {"cuda_graphs": "false"}, {"workers": "2"}, {"lcd.matmul": "float32"},
-                 {"overlap_copy": "true"}):
+                 {"overlap_copy": "true"}, {"cublas_workspace": "library"}):
         assert resolve_config("ave", {"hidden": 256}, sets=sets).fingerprint() == base.fingerprint(), sets
     assert resolve_config("ave", {"hidden": 256}, sets={"lcd.dim": "64"}).fingerprint() != base.fingerprint()
 
