@@ -44,7 +44,7 @@ def peak_memory(device: torch.device) -> int:
 # graphed training step uses two streams (the capture's and the replay's): on an H200 the small one took
 # 52 MiB off a full-size graphed step's peak at batch 1 (200 -> 148 MiB) and 49 at batch 8 (386 -> 337) for
 # 1-6 % of its time (3.2 -> 3.3 ms and 9.8 -> 9.9 ms timed alone; BENCHMARKS.md, 2026-11-28). End-to-end
-# training lost 18-29 % of its time under it, so extraction and the benchmarks' end-to-end mode keep the
+# training lost 17-40 % of its time under it, so extraction and the benchmarks' end-to-end mode keep the
 # library's.
 CUBLAS_SMALL = {"CUBLAS_WORKSPACE_CONFIG": ":4096:1", "CUBLASLT_WORKSPACE_SIZE": "4096"}
 CUBLAS_WORKSPACE_CHOICES = ("auto", "small", "library")

@@ -35,7 +35,7 @@
 #                   the forward (pooling, encoding, copies)?
 #   train_workspace the graphed step with cuBLAS's own workspace (--set cublas_workspace=library), beside train's
 #                   rows under mettle-train's default since 2026-11-28 (4 MiB a stream: on the H200 that day
-#                   52 / 49 MiB less peak at batch 1 / 8 for 1-6 % of the time; end-to-end lost 18-29 % under it)
+#                   52 / 49 MiB less peak at batch 1 / 8 for 1-6 % of the time; end-to-end lost 17-40 % under it)
 #   encode_profile  host time per operator: the pure forward against TokenForward.encoded (71 % of it eagerly
 #                   on the H200 for ~5 % more operators: where does the rest go?)
 #   extract_eager   extraction, 192 toy clips, three runs, --no-cuda-graphs (graphs are the default on CUDA since
