@@ -48,11 +48,11 @@
 # The parts' times on an H200 (seventh session): gpu_tests 60 s, train 105, train_chunks 64, step_profile
 # ~20, train_workspace ~40 (graphed only; ~70 with end-to-end), extract_eager 46-51, extract_graphs 45-58;
 # eighth session: train (with overlap:last-grid) 176, train_fp32 41, step_profile 13, extract_long 75,
-# extract_graphs 56; the new GPU tests alone ~50 s with their fixtures;
-# the per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed call
-# leaves in OUT still comes back. Next loan, one call of ~7 minutes: `... OUT WORK gpu_tests train_workspace
-# extract_trace extract_long train` (gpu_tests now ends with the loader test that hung: read its stacks first). DEVICE=cpu
-# BACKBONES=tiny SIZE=tiny runs the parts on a CPU, to try the script.
+# extract_graphs 56; the new GPU tests alone ~50 s with their fixtures; 2026-11-28: gpu_tests 62 + 39 (the
+# loader test alone), extract_long 81, extract_trace 89, train_workspace (with end-to-end) 60, train 159: 499 s.
+# The per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed call
+# leaves in OUT still comes back. Next loan: README, "Next GPU loan". DEVICE=cpu BACKBONES=tiny SIZE=tiny
+# runs the parts on a CPU, to try the script.
 #
 # On the lent machine (Python 3.12 and torch there, none of mettle's other packages, no network):
 # carry an ignored folder `.whl/` of cp312 wheels made here beforehand (`echo /.whl/ >> .git/info/exclude`;
