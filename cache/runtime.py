@@ -50,19 +50,20 @@ CUBLAS_SMALL = {"CUBLAS_WORKSPACE_CONFIG": ":4096:1", "CUBLASLT_WORKSPACE_SIZE":
 CUBLAS_WORKSPACE_CHOICES = ("auto", "small", "library")
 
 
-def cublas_workspace(setting: str, device: torch.device) -> str:
+def cublas_workspace(setting: str, device: torch.device, backbones: bool = False) -> str:
     """Size cuBLAS's workspace for this process; returns what holds: ``small``, ``library`` or ``environment``.
 
     ``auto``: ``small`` on CUDA unless the user set either variable of :data:`CUBLAS_SMALL` (theirs is kept:
-    ``environment``); ``small``: set them, whatever was there; ``library``: leave cuBLAS's defaults. A CPU
-    device changes nothing (``library``). torch reads the variables once, when its first cuBLAS call makes
+    ``environment``) or the process runs the frozen backbones (``backbones``: end-to-end training from a
+    live source, whose large products lost 17-40 % of their time under it: ``library``); ``small``: set
+    them, whatever was there; ``library``: leave cuBLAS's defaults. A CPU device changes nothing (``library``). torch reads the variables once, when its first cuBLAS call makes
     a workspace: set later in a process that already multiplied on the GPU, they do not apply (the result
     then says what was asked, not what cuBLAS kept; there is no way to ask it).
     """
     if setting not in CUBLAS_WORKSPACE_CHOICES:
         raise ValueError(f"cublas_workspace={setting!r} is not one of {', '.join(CUBLAS_WORKSPACE_CHOICES)}. "
                          "Fix: write e.g. cublas_workspace=auto")
-    if device.type != "cuda" or setting == "library":
+    if device.type != "cuda" or setting == "library" or (setting == "auto" and backbones):
         return "library"
     if setting == "auto" and any(k in os.environ for k in CUBLAS_SMALL):
         return "environment"

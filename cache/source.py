@@ -36,6 +36,8 @@ class TokenSource(ABC):
     meta: CacheMeta
     manifest: Manifest
     clip_status: list[str]
+    runs_backbones: bool = False  # True where the source runs the frozen backbones itself (LiveSource): their
+    # large products want cuBLAS's full workspace, so training keeps it (``cublas_workspace: auto``)
 
     def rows(self, splits: str | Iterable[str] | None = None, include_failed: bool = False) -> list[int]:
         """Manifest rows of ``splits`` (all for None) that have tokens (unless ``include_failed``)."""

@@ -44,6 +44,8 @@ class LiveSource(TokenSource):
         device, precision: where and how the backbones run (float32 for exact comparisons).
     """
 
+    runs_backbones = True
+
     def __init__(self, manifest: Manifest, data_root: str | Path, backbones: Mapping[str, Backbone],
                  preset: str = "classification", tokens: str = "full", device: str = "cpu",
                  precision: str = "float32", decode_threads: int = 2) -> None:

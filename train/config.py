@@ -86,7 +86,7 @@ class TrainConfig:
     # current one (step.py): auto = wherever steps are graphed; costs one more batch of inputs on the device
     cublas_workspace: str = "auto"  # auto | small | library: cuBLAS's workspace on CUDA (cache/runtime.py): auto =
     # small (4 MiB a stream, ~50 MiB off a full-size step's peak) unless CUBLAS_WORKSPACE_CONFIG or
-    # CUBLASLT_WORKSPACE_SIZE is set; library = cuBLAS's own (32 MiB a stream on Hopper)
+    # CUBLASLT_WORKSPACE_SIZE is set or the source runs the backbones (end-to-end); library = cuBLAS's own
     init_from: str = ""  # a run folder (or its best.pt) whose matching parameters start this run
     lcd: LCDConfig = field(default_factory=LCDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -120,7 +120,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     """
     task = get_task(cfg.task)
     device = resolve_device(cfg.device)
-    if cublas_workspace(cfg.cublas_workspace, device) == "small":  # before the process's first cuBLAS call
+    if cublas_workspace(cfg.cublas_workspace, device, source.runs_backbones) == "small":  # before its first product
         log.info("cublas_workspace: 4 MiB a stream (cublas_workspace=library for cuBLAS's own)")
     model = model if model is not None else build_model(cfg, source, task)
     initialised = init_from(model, cfg.init_from) if cfg.init_from else 0

@@ -118,7 +118,7 @@ def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> 
     ckpt = load_checkpoint(checkpoint)
     task = get_task(cfg.task)
     device = resolve_device(cfg.device)
-    cublas_workspace(cfg.cublas_workspace, device)  # as training sets it
+    cublas_workspace(cfg.cublas_workspace, device, source.runs_backbones)  # as training sets it
     model = build_model(cfg, source, task)
     try:
         model.load_state_dict(ckpt["model"])

@@ -39,3 +39,16 @@ def test_a_users_setting_is_kept_by_auto_and_replaced_by_small(clean_env):
 def test_an_unknown_setting_names_the_choices(clean_env):
     with pytest.raises(ValueError, match="cublas_workspace='tiny' is not one of auto, small, library"):
         cublas_workspace("tiny", CUDA)
+
+
+def test_auto_keeps_the_librarys_workspace_where_the_backbones_run(clean_env):
+    """End-to-end training (a live source) runs the backbones' large products: they want the full workspace."""
+    import os
+
+    from mettle.cache import TokenSource
+    from mettle.extract.live import LiveSource
+
+    assert LiveSource.runs_backbones and not TokenSource.runs_backbones
+    assert cublas_workspace("auto", CUDA, backbones=True) == "library"
+    assert not any(k in os.environ for k in CUBLAS_SMALL)
+    assert cublas_workspace("small", CUDA, backbones=True) == "small"
