@@ -56,9 +56,10 @@ def cublas_workspace(setting: str, device: torch.device, backbones: bool = False
     ``auto``: ``small`` on CUDA unless the user set either variable of :data:`CUBLAS_SMALL` (theirs is kept:
     ``environment``) or the process runs the frozen backbones (``backbones``: end-to-end training from a
     live source, whose large products lost 17-40 % of their time under it: ``library``); ``small``: set
-    them, whatever was there; ``library``: leave cuBLAS's defaults. A CPU device changes nothing (``library``). torch reads the variables once, when its first cuBLAS call makes
-    a workspace: set later in a process that already multiplied on the GPU, they do not apply (the result
-    then says what was asked, not what cuBLAS kept; there is no way to ask it).
+    them, whatever was there; ``library``: leave cuBLAS's defaults. A CPU device changes nothing
+    (``library``). torch reads the variables once, when its first cuBLAS call makes a workspace: set later
+    in a process that already multiplied on the GPU, they do not apply (the result then says what was
+    asked, not what cuBLAS kept; there is no way to ask it).
     """
     if setting not in CUBLAS_WORKSPACE_CHOICES:
         raise ValueError(f"cublas_workspace={setting!r} is not one of {', '.join(CUBLAS_WORKSPACE_CHOICES)}. "
