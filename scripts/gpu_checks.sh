@@ -17,10 +17,11 @@
 #                   size, batch 1 and 8, each step timed alone and back to back (the seventh session: 23.0x / 12.7x time and
 #                   9.5x / 11.8x memory against end-to-end; the adapter baseline was last run against the
 #                   graphed step at f5a0833)
-#   train_chunks    the graphed cache step with lcd.chunk_mib=16 (the CUDA default before 2026-11-27's
+#   train_chunks    the graphed cache step with lcd.chunk_mib=8, 16 (the CUDA default before 2026-11-27's
 #                   fifth session) and 64: what fewer, larger chunks buy in time and cost in memory (counted
 #                   on the CPU since the sixth session: 64 MiB at batch 8 is 27 % fewer LCD operators than 32
-#                   for +44 MiB of peak: make it the CUDA default if the time is worth it)
+#                   for +44 MiB of peak: make it the CUDA default if the time is worth it); since 2026-11-28
+#                   also 8: the CPU counts -20 / -23 MiB of a step's peak at batch 1 / 8 for +5 / +23 % operators
 #   train_fp32      the graphed step with lcd.matmul=float32 (full float32 products, the default before the eighth
 #                   session, which made TF32 the LCD's default on CUDA): what TF32 buys, beside train's rows
 #   step_profile    kernels and peak memory of one eager step at batch 8, the LCD's products as TF32 (the default)
@@ -118,7 +119,7 @@ for part in $PARTS; do
     train_fp32) step train_fp32 100 "${TRAIN[@]}" --modes $GRAPHED --set lcd.matmul=float32 --out "$OUT/train_fp32"
         show train_fp32 8 ;;
     train_chunks)
-        for mib in 16 64; do
+        for mib in 8 16 64; do
             step train_chunk$mib 100 "${TRAIN[@]}" --modes $GRAPHED --set lcd.chunk_mib=$mib --out "$OUT/train_chunk$mib"
             show train_chunk$mib 8
         done ;;
