@@ -175,7 +175,7 @@ def write_video(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | No
     """Encode ``frames`` (N, H, W, 3) uint8 and optional mono ``audio`` into a video file.
 
     Video: MPEG-4 part 2 (always present in FFmpeg builds), single-threaded for determinism.
-    Audio: AAC, stereo (the right channel slightly quieter), so readers must downmix.
+    Audio: AAC (FFmpeg's fast coder), stereo (the right channel slightly quieter), so readers must downmix.
     """
     import av
 
@@ -190,6 +190,9 @@ def write_video(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | No
         if audio is not None:
             astream = out.add_stream("aac", rate=audio_rate, layout="stereo")
             astream.bit_rate = 96_000
+            # FFmpeg's fast AAC coder: the default (twoloop) took three quarters of the toy dataset's
+            # generation time (0.35 s a 10-s clip); toy sounds need no better, and it is as deterministic
+            astream.codec_context.options = {"aac_coder": "fast"}
         video_frames = []
         for k, img in enumerate(frames):
             vf = av.VideoFrame.from_ndarray(img, format="rgb24")
