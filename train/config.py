@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from mettle.cache.runtime import CUBLAS_WORKSPACE_CHOICES
+
 
 class ConfigError(ValueError):
     """A configuration value or file cannot be used; the message says the fix."""
@@ -111,7 +113,7 @@ EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "overla
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 # string options with a fixed set of values
 CHOICES = {"cuda_graphs": ("auto", "true", "false"), "overlap_copy": ("auto", "true", "false"),
-           "cublas_workspace": ("auto", "small", "library"),
+           "cublas_workspace": CUBLAS_WORKSPACE_CHOICES,
            "lcd.matmul": ("auto", "tf32", "float32")}
 
 
