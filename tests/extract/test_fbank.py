@@ -53,3 +53,22 @@ def test_shared_variant_shapes():
     torch.testing.assert_close(x[:, 0], x[:, 2])
     taps = b.forward_tokens(x)
     assert [tuple(t.shape[1:]) for t in taps] == [(2304, 16), (576, 32), (144, 64), (144, 64), (36, 128)]
+
+
+def test_resampling_is_librosas_without_librosa():
+    """fbank.resample calls soxr itself (importing librosa's core compiled numba kernels for 27 s in a fresh
+    environment): the same numbers as librosa.resample's defaults, lengths that do not divide included."""
+    import librosa
+    import pytest
+
+    from mettle.extract.backbones.fbank import resample
+
+    rng = np.random.default_rng(2)
+    for n in (32000, 31999, 777):
+        x = (0.3 * rng.standard_normal((3, n))).astype(np.float32)
+        ours = resample(x, 32000, 16000)
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, librosa.resample(x, orig_sr=32000, target_sr=16000, axis=-1))
+    x[1, 5] = np.nan
+    with pytest.raises(ValueError, match="non-finite samples"):
+        resample(x, 32000, 16000)
