@@ -102,8 +102,9 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     manifest = bench_manifest()
     from_cache = mode.startswith(("cache", *GRAPHED))
     task = get_task("ave")
+    cfg = resolve_config("ave", task.head_defaults, sets=sets)
     if from_cache:  # as mettle-train sizes cuBLAS's workspace (end-to-end keeps the library's, as the paper's code)
-        cublas_workspace(resolve_config("ave", task.head_defaults, sets=sets).cublas_workspace, dev)
+        cublas_workspace(cfg.cublas_workspace, dev)
     if from_cache:  # stage two never holds a backbone: read the layout the parent planned
         backbones = None
         records = CacheMeta.from_dict(json.loads(Path(layout).read_text())).backbones
@@ -117,7 +118,7 @@ def run_one(mode: str, size: str, batch: int, steps: int, device: str, layout: s
     if mode != "adapter":
         budget, _, stored = (mode.split(":")[1] if from_cache else "full").partition("/")
         meta = plan_cache(manifest, records, tokens=budget, dtype=stored or "float16")  # default: float16
-        model = MettleModel(meta, manifest, resolve_config("ave", task.head_defaults, sets=sets), task).to(dev)
+        model = MettleModel(meta, manifest, cfg, task).to(dev)
         if mode == "end-to-end":  # float16 autocast on CUDA, as the live token source runs there
             forwards = {m: TokenForward(b, [a for a in meta.arrays if a.modality == m], dev, "auto")
                         for m, b in backbones.items()}

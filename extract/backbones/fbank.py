@@ -63,8 +63,6 @@ def spectrogram_images(segments: np.ndarray, rate: int = 32000) -> torch.Tensor:
     return img[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
-
-
 def resample(segments: np.ndarray, rate: int, target: int) -> np.ndarray:
     """(T, n) float32 -> (T, ceil(n * target / rate)) float32: soxr's high-quality resampler row by row,
     the result cut or zero-padded to that length. The same numbers as ``librosa.resample`` with its defaults
