@@ -52,7 +52,7 @@
 # extract_graphs 56; the new GPU tests alone ~50 s with their fixtures; 2026-11-28: gpu_tests 62 + 39 (the
 # loader test alone), extract_long 81, extract_trace 89, train_workspace (with end-to-end) 60, train 159: 499 s.
 # The per-part limits below are ceilings that add up to more than a call's 600 s, and what a killed call
-# leaves in OUT still comes back. Next loan: README, "Next GPU loan". DEVICE=cpu BACKBONES=tiny SIZE=tiny
+# leaves in OUT still comes back. Next loan: BENCHMARKS.md, "Open work and the next GPU loan". DEVICE=cpu BACKBONES=tiny SIZE=tiny
 # runs the parts on a CPU, to try the script.
 #
 # On the lent machine (Python 3.12 and torch there, none of mettle's other packages, no network):
