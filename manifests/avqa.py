@@ -89,6 +89,24 @@ def parse_avqa_folder(folder: Path, version: str, train_json: str | Path | None,
     )
 
 
+SYNTHETIC_FILES = tuple(f"avqa-{split}_fake.json" for split in ("train", "val", "test"))
+
+
+def synthetic_videos(folder: Path | None = None) -> frozenset[str]:
+    """IDs of MUSIC-AVQA's synthetic videos (pieced together from solo recordings; 1866 of them): every
+    ``video_id`` of the official ``json/avqa-{train,val,test}_fake.json`` in ``folder`` (default: the
+    packaged copies).
+
+    Why: the reference grounding pre-training (``grounding_gen`` of MUSIC-AVQA, reused by LAVISH and
+    DG-SCT) trains and validates on the real videos only (``avqa-{train,val}_real.json``), and the same
+    video IDs hold in both releases.
+    """
+    folder = Path(folder) if folder is not None else packaged("music-avqa") / "json"
+    fix = "reinstall mettle (its packaged MUSIC-AVQA files are incomplete)"
+    return frozenset(str(rec["video_id"]) for name in SYNTHETIC_FILES
+                     for rec in _records(find_file(folder, name, fix)))
+
+
 def _vocab(path: Path, fix: str) -> tuple[str, ...]:
     return tuple(ln.strip() for ln in read_text(path, fix).splitlines() if ln.strip())
 

@@ -134,3 +134,32 @@ def test_the_question_state_is_the_packed_sequences_last_state():
     packed = nn.utils.rnn.pack_padded_sequence(head.embed(question), lengths, batch_first=True, enforce_sorted=False)
     _, (h, _) = head.encoder(packed)
     assert torch.allclose(captured["in"][:, 16:], h[-1], atol=1e-6)
+
+
+class _Rows:
+    """A token source as the tasks' ``items`` read it: a manifest and its rows per split."""
+
+    def __init__(self, manifest):
+        self.manifest = manifest
+
+    def rows(self, split):
+        return list(self.manifest.indices(split))
+
+
+def test_avqa_grounding_uses_the_real_music_avqa_videos_only():
+    """The reference grounding step trains and validates on ``avqa-{train,val}_real.json``: of the packaged
+    original release's 3815 val and 6399 test videos, 3069 and 5126 are real (counted from the official
+    ``_real`` files). Synthetic IDs carry a letter prefix (``sa``, ``vv``, ...), real ones are 8 digits."""
+    from mettle.manifests import build_manifest, synthetic_videos
+
+    assert len(synthetic_videos()) == 1866
+    manifest = build_manifest("music-avqa")
+    source, task = _Rows(manifest), get_task("avqa-grounding")
+    for split, videos, real in (("val", 3815, 3069), ("test", 6399, 5126)):
+        rows, kept = source.rows(split), task.items(source, split)
+        assert (len(rows), len(kept)) == (videos, real)
+        ids = {manifest.clips[r].clip_id for r in kept}
+        assert all(i.isdigit() for i in ids)
+        assert all(not manifest.clips[r].clip_id.isdigit() for r in set(rows) - set(kept))
+    toy = build_manifest("toy-avqa", num_clips=12)  # other datasets keep every clip
+    assert task.items(_Rows(toy), "train") == _Rows(toy).rows("train")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mettle.cache import TokenSource
-from mettle.manifests import Manifest, ManifestError, Question
+from mettle.manifests import Manifest, ManifestError, Question, synthetic_videos
 
 from ..metrics.avqa import avqa_accuracies, avqa_table
 from . import register_task
@@ -215,6 +215,22 @@ class AVQAGroundingTask(Task):
     modalities = ("visual", "audio")
     head_defaults = {"hidden": 256}
     select_metric = "match_accuracy"
+
+    def items(self, source: TokenSource, split: str) -> list[int]:
+        """The split's clips; on MUSIC-AVQA its real videos only, as the reference grounding step trains and
+        validates (``avqa-{train,val}_real.json``): a synthetic video is pieced together from solo
+        recordings, so its sound and picture match only as its pieces do."""
+        rows = source.rows(split)
+        m = source.manifest
+        if m.dataset != "music-avqa":
+            return rows
+        if getattr(self, "_synthetic", None) is None:
+            self._synthetic = synthetic_videos()
+        kept = [r for r in rows if m.clips[r].clip_id not in self._synthetic]
+        if len(kept) < len(rows):
+            log.info("avqa-grounding: %s: %d synthetic videos left out, %d real ones kept", split,
+                     len(rows) - len(kept), len(kept))
+        return kept
 
     def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest,
                    meta: Any = None) -> nn.Module:
