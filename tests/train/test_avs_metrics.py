@@ -48,3 +48,63 @@ def test_reference_fscore_depends_on_batching():
     probs = np.stack([gt[0] * 0.3 + (1 - gt[0]) * 0.2, gt[1] * 0.9 + (1 - gt[1]) * 0.5])
     assert fscore_per_frame(probs, gt) == pytest.approx(1.0)
     assert fscore_reference(probs, gt, batch_frames=2) < 0.99  # no single threshold separates both frames
+
+
+def _logit(p):
+    return float(np.log(p / (1 - p)))
+
+
+def test_the_avs_task_reports_the_reference_fscores_batched_by_clip():
+    """The task's F-scores equal the metric functions on the same frames: per frame, and per test batch of
+    4 clips (AVSBench, DG-SCT) or 1 (AVMoE), a batch being whole clips even when a clip lacks masks."""
+    import torch
+
+    from mettle.train.metrics import REFERENCE_BATCHES
+    from mettle.train.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    clips, frames, size = 9, 5, 16
+    gts = np.zeros((clips, frames, size, size), dtype=np.uint8)
+    logits = torch.empty(clips, frames, size, size)
+    for c in range(clips):
+        for f in range(frames):
+            y, x = rng.integers(0, 8, 2)
+            gts[c, f, y:y + 6, x:x + 6] = 1
+            fg, bg = rng.uniform(0.3, 0.95), rng.uniform(0.05, 0.6)  # calibration differs frame to frame
+            logits[c, f] = torch.from_numpy(np.where(gts[c, f] == 1, _logit(fg), _logit(bg)) + rng.normal(0, 0.3, (size, size)))
+    gts[2, 3] = 0  # an empty mask: skipped by the F-score, scored by mIoU
+    gts[5, 1:] = 255  # a clip with one annotated frame (S4 training's layout)
+    task = get_task("avs-s4")
+    got = task.metrics(logits, torch.from_numpy(gts), None, list(range(clips)))
+    probs = torch.sigmoid(logits).numpy()
+    keep = (gts != 255).reshape(clips, frames, -1).all(-1)
+    clip_of = np.repeat(np.arange(clips)[:, None], frames, 1)[keep]
+    assert got["fscore"] == pytest.approx(100 * fscore_per_frame(probs[keep], gts[keep]))
+    assert set(REFERENCE_BATCHES) == {"fscore_avsbench", "fscore_avmoe"}
+    for name, (videos, _) in REFERENCE_BATCHES.items():
+        expected = []
+        for b in range(0, clips, videos):
+            sel = (clip_of >= b) & (clip_of < b + videos)
+            expected.append(fscore_reference(probs[keep][sel], gts[keep][sel], batch_frames=int(sel.sum())))
+        assert got[name] == pytest.approx(100 * np.mean(expected))
+    assert got["fscore_avmoe"] != pytest.approx(got["fscore_avsbench"])  # the batch size matters here
+    assert got["fscore"] > got["fscore_avsbench"]
+    table = "\n".join(task.table(got))
+    assert "F-score as AVSBench and DG-SCT test it (4 videos a batch)" in table and "AVMoE" in table
+
+
+def test_the_fscore_reads_probabilities_near_one_unrounded():
+    """Object pixels at 0.9999 and background at 0.997: only the top thresholds separate them. Rounded to
+    float16 (as the task kept them before), 0.9999 became 1.0 and passed the last threshold, scoring a
+    perfect F that the reference (float32) does not give."""
+    import torch
+
+    from mettle.train.tasks import get_task
+
+    gt = _square(4, 10, 4, 10)[None, None].astype(np.uint8)
+    probs = np.where(gt == 1, 0.9999, 0.997)
+    logits = torch.logit(torch.from_numpy(probs).float())
+    got = get_task("avs-s4").metrics(logits, torch.from_numpy(gt), None, [0])
+    exact = 100 * fscore_per_frame(torch.sigmoid(logits).numpy()[0], gt[0])
+    assert got["fscore"] == pytest.approx(exact)
+    assert exact < 50
