@@ -67,7 +67,12 @@ class GroundingHead(nn.Module):
     def forward(self, meta: Mapping[str, torch.Tensor], **_: Any) -> torch.Tensor:
         audio, visual = meta["audio"], meta["visual"]
         a, v_pos = self.grounding(audio, visual)
-        _, v_neg = self.grounding(audio, visual.roll(1, dims=0))
+        other = visual.roll(1, dims=0)  # another clip of the (shuffled) batch
+        if self.training:  # and a random second of it, as the reference draws its negatives; evaluation keeps
+            b, t = other.shape[:2]  # the same second, so that validation scores do not vary from epoch to epoch
+            pick = torch.randint(0, t, (b, t), device=other.device)
+            other = other.gather(1, pick.view(b, t, *[1] * (other.dim() - 2)).expand_as(other))
+        _, v_neg = self.grounding(audio, other)
         return torch.stack([self.grounding.score(a, v_pos), self.grounding.score(a, v_neg)], -1)
 
 
