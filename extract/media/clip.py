@@ -65,7 +65,7 @@ def read_clip(clip: Clip, data_root: str | Path, frame_rule: str = "linspace") -
         frames = read_frame_folder(clip.clip_id, frames_dir, clip.num_segments, frame_rule)
         visual_src = frames_dir
     elif video is not None:
-        frames = decode_video_frames(clip.clip_id, video, clip.num_segments, frame_rule)
+        frames = decode_video_frames(clip.clip_id, video, clip.num_segments, frame_rule, clip.duration)
         visual_src = video
     else:
         tried = [p for p in (frames_rel, clip.media.get("video")) if p]

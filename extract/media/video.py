@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from .select import frame_indices
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 _DIGITS = re.compile(r"(\d+)")
+log = logging.getLogger(__name__)
 
 
 def _frame_key(path: Path) -> tuple[int, str]:
@@ -45,13 +47,18 @@ def read_frame_folder(clip_id: str, folder: Path, num_segments: int, rule: str) 
     return np.stack(frames)
 
 
-def decode_video_frames(clip_id: str, path: Path, num_segments: int, rule: str) -> np.ndarray:
+def decode_video_frames(clip_id: str, path: Path, num_segments: int, rule: str, seconds: float | None = None
+                        ) -> np.ndarray:
     """Pick ``num_segments`` frames of a video with PyAV; returns ``(T, H, W, 3)`` uint8 RGB.
 
-    The frames are chosen as from an extracted-frame folder: ``linspace`` over all frames in
-    presentation order; ``first`` (LLP's first files of a 1-fps folder) takes the first frame at or
-    after each whole second, which is what 1-fps extraction keeps. A first pass demuxes packet timestamps without decoding; the second
-    decodes and converts only the chosen frames, so long videos cost no memory. A corrupt packet
+    The frames are the ones a reference pipeline would read from its frame folder: the folder a 1-fps
+    extraction writes (one frame per second, the one nearest the middle of the second; MUSIC-AVQA's
+    extraction script and ffmpeg's ``fps=1`` filter each keep one within a frame interval of it),
+    ``seconds`` of them (the clip's duration; default: the video's, rounded), then ``rule``
+    over that folder as :func:`read_frame_folder` applies it (``linspace``: evenly spaced; ``first``:
+    its first T files, LLP's loader). A video shorter than ``seconds`` repeats its last second, as that
+    script pads short videos (logged). A first pass demuxes packet timestamps without decoding; the
+    second decodes and converts only the chosen frames, so long videos cost no memory. A corrupt packet
     is skipped; a video whose chosen frames cannot all be decoded raises MediaError.
     """
     import av
@@ -63,10 +70,7 @@ def decode_video_frames(clip_id: str, path: Path, num_segments: int, rule: str) 
         stream = container.streams.video[0]
         pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0)
         try:
-            if rule == "first":  # a 1-fps frame folder's first T files = the frame starting each second
-                picks = _first_per_second(pts, float(stream.time_base or 0), num_segments)
-            else:
-                picks = frame_indices(len(pts), num_segments, rule)
+            picks = _one_per_second(clip_id, pts, float(stream.time_base or 0), num_segments, rule, seconds)
         except ValueError as e:
             raise MediaError(clip_id, path, str(e)) from None
         wanted: dict[int, list[int]] = {}
@@ -89,14 +93,26 @@ def decode_video_frames(clip_id: str, path: Path, num_segments: int, rule: str) 
     return np.stack(out)
 
 
-def _first_per_second(pts: list[int], time_base: float, num_segments: int) -> list[int]:
-    """Index of the first frame at or after t = 0, 1, ..., T-1 s (sorted ``pts`` in ``time_base`` units)."""
+def _one_per_second(clip_id: str, pts: list[int], time_base: float, num_segments: int, rule: str,
+                    seconds: float | None) -> list[int]:
+    """Indices into sorted ``pts`` (``time_base`` units) of the frames :func:`decode_video_frames` keeps.
+
+    Second i of the 1-fps folder is the frame nearest ``i + 0.5`` s (ties: the earlier); past the video's
+    end, time wraps into its last second (the last whole second, or the partial one after it).
+    """
     if not pts or time_base <= 0:
         raise ValueError("no frames with timestamps")
     times = np.asarray(pts, dtype=np.float64) * time_base
     times -= times[0]
-    picks = np.searchsorted(times, np.arange(num_segments) - 1e-6)
-    if picks[-1] >= len(times):
-        raise ValueError(f"the video lasts {times[-1]:.2f} s, the 'first' rule needs a frame in each of "
-                         f"{num_segments} seconds")
-    return [int(i) for i in picks]
+    step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+    end = times[-1] + step  # the video's length: its last frame lasts one frame interval
+    folder = max(1, int(round(seconds if seconds is not None else end)))
+    wanted = frame_indices(folder, num_segments, rule) + 0.5  # seconds of the folder's chosen files
+    if wanted.max() > end:
+        log.warning("clip %s: the video lasts %.2f s, shorter than the clip's %d s; its last second is repeated "
+                    "for the segments after it", clip_id, end, folder)
+        last = np.ceil(end) - 1.0  # start of the last second (whole or partial)
+        wanted = np.where(wanted > end, last + np.mod(wanted - last, end - last), wanted)
+    after = np.clip(np.searchsorted(times, wanted), 1, len(times) - 1)
+    nearer = np.where(np.abs(times[after - 1] - wanted) <= np.abs(times[after] - wanted), after - 1, after)
+    return [int(i) for i in (nearer if len(times) > 1 else np.zeros(len(wanted), int))]

@@ -111,11 +111,13 @@ def write_media(root: Path, params: ToyParams, jobs: list[MediaJob], processes: 
 def write_clip_media(root: Path, params: ToyParams, script: ClipScript, video: str, frames_dir: str, wave: str,
                      frame_step: int = 1) -> None:
     """Render one clip and write its video; with ``params.frames`` also its frame folder (every
-    ``frame_step``-th frame) and its 32-kHz ``.npy`` wave, at the given paths under ``root``."""
+    ``frame_step``-th frame, from the middle of the first step: with ``frame_step`` = fps, the frame in the
+    middle of each second, as a 1-fps extraction keeps) and its 32-kHz ``.npy`` wave, at the given paths
+    under ``root``."""
     frames = render_frames(script, params.size, params.fps)
     write_video(root / video, frames, params.fps, render_audio(script, params.audio_rate), params.audio_rate)
     if params.frames:
-        write_frame_folder(root / frames_dir, frames[::frame_step])
+        write_frame_folder(root / frames_dir, frames[frame_step // 2::frame_step])
         (root / wave).parent.mkdir(parents=True, exist_ok=True)
         np.save(root / wave, render_audio(script, 32000), allow_pickle=False)
 

@@ -55,7 +55,7 @@ def generate_toy_llp(root: str | Path, params: ToyParams = ToyParams(), overwrit
         (root / LLP_SPLIT_FILES[split]).write_text("\n".join(lines) + "\n")
     for modality, rows in events.items():
         (root / f"AVVP_eval_{modality}.csv").write_text("\n".join(["filename\tonset\toffset\tevent_labels", *rows]) + "\n")
-    # LLP's frame folders hold 1 fps: every fps-th frame
+    # LLP's frame folders hold 1 fps: the middle frame of each second
     write_media(root, params, [(script, f"videos/{name}.mp4", f"frames/{name[:11]}", f"wave/{name[:11]}.npy",
                                 params.fps) for name, script in zip(names, scripts)], processes)
     (root / DONE_FILE).write_text(json.dumps(marker))

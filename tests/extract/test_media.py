@@ -116,3 +116,35 @@ def test_video_without_audio_stream(tmp_path):
     clip = Clip("c2", ("train",), 2, 2.0, {"video": "videos/c2"})
     with pytest.raises(MediaError, match="no audio stream"):
         read_clip(clip, tmp_path)
+
+
+def _numbered_video(path, seconds, fps=10):
+    """A video whose frames name themselves: frame k's left half is grey 16 (k // 16), its right half
+    16 (k % 16), flat levels far enough apart for the codec to keep them."""
+    k = np.arange(seconds * fps)
+    frames = np.zeros((len(k), 32, 32, 3), np.uint8)
+    frames[:, :, :16] = (16 * (k // 16)).astype(np.uint8)[:, None, None, None]
+    frames[:, :, 16:] = (16 * (k % 16)).astype(np.uint8)[:, None, None, None]
+    write_video(path, frames, fps, None, 44100)
+    return path
+
+
+def _decoded_indices(frames):
+    return [16 * int(round(f[4:28, 2:14].mean() / 16)) + int(round(f[4:28, 18:30].mean() / 16)) for f in frames]
+
+
+def test_video_frames_are_a_one_fps_folder_of_mid_second_frames(tmp_path, caplog):
+    """Frames from a video are the ones a 1-fps, mid-second extraction (MUSIC-AVQA's script, ffmpeg's fps=1)
+    would have written, with the folder rule applied to them: at 10 fps, second i is frame 10 i + 5."""
+    path = _numbered_video(tmp_path / "v.mp4", 12)
+    # linspace over a 12-file folder picks files 0, 3, 7, 11: seconds 0.5, 3.5, 7.5, 11.5
+    assert _decoded_indices(decode_video_frames("c", path, 4, "linspace", 12.0)) == [5, 35, 75, 115]
+    assert _decoded_indices(decode_video_frames("c", path, 4, "linspace")) == [5, 35, 75, 115]  # the video's length
+    assert _decoded_indices(decode_video_frames("c", path, 3, "first", 12.0)) == [5, 15, 25]
+    # a 60-s MUSIC-AVQA clip from a 12-s video: a folder of 60 files, whose seconds past the end repeat the last
+    with caplog.at_level("WARNING"):
+        picked = _decoded_indices(decode_video_frames("c", path, 10, "linspace", 60.0))
+    assert picked[:2] == [5, 65] and set(picked[2:]) == {115}, picked  # linspace(1, 60, 10): files 0, 6, 13, ...
+    assert "shorter than the clip's 60 s" in caplog.text
+    with pytest.raises(MediaError, match="the 'first' rule needs 10"):  # no clip duration: the video's 5 s
+        decode_video_frames("c", _numbered_video(tmp_path / "short.mp4", 5), 10, "first")
