@@ -148,3 +148,30 @@ def test_video_frames_are_a_one_fps_folder_of_mid_second_frames(tmp_path, caplog
     assert "shorter than the clip's 60 s" in caplog.text
     with pytest.raises(MediaError, match="the 'first' rule needs 10"):  # no clip duration: the video's 5 s
         decode_video_frames("c", _numbered_video(tmp_path / "short.mp4", 5), 10, "first")
+
+
+def _stereo_wav(path, rate, seconds=2.0):
+    import av
+
+    t = np.arange(int(rate * seconds)) / rate
+    planes = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 3000 * t)])
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray((planes.T * 32767).astype(np.int16).reshape(1, -1)),
+                                           format="s16", layout="stereo")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("rate", [16000, 32000, 44100])
+def test_decoded_audio_is_what_librosa_load_gives(tmp_path, rate):
+    """The reference pipelines' waveforms come from librosa.load(sr=32000, mono=True): the channels' mean,
+    soxr_hq. FFmpeg's mono layout summed 0.707 (L + R) (+3 dB) and its resampler leaked above 8 kHz."""
+    import librosa
+
+    path = _stereo_wav(tmp_path / "a.wav", rate)
+    ours, (ref, _) = decode_audio("c", path), librosa.load(str(path), sr=32000, mono=True)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
