@@ -8,7 +8,8 @@ included, because the reference evaluation walks the file by position.
 
 The unit of split is the question: a video may serve val and test questions (2296 do), so a clip's
 ``splits`` lists every split that asks about it. Rows are videos in order of first appearance
-(train, val, test). Ten 1-s segments are spread evenly over each 60-s video.
+(train, val, test). Ten 1-s segments are spread evenly over each 60-s video; a waveform file of the
+reference layout (``audio_wave/<id>.npy``, 10 s) holds the ten audio segments back to back.
 Media: ``frames/<video_id>/``, ``audio_wave/<video_id>.npy``, ``videos/<video_id>.<ext>``.
 Vocabularies: ``answer`` (42, the loaders' first-appearance order) and ``question_word`` (93,
 index 0 = ``<pad>``).

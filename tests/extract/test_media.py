@@ -175,3 +175,22 @@ def test_decoded_audio_is_what_librosa_load_gives(tmp_path, rate):
     ours, (ref, _) = decode_audio("c", path), librosa.load(str(path), sr=32000, mono=True)
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_a_ten_second_music_avqa_wave_holds_its_segments_back_to_back(tmp_path):
+    """The reference loaders view MUSIC-AVQA's audio_wave/<id>.npy as (10, 32000): segment k is its k-th second,
+    though the video lasts 60 s. A 60-s track is spread over the 60 s (windows at linspace(0, 59, 10))."""
+    clip = Clip("q1", ("test",), 10, 60.0, {"audio": "audio_wave/q1.npy", "frames": "frames/q1"})
+    (tmp_path / "frames" / "q1").mkdir(parents=True)
+    from PIL import Image
+
+    for k in range(60):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "frames" / "q1" / f"{k + 1:08d}.jpg")
+    (tmp_path / "audio_wave").mkdir()
+    np.save(tmp_path / "audio_wave" / "q1.npy", np.repeat(np.arange(10, dtype=np.float32), 32000) / 10)
+    media = read_clip(clip, tmp_path)
+    assert media.padded_samples == 0
+    np.testing.assert_allclose(media.audio.mean(1), np.arange(10) / 10, rtol=1e-6)
+    np.save(tmp_path / "audio_wave" / "q1.npy", np.repeat(np.arange(60, dtype=np.float32), 32000) / 60)
+    media = read_clip(clip, tmp_path)
+    np.testing.assert_allclose(media.audio[:, 0], np.floor(np.linspace(0, 59, 10)) / 60, rtol=1e-6)
