@@ -7,6 +7,7 @@ Shared by the extractor and the live token source (end-to-end mode): both call
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import nullcontext
 from typing import Sequence
@@ -107,10 +108,11 @@ class TokenForward:
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             exact = self._forward(x, False)
-            err = max(float((a.float() - b).norm() / b.norm().clamp_min(1e-12))
-                      for a, b in zip(self._members(outs), self._members(exact)))
+            errs = [float((a.float() - b).norm() / b.norm().clamp_min(1e-12))
+                    for a, b in zip(self._members(outs), self._members(exact))]
+            err = max(e if math.isfinite(e) else math.inf for e in errs)  # NaN (non-finite tokens) fails the check
             self.autocast_error = err
-            if err > AUTOCAST_TOLERANCE:
+            if not err <= AUTOCAST_TOLERANCE:
                 log.warning("%s: float16 autocast is off by %.2g (relative) from float32; using float32",
                             self.backbone.name, err)
                 self.autocast, outs = False, exact

@@ -454,3 +454,40 @@ def test_autocast_fallback_to_float32_drops_the_kept_casts(monkeypatch):
     fw._check_autocast = True  # as precision "auto" does on a GPU
     fw(b.preprocess(_audio(2)))
     assert fw.autocast is False and kept_bytes(b) == 0
+
+
+def test_the_log_mel_front_end_stays_float32_under_float16_autocast():
+    """In float16 a loud second's power spectrum overflows (inf, then NaN in the mel product) and a silent
+    second's floor of 1e-10 is 0 (log: -inf): the front end computes in float32, as the reference does."""
+    from mettle.extract.backbones.htsat.frontend import LogMel
+
+    t = torch.arange(32000) / 32000
+    waves = torch.stack([torch.zeros(32000), torch.sign(torch.sin(2 * torch.pi * 200 * t)), 1e-4 * torch.randn(32000)])
+    front = LogMel()
+    exact = front(waves)
+    with torch.autocast("cpu", dtype=torch.float16):
+        mixed = front(waves)
+    assert torch.isfinite(exact).all() and mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact)
+
+
+def test_autocast_check_fails_on_non_finite_tokens(monkeypatch):
+    """A NaN in the float16 tokens is no small error: the check falls back to float32 (NaN compared as
+    greater than the tolerance is False, and max() skips a NaN that is not first)."""
+    from mettle.extract.tokens import TokenForward
+
+    b = create_backbone("test_htsat_tiny")
+    fw = TokenForward(b, _arrays_of(b), torch.device("cpu"), "float16")
+    fw._check_autocast = True  # as precision "auto" does on a GPU
+    forward = fw._forward
+
+    def poisoned(x, autocast):  # float16 tokens with one NaN, in a block after the first
+        outs = forward(x, autocast)
+        if autocast:
+            outs[-1] = outs[-1].clone()
+            outs[-1].view(-1)[0] = float("nan")
+        return outs
+    monkeypatch.setattr(fw, "_forward", poisoned)
+    out = fw(b.preprocess(_audio(2)))
+    assert fw.autocast is False and fw.autocast_error == float("inf")
+    assert all(torch.isfinite(t).all() for t in (out.values() if isinstance(out, dict) else out))

@@ -17,6 +17,7 @@ that loading can check them instead of trusting them.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -70,11 +71,17 @@ class LogMel(nn.Module):
         self.register_buffer("mel", torch.from_numpy(mel_matrix()), persistent=False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(wave.float(), N_FFT, HOP, window=self.window, center=True, pad_mode="reflect",
-                          return_complex=True)
-        power = spec.real.square() + spec.imag.square()  # (B, 513, frames)
-        mel = torch.matmul(power.transpose(1, 2), self.mel)
-        return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
+        """In float32 under any autocast, as the reference computes it: in float16 the power spectrum of a loud
+        second overflows (> 65504: inf, then NaN in the mel product), and the 1e-10 floor is 0, so a silent
+        second's log is -inf."""
+        device = wave.device.type
+        off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+        with off:
+            spec = torch.stft(wave.float(), N_FFT, HOP, window=self.window, center=True, pad_mode="reflect",
+                              return_complex=True)
+            power = spec.real.square() + spec.imag.square()  # (B, 513, frames)
+            mel = torch.matmul(power.transpose(1, 2), self.mel)
+            return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
 
 
 def fold_to_image(x: torch.Tensor) -> torch.Tensor:
