@@ -491,3 +491,18 @@ def test_autocast_check_fails_on_non_finite_tokens(monkeypatch):
     out = fw(b.preprocess(_audio(2)))
     assert fw.autocast is False and fw.autocast_error == float("inf")
     assert all(torch.isfinite(t).all() for t in (out.values() if isinstance(out, dict) else out))
+
+
+def test_the_checkpoint_s_own_mel_matrix_is_used(tmp_path):
+    """The reference multiplies by the mel matrix stored in the checkpoint: a filterbank that differs from
+    librosa's by a rounding-sized amount passes the check and is the one used."""
+    cfg = HTSATConfig(embed_dim=16, depths=(2, 1, 2, 1), heads=(1, 2, 2, 4))
+    layout = _official_layout(HTSAT(cfg))
+    mel = layout["state_dict"]["sed_model.logmel_extractor.melW"].clone()
+    mel[100, 10] += 5e-5
+    layout["state_dict"]["sed_model.logmel_extractor.melW"] = mel
+    torch.save(layout, tmp_path / "ckpt.ckpt")
+    dst = HTSAT(cfg)
+    load_official_checkpoint(dst, tmp_path / "ckpt.ckpt")
+    assert torch.equal(dst.logmel.mel, mel)
+    assert "logmel.mel" not in dst.state_dict()  # still a fixed buffer, not a weight

@@ -135,6 +135,7 @@ def load_official_checkpoint(model: HTSAT, path: str | Path) -> dict[str, str]:
         raise ValueError(f"{path}: no state dict inside. Fix: pass the official HTS-AT checkpoint")
     state = {k[len(CKPT_PREFIX):] if k.startswith(CKPT_PREFIX) else k: v for k, v in state.items()}
 
+    front = {}
     for key, ours in expected_frontend_tensors().items():
         theirs = state.pop(key, None)
         if theirs is None:
@@ -143,6 +144,11 @@ def load_official_checkpoint(model: HTSAT, path: str | Path) -> dict[str, str]:
             raise ValueError(f"{path}: {key} differs from the HTS-AT front end (32 kHz, n_fft 1024, 64 mel "
                              "50-14000 Hz). Fix: this checkpoint was trained with another front end; use the "
                              "AudioSet checkpoint")
+        front[key] = theirs.float()
+    # the mel matrix the reference code multiplies by is the checkpoint's own (torchlibrosa stores it): use it, so
+    # that a librosa version's rounding of the filterbank cannot shift the tokens (the STFT kernels are the
+    # periodic Hann window times the DFT, which torch.stft computes from the same definition)
+    model.logmel.mel.copy_(front["logmel_extractor.melW"])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
