@@ -388,3 +388,19 @@ def test_kept_weight_casts_are_cuda_autocasts_bit_for_bit(name):
         # captured first (no warm-up): nothing is kept during the capture, the graph casts for itself
         assert all(torch.equal(o, w) for o, w in zip(captured(fresh), want))
         assert all(torch.equal(o, w) for o, w in zip(fresh.forward_tokens(x), want))
+
+
+def test_the_log_mel_front_end_is_float32_under_cuda_autocast():
+    """CUDA's default float16 autocast: a silent second, a clipped square wave and a quiet one give the same
+    finite log-mel as float32 (in float16 they gave -inf and NaN)."""
+    from mettle.extract.backbones.htsat.frontend import LogMel
+
+    t = torch.arange(32000, device="cuda") / 32000
+    waves = torch.stack([torch.zeros_like(t), torch.sign(torch.sin(2 * torch.pi * 200 * t)),
+                         1e-4 * torch.randn_like(t)])
+    front = LogMel().cuda()
+    exact = front(waves)
+    with torch.autocast("cuda", dtype=torch.float16):
+        mixed = front(waves)
+    assert torch.isfinite(exact).all()
+    torch.testing.assert_close(mixed, exact)
