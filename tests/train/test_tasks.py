@@ -163,3 +163,26 @@ def test_avqa_grounding_uses_the_real_music_avqa_videos_only():
         assert all(not manifest.clips[r].clip_id.isdigit() for r in set(rows) - set(kept))
     toy = build_manifest("toy-avqa", num_clips=12)  # other datasets keep every clip
     assert task.items(_Rows(toy), "train") == _Rows(toy).rows("train")
+
+
+def test_grounding_negatives_are_never_the_positive():
+    """Negatives come from another clip of the batch, a random second of it in training; a batch of one clip
+    (an epoch's last) takes the clip's other seconds, so the two logits of a pair never coincide."""
+    import torch
+
+    from mettle.train.tasks.avqa import GroundingHead
+
+    torch.manual_seed(0)
+    head = GroundingHead(16, 32)
+    meta = {"audio": torch.randn(3, 10, 4, 16), "visual": torch.randn(3, 10, 4, 16)}
+    for batch in (3, 1):
+        part = {k: v[:batch] for k, v in meta.items()}
+        head.eval()
+        out = head(part)
+        assert out.shape == (batch, 10, 2) and not torch.isclose(out[..., 0], out[..., 1]).any()
+        head.train()
+        drawn = [head(part)[..., 1] for _ in range(2)]
+        if batch > 1:  # a random second of the other clip: the draws differ
+            assert not torch.equal(drawn[0], drawn[1])
+    task = get_task("avqa-grounding")
+    assert task.loss(out, None) > 0 and task.metrics(out, None, None, [0])["match_accuracy"] >= 0

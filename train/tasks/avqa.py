@@ -58,7 +58,7 @@ class Grounding(nn.Module):
 
 
 class GroundingHead(nn.Module):
-    """Match logits ``(B, T, 2)``: [same clip, another clip of the batch] (batch of at least 2)."""
+    """Match logits ``(B, T, 2)``: [same clip, another clip of the batch] (a batch of one clip: another second of it)."""
 
     def __init__(self, meta_dim: int, hidden: int) -> None:
         super().__init__()
@@ -67,7 +67,8 @@ class GroundingHead(nn.Module):
     def forward(self, meta: Mapping[str, torch.Tensor], **_: Any) -> torch.Tensor:
         audio, visual = meta["audio"], meta["visual"]
         a, v_pos = self.grounding(audio, visual)
-        other = visual.roll(1, dims=0)  # another clip of the (shuffled) batch
+        # another clip of the (shuffled) batch; a batch of one clip (an epoch's last) has none: its other seconds
+        other = visual.roll(1, dims=0) if visual.shape[0] > 1 else visual.roll(1, dims=1)
         if self.training:  # and a random second of it, as the reference draws its negatives; evaluation keeps
             b, t = other.shape[:2]  # the same second, so that validation scores do not vary from epoch to epoch
             pick = torch.randint(0, t, (b, t), device=other.device)
@@ -245,8 +246,6 @@ class AVQAGroundingTask(Task):
         return torch.zeros(len(items))  # self-supervised: the labels are built into the outputs
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if outputs.shape[0] < 2:
-            return F.binary_cross_entropy_with_logits(outputs[..., 0], torch.ones_like(outputs[..., 0]))
         labels = torch.zeros_like(outputs)
         labels[..., 0] = 1.0
         return F.binary_cross_entropy_with_logits(outputs, labels)
