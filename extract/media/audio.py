@@ -49,17 +49,21 @@ def decode_audio(clip_id: str, path: Path, rate: int = AUDIO_RATE) -> np.ndarray
     MediaError when the file cannot be opened or has no audio stream.
     """
     import av
-    import soxr
 
     container = open_container(clip_id, path)
-    chunks: list[np.ndarray] = []
+    runs: list[tuple[int, list[np.ndarray]]] = []  # (sample rate, mono chunks): a stream may change its rate
     bad = 0
-    source_rate = 0
     with container:
         if not container.streams.audio:
             raise MediaError(clip_id, path, "no audio stream", "give a file with a sound track, or a wave/*.npy")
         stream = container.streams.audio[0]
         planar = av.AudioResampler(format="fltp")  # the stream's own layout and rate, as float32 planes
+
+        def add(frames) -> None:
+            for out in frames:
+                if not runs or runs[-1][0] != out.sample_rate:
+                    runs.append((out.sample_rate, []))
+                runs[-1][1].append(out.to_ndarray().mean(0))
         for packet in container.demux(stream):
             try:
                 frames = packet.decode()
@@ -67,16 +71,23 @@ def decode_audio(clip_id: str, path: Path, rate: int = AUDIO_RATE) -> np.ndarray
                 bad += 1
                 continue
             for frame in frames:
-                source_rate = source_rate or frame.sample_rate
-                for out in planar.resample(frame):
-                    chunks.append(out.to_ndarray().mean(0))
-        for out in planar.resample(None):
-            chunks.append(out.to_ndarray().mean(0))
+                add(planar.resample(frame))
+        add(planar.resample(None))
     if bad:
         log.warning("clip %s: %s: skipped %d undecodable audio packet(s)", clip_id, path, bad)
-    if not chunks:
+    if not any(len(c) for _, chunks in runs for c in chunks):
         raise MediaError(clip_id, path, "the audio stream decoded to no samples")
-    wave = np.concatenate(chunks).astype(np.float32, copy=False)
-    if source_rate != rate:
-        wave = soxr.resample(wave, source_rate, rate, quality="soxr_hq").astype(np.float32, copy=False)
-    return wave
+    return np.concatenate([_resampled(np.concatenate(chunks), source, rate) for source, chunks in runs if chunks])
+
+
+def _resampled(wave: np.ndarray, source: int, rate: int) -> np.ndarray:
+    """``wave`` at ``source`` Hz -> ``rate`` Hz float32, as ``librosa.resample`` does it by default: soxr's
+    high-quality resampler, the result cut or zero-padded to ``ceil(len * rate / source)`` samples."""
+    import soxr
+
+    wave = wave.astype(np.float32, copy=False)
+    if source == rate:
+        return wave
+    size = int(np.ceil(len(wave) * rate / source))
+    out = soxr.resample(wave, source, rate, quality="soxr_hq").astype(np.float32, copy=False)[:size]
+    return np.pad(out, (0, size - len(out))) if len(out) < size else out

@@ -86,10 +86,11 @@ def read_clip(clip: Clip, data_root: str | Path, frame_rule: str = "linspace") -
         raise MediaError(clip.clip_id, root, f"no audio found (tried {audio_rel} and the video)",
                          "check --data-root and the dataset's folder layout in the README")
 
-    # a track no longer than the segments holds them back to back: MUSIC-AVQA's audio_wave/<id>.npy files are
-    # 10 s (the reference loaders view them as (10, 32000)), though the videos last 60 s; a whole 60-s track
-    # (a video's, or a .npy of all of it) is spread over its length
-    starts = segment_starts(min(clip.duration, len(wave) / AUDIO_RATE), clip.num_segments)
+    # a track of the segments' length holds them back to back: MUSIC-AVQA's audio_wave/<id>.npy files are 10 s
+    # (the reference loaders view them as (10, 32000)), though the videos last 60 s; a longer track (a video's,
+    # or a .npy of all of it) is cut on the clip's time axis, as its frames are (a short one zero-padded, logged)
+    seconds = len(wave) / AUDIO_RATE
+    starts = segment_starts(clip.num_segments if seconds <= clip.num_segments + 0.5 else clip.duration, clip.num_segments)
     audio, padded = cut_segments(wave, AUDIO_RATE, starts)
     if padded:
         log.warning("clip %s: sound track %.2f s shorter than its %d segments; zero-padded",

@@ -111,8 +111,9 @@ def _one_per_second(clip_id: str, pts: list[int], time_base: float, num_segments
     if wanted.max() > end:
         log.warning("clip %s: the video lasts %.2f s, shorter than the clip's %d s; its last second is repeated "
                     "for the segments after it", clip_id, end, folder)
-        last = np.ceil(end) - 1.0  # start of the last second (whole or partial)
+        last = np.ceil(end - 1e-6) - 1.0  # start of the last second (whole or partial; 30.000000000000004 is 30)
         wanted = np.where(wanted > end, last + np.mod(wanted - last, end - last), wanted)
     after = np.clip(np.searchsorted(times, wanted), 1, len(times) - 1)
-    nearer = np.where(np.abs(times[after - 1] - wanted) <= np.abs(times[after] - wanted), after - 1, after)
+    # ties (a frame boundary exactly mid-second) go to the earlier frame, whatever float rounding says
+    nearer = np.where(np.abs(times[after - 1] - wanted) <= np.abs(times[after] - wanted) + 1e-9, after - 1, after)
     return [int(i) for i in (nearer if len(times) > 1 else np.zeros(len(wanted), int))]

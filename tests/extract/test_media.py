@@ -194,3 +194,52 @@ def test_a_ten_second_music_avqa_wave_holds_its_segments_back_to_back(tmp_path):
     np.save(tmp_path / "audio_wave" / "q1.npy", np.repeat(np.arange(60, dtype=np.float32), 32000) / 60)
     media = read_clip(clip, tmp_path)
     np.testing.assert_allclose(media.audio[:, 0], np.floor(np.linspace(0, 59, 10)) / 60, rtol=1e-6)
+    # a 30-s track is cut on the clip's 60-s axis, as the frames are: the windows past its end are zero-padded
+    np.save(tmp_path / "audio_wave" / "q1.npy", np.repeat(np.arange(30, dtype=np.float32), 32000) / 60)
+    media = read_clip(clip, tmp_path)
+    np.testing.assert_allclose(media.audio[:5, 0], np.floor(np.linspace(0, 59, 10))[:5] / 60, rtol=1e-6)
+    assert media.padded_samples > 0 and not media.audio[5:].any()
+    # a track a little longer than the ten segments (codec padding) still holds them back to back
+    np.save(tmp_path / "audio_wave" / "q1.npy", np.repeat(np.arange(10, dtype=np.float32), 32000) / 10)
+    wave = np.load(tmp_path / "audio_wave" / "q1.npy")
+    np.save(tmp_path / "audio_wave" / "q1.npy", np.concatenate([wave, np.zeros(300, np.float32)]))
+    np.testing.assert_allclose(read_clip(clip, tmp_path).audio.mean(1), np.arange(10) / 10, rtol=1e-6)
+
+
+def test_audio_whose_sample_rate_changes_mid_stream_keeps_its_length(tmp_path):
+    """Two AAC streams back to back (2 s at 44.1 kHz, then 2 s at 22.05 kHz) in one ADTS file: each run of
+    one rate is resampled on its own (from the first frame's rate, the second half came out 2x too short)."""
+    import av
+
+    def encode(path, rate):
+        t = np.arange(2 * rate) / rate
+        x = np.tile(0.3 * np.sin(2 * np.pi * 440 * t), (2, 1)).astype(np.float32)
+        with av.open(str(path), "w", format="adts") as out:
+            stream = out.add_stream("aac", rate=rate, layout="stereo")
+            for i in range(0, len(t), 1024):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i:i + 1024]), format="fltp", layout="stereo")
+                frame.sample_rate, frame.pts = rate, i
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+        return path.read_bytes()
+
+    path = tmp_path / "both.aac"
+    path.write_bytes(encode(tmp_path / "a.aac", 44100) + encode(tmp_path / "b.aac", 22050))
+    wave = decode_audio("c", path)
+    assert 3.9 < len(wave) / 32000 < 4.3, len(wave) / 32000
+
+
+def test_frame_choice_is_exact_in_time_units_that_do_not_round_evenly():
+    """Float rounding must not pick the frame: 10 fps in a 1/1000 time base made a 30-s video end at
+    30.000000000000004 s (its padded seconds took frame 299, not the last second's middle, 295), and at 15 fps in
+    a 1/15360 base the exact ties at mid-second went to either frame (the rule: the earlier, offset 7)."""
+    from mettle.extract.media.video import _one_per_second
+
+    pts = [k * 100 for k in range(300)]  # 10 fps, time base 1/1000: 30 s
+    picks = _one_per_second("c", pts, 1 / 1000, 10, "linspace", 60.0)  # seconds 0, 6, 13, ..., 59 of 60
+    assert picks[:5] == [5, 65, 135, 195, 265] and set(picks[5:]) == {295}
+    pts = [k * 1024 for k in range(15 * 30)]  # 15 fps, time base 1/15360: 30 s
+    picks = _one_per_second("c", pts, 1 / 15360, 30, "first", 30.0)
+    assert [p - 15 * s for s, p in enumerate(picks)] == [7] * 30

@@ -67,11 +67,19 @@ class GroundingHead(nn.Module):
     def forward(self, meta: Mapping[str, torch.Tensor], **_: Any) -> torch.Tensor:
         audio, visual = meta["audio"], meta["visual"]
         a, v_pos = self.grounding(audio, visual)
-        # another clip of the (shuffled) batch; a batch of one clip (an epoch's last) has none: its other seconds
-        other = visual.roll(1, dims=0) if visual.shape[0] > 1 else visual.roll(1, dims=1)
-        if self.training:  # and a random second of it, as the reference draws its negatives; evaluation keeps
-            b, t = other.shape[:2]  # the same second, so that validation scores do not vary from epoch to epoch
-            pick = torch.randint(0, t, (b, t), device=other.device)
+        # the negative for second s: in training a random second of another clip of the (shuffled) batch, as the
+        # reference draws them; in evaluation the same second of it, so validation scores do not vary from epoch
+        # to epoch. A batch of one clip (an epoch's last) has no other clip: another second of its own.
+        b, t = visual.shape[:2]
+        seconds = torch.arange(t, device=visual.device).expand(b, t)
+        if b > 1:
+            other = visual.roll(1, dims=0)
+            pick = torch.randint(0, t, (b, t), device=visual.device) if self.training else None
+        else:
+            other = visual
+            shift = torch.randint(1, t, (b, t), device=visual.device) if self.training and t > 1 else 1
+            pick = (seconds + shift) % t
+        if pick is not None:
             other = other.gather(1, pick.view(b, t, *[1] * (other.dim() - 2)).expand_as(other))
         _, v_neg = self.grounding(audio, other)
         return torch.stack([self.grounding.score(a, v_pos), self.grounding.score(a, v_neg)], -1)
