@@ -86,7 +86,7 @@ def generate_toy_avqa(root: str | Path, params: ToyParams = ToyParams(), overwri
     (root / "avqa-train.json").write_text(json.dumps(records["train"], indent=1))
     for split in ("val", "test"):
         (root / "json" / f"avqa-{split}.json").write_text(json.dumps(records[split], indent=1))
-    write_media(root, params, [(script, f"videos/{vid}.mp4", f"frames/{vid}", f"audio_wave/{vid}.npy", 1)
+    write_media(root, params, [(script, f"videos/{vid}.mp4", f"frames/{vid}", f"audio_wave/{vid}.npy", params.fps)
                                for vid, script in zip(ids, scripts)], processes)
     (root / DONE_FILE).write_text(json.dumps(marker))
     return root

@@ -7,7 +7,7 @@ Layout under ``root`` (the same as a real AVE download, so the same code paths r
     {train,val,test}Set.txt    split rows, no header
     {train,val,test}_order.h5  dataset `order`: rows of Annotations.txt
     videos/<id>.mp4            MPEG-4 video (8 fps, 112x112) + AAC stereo audio at 44.1 kHz
-    frames/<id>/%08d.jpg       (optional) every video frame, as extracted-frame folders
+    frames/<id>/%08d.jpg       (optional) 1 fps, the middle frame of each second, as 1-fps frame extraction writes
     wave/<id>.npy              (optional) 10 s mono float32 at 32 kHz
     toy.json                   generator parameters; written last, it marks the folder complete
 
@@ -77,7 +77,7 @@ def generate_toy(root: str | Path, params: ToyParams = ToyParams(), overwrite: b
                for i in range(params.num_clips)]
     ids = [f"toy{params.seed:03d}_{i:04d}" for i in range(params.num_clips)]
     _write_annotations(root, ids, scripts, params)
-    write_media(root, params, [(script, f"videos/{vid}.mp4", f"frames/{vid}", f"wave/{vid}.npy", 1)
+    write_media(root, params, [(script, f"videos/{vid}.mp4", f"frames/{vid}", f"wave/{vid}.npy", params.fps)
                                for vid, script in zip(ids, scripts)], processes)
     done.write_text(json.dumps(asdict(params)))
     return root

@@ -173,7 +173,7 @@ def render_audio(script: ClipScript, sample_rate: int) -> np.ndarray:
     # mixed 3 dB up (events peak near 0.7): the random-init tiny backbones the tests use tell the toy sounds
     # apart far better at this level than 3 dB lower (toy AVVP, 35 epochs, seeds 0-2: audio segment F 41.5-55.0
     # against 28.3-29.3, 2026-11-28), which is where the sound track sat once mettle decoded videos as librosa
-    # does (the channels' mean: this stereo track's two equal channels give back this waveform)
+    # does (the channels' mean: the video's channels are this waveform and 0.9 of it, so 0.95 of it comes back)
     return np.clip(LEVEL * out, -1, 1).astype(np.float32)
 
 

@@ -506,3 +506,10 @@ def test_the_checkpoint_s_own_mel_matrix_is_used(tmp_path):
     load_official_checkpoint(dst, tmp_path / "ckpt.ckpt")
     assert torch.equal(dst.logmel.mel, mel)
     assert "logmel.mel" not in dst.state_dict()  # still a fixed buffer, not a weight
+    del layout["state_dict"]["sed_model.layers.1.blocks.0.mlp.fc2.weight"]  # a refused checkpoint changes nothing
+    torch.save(layout, tmp_path / "bad.ckpt")
+    fresh = HTSAT(cfg)
+    before = fresh.logmel.mel.clone()
+    with pytest.raises(ValueError, match="missing"):
+        load_official_checkpoint(fresh, tmp_path / "bad.ckpt")
+    assert torch.equal(fresh.logmel.mel, before)

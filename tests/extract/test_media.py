@@ -40,7 +40,8 @@ def test_both_layouts_give_the_same_clip(toy_manifest, toy_root, tmp_path):
     decoded = read_clip(clip, only_video, toy_manifest.frame_rule)
     assert decoded.frames.shape == extracted.frames.shape == (10, 112, 112, 3)
     assert decoded.frames.dtype == np.uint8 and decoded.audio.dtype == np.float32
-    assert np.abs(decoded.frames.astype(float) - extracted.frames).mean() < 12
+    diff = np.abs(decoded.frames.astype(float) - extracted.frames).mean(axis=(1, 2, 3))  # per segment
+    assert diff.max() < 8, diff  # the same frames, up to codec loss (other frames of the second: up to 22)
     # the sound is the same second by second: loud where the script plays a sound, quiet elsewhere
     rms_npy, rms_vid = (np.sqrt((a.audio ** 2).mean(1)) for a in (extracted, decoded))
     assert np.corrcoef(rms_npy, rms_vid)[0, 1] > 0.95
@@ -68,7 +69,7 @@ def test_toy_is_deterministic(tmp_path, toy_root):
     again = generate_toy(tmp_path / "again", ToyParams(num_clips=12, frames=True), processes=2)  # in 2 processes
     files = sorted(str(p.relative_to(toy_root)) for p in toy_root.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file())
-    assert "videos/toy000_0005.mp4" in files and "frames/toy000_0005/00000040.jpg" in files
+    assert "videos/toy000_0005.mp4" in files and "frames/toy000_0005/00000010.jpg" in files and "frames/toy000_0005/00000011.jpg" not in files
     for rel in files:
         digest = [hashlib.sha256((root / rel).read_bytes()).hexdigest() for root in (toy_root, again)]
         assert digest[0] == digest[1], rel

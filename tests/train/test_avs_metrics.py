@@ -108,3 +108,24 @@ def test_the_fscore_reads_probabilities_near_one_unrounded():
     exact = 100 * fscore_per_frame(torch.sigmoid(logits).numpy()[0], gt[0])
     assert got["fscore"] == pytest.approx(exact)
     assert exact < 50
+
+
+def test_reference_fscore_batches_keep_their_place_when_a_clip_is_missing():
+    """Batches are groups of 4 clips in the split's order: a clip that failed extraction leaves a gap, it does
+    not pull the next clips into its batch."""
+    import types
+
+    import torch
+
+    from mettle.train.tasks import get_task
+
+    rng = np.random.default_rng(1)
+    clips, size = 8, 16
+    gts = (rng.random((clips, 1, size, size)) < 0.3).astype(np.uint8)
+    logits = torch.from_numpy(rng.normal(0, 2, (clips, 1, size, size))).float()
+    manifest = types.SimpleNamespace(clips=[types.SimpleNamespace(splits=("test",))] * 9, indices=lambda split: range(9))
+    items = [0, 1, 2, 4, 5, 6, 7, 8]  # row 3 failed: rows 0-2 are batch 0, rows 4-7 batch 1, row 8 batch 2
+    got = get_task("avs-s4").metrics(logits, torch.from_numpy(gts), manifest, items)
+    probs = torch.sigmoid(logits).numpy()[:, 0]
+    expected = np.mean([fscore_reference(probs[a:b], gts[a:b, 0], batch_frames=b - a) for a, b in ((0, 3), (3, 7), (7, 8))])
+    assert got["fscore_avsbench"] == pytest.approx(100 * expected)

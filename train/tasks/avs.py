@@ -84,6 +84,16 @@ def upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
                          align_corners=False).view(b, t, size, size)
 
 
+def _split_positions(manifest: Manifest | None, items: Sequence[int]) -> np.ndarray:
+    """Each item's position in its split's clip order (the test CSV's order, which the reference loaders batch),
+    so that clips left out (failed extraction) do not shift the clips after them into other test batches;
+    the items' own order when there is no manifest."""
+    if manifest is None or not len(items):
+        return np.arange(len(items))
+    order = {row: i for i, row in enumerate(manifest.indices(manifest.clips[items[0]].splits[0]))}
+    return np.array([order.get(row, i) for i, row in enumerate(items)])
+
+
 class _AVSTask(Task):
     modalities = ("visual", "audio")
     head_defaults = {"channels": 128, "heads": 4, "gate_init": 0.1, "dice_weight": 0.0}
@@ -142,6 +152,7 @@ class _AVSTask(Task):
         if not ious:
             return {}
         c, v, k = np.concatenate(curves), np.concatenate(nonempty), np.concatenate(clip)
+        k = _split_positions(manifest, items)[k]  # a clip that failed extraction still takes its place in a batch
         out = {"miou": 100.0 * float(np.concatenate(ious).mean()), "fscore": 100.0 * best_per_frame(c, v)}
         out.update({name: 100.0 * fscore_batched(c, v, k // videos) for name, (videos, _) in REFERENCE_BATCHES.items()})
         return out

@@ -145,10 +145,6 @@ def load_official_checkpoint(model: HTSAT, path: str | Path) -> dict[str, str]:
                              "50-14000 Hz). Fix: this checkpoint was trained with another front end; use the "
                              "AudioSet checkpoint")
         front[key] = theirs.float()
-    # the mel matrix the reference code multiplies by is the checkpoint's own (torchlibrosa stores it): use it, so
-    # that a librosa version's rounding of the filterbank cannot shift the tokens (the STFT kernels are the
-    # periodic Hann window times the DFT, which torch.stft computes from the same definition)
-    model.logmel.mel.copy_(front["logmel_extractor.melW"])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -159,4 +155,9 @@ def load_official_checkpoint(model: HTSAT, path: str | Path) -> dict[str, str]:
         raise ValueError(f"{path}: does not match the HTS-AT architecture ({'; '.join(parts)}). "
                          "Fix: pass the official HTS-AT AudioSet checkpoint, or the matching --audio-backbone preset")
     model.load_state_dict(state, strict=True)
+    # the mel matrix the reference code multiplies by is the checkpoint's own (torchlibrosa stores it): use it, so
+    # that a librosa version's rounding of the filterbank cannot shift the tokens (the STFT kernels are the
+    # periodic Hann window times the DFT, which torch.stft computes from the same definition); copied in only
+    # once the whole checkpoint has loaded, so a refused one leaves the model as it was
+    model.logmel.mel.copy_(front["logmel_extractor.melW"])
     return {"keys": str(len(state) + 3), "frontend": "checked"}
