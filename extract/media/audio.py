@@ -57,7 +57,9 @@ def decode_audio(clip_id: str, path: Path, rate: int = AUDIO_RATE) -> np.ndarray
         if not container.streams.audio:
             raise MediaError(clip_id, path, "no audio stream", "give a file with a sound track, or a wave/*.npy")
         stream = container.streams.audio[0]
-        planar = av.AudioResampler(format="fltp")  # the stream's own layout and rate, as float32 planes
+        # the stream's own layout and rate, as float32 planes; a converter is set up by its first frame, so a new
+        # one starts wherever the stream changes its rate, sample format or layout
+        planar, setup = None, None
 
         def add(frames) -> None:
             for out in frames:
@@ -71,8 +73,14 @@ def decode_audio(clip_id: str, path: Path, rate: int = AUDIO_RATE) -> np.ndarray
                 bad += 1
                 continue
             for frame in frames:
+                if (frame.sample_rate, frame.format.name, frame.layout.name) != setup:
+                    if planar is not None:
+                        add(planar.resample(None))
+                    planar = av.AudioResampler(format="fltp")
+                    setup = (frame.sample_rate, frame.format.name, frame.layout.name)
                 add(planar.resample(frame))
-        add(planar.resample(None))
+        if planar is not None:
+            add(planar.resample(None))
     if bad:
         log.warning("clip %s: %s: skipped %d undecodable audio packet(s)", clip_id, path, bad)
     if not any(len(c) for _, chunks in runs for c in chunks):

@@ -207,18 +207,23 @@ def test_a_ten_second_music_avqa_wave_holds_its_segments_back_to_back(tmp_path):
     np.testing.assert_allclose(read_clip(clip, tmp_path).audio.mean(1), np.arange(10) / 10, rtol=1e-6)
 
 
-def test_audio_whose_sample_rate_changes_mid_stream_keeps_its_length(tmp_path):
-    """Two AAC streams back to back (2 s at 44.1 kHz, then 2 s at 22.05 kHz) in one ADTS file: each run of
-    one rate is resampled on its own (from the first frame's rate, the second half came out 2x too short)."""
+@pytest.mark.parametrize("container, codec, fmt", [("adts", "aac", "fltp"), ("flac", "flac", "s16")])
+def test_audio_whose_sample_rate_changes_mid_stream_keeps_its_length(tmp_path, container, codec, fmt):
+    """Two streams back to back (2 s at 44.1 kHz, then 2 s at 22.05 kHz) in one file: each run of one rate is
+    converted and resampled on its own. From the first frame's rate, AAC's second half came out 2x too short;
+    FLAC, which decodes to 16-bit samples, raised from the float converter set up by its first frame."""
     import av
 
     def encode(path, rate):
         t = np.arange(2 * rate) / rate
-        x = np.tile(0.3 * np.sin(2 * np.pi * 440 * t), (2, 1)).astype(np.float32)
-        with av.open(str(path), "w", format="adts") as out:
-            stream = out.add_stream("aac", rate=rate, layout="stereo")
-            for i in range(0, len(t), 1024):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i:i + 1024]), format="fltp", layout="stereo")
+        x = np.tile(0.3 * np.sin(2 * np.pi * 440 * t), (2, 1))
+        x = x.astype(np.float32) if fmt == "fltp" else (x.T * 32767).astype(np.int16).reshape(1, -1)
+        step = 1024
+        with av.open(str(path), "w", format=container) as out:
+            stream = out.add_stream(codec, rate=rate, layout="stereo")
+            for i in range(0, len(t), step):
+                part = x[:, i:i + step] if fmt == "fltp" else x[:, 2 * i:2 * (i + step)]
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(part), format=fmt, layout="stereo")
                 frame.sample_rate, frame.pts = rate, i
                 for packet in stream.encode(frame):
                     out.mux(packet)
@@ -226,8 +231,8 @@ def test_audio_whose_sample_rate_changes_mid_stream_keeps_its_length(tmp_path):
                 out.mux(packet)
         return path.read_bytes()
 
-    path = tmp_path / "both.aac"
-    path.write_bytes(encode(tmp_path / "a.aac", 44100) + encode(tmp_path / "b.aac", 22050))
+    path = tmp_path / f"both.{codec}"
+    path.write_bytes(encode(tmp_path / f"a.{codec}", 44100) + encode(tmp_path / f"b.{codec}", 22050))
     wave = decode_audio("c", path)
     assert 3.9 < len(wave) / 32000 < 4.3, len(wave) / 32000
 
