@@ -64,18 +64,15 @@ def spectrogram_images(segments: np.ndarray, rate: int = 32000) -> torch.Tensor:
 
 
 def resample(segments: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """(T, n) float32 -> (T, ceil(n * target / rate)) float32: soxr's high-quality resampler row by row,
-    the result cut or zero-padded to that length. The same numbers as ``librosa.resample`` with its defaults
-    (tested), without importing librosa's core: in a fresh environment that import compiled numba kernels
-    for 27 s before the first clip."""
-    import soxr
+    """(T, n) float32 -> (T, ceil(n * target / rate)) float32, row by row with the media readers' resampler
+    (:func:`mettle.extract.media.audio.resample`: ``librosa.resample``'s numbers); non-finite samples are
+    refused with the fix."""
+    from ..media.audio import resample as resample_wave
 
     if not np.isfinite(segments).all():
         raise ValueError(f"audio has non-finite samples ({int((~np.isfinite(segments)).sum())} of {segments.size}). "
                          "Fix: check the clip's audio decodes, or re-encode it")
-    size = int(np.ceil(segments.shape[-1] * target / rate))
-    out = np.zeros((segments.shape[0], size), np.float32)
+    out = np.zeros((segments.shape[0], int(np.ceil(segments.shape[-1] * target / rate))), np.float32)
     for row, wave in zip(out, segments):
-        done = soxr.resample(wave, rate, target, quality="soxr_hq")[:size]
-        row[:len(done)] = done
+        row[:] = resample_wave(wave, rate, target)
     return out

@@ -85,12 +85,14 @@ def decode_audio(clip_id: str, path: Path, rate: int = AUDIO_RATE) -> np.ndarray
         log.warning("clip %s: %s: skipped %d undecodable audio packet(s)", clip_id, path, bad)
     if not any(len(c) for _, chunks in runs for c in chunks):
         raise MediaError(clip_id, path, "the audio stream decoded to no samples")
-    return np.concatenate([_resampled(np.concatenate(chunks), source, rate) for source, chunks in runs if chunks])
+    return np.concatenate([resample(np.concatenate(chunks), source, rate) for source, chunks in runs if chunks])
 
 
-def _resampled(wave: np.ndarray, source: int, rate: int) -> np.ndarray:
-    """``wave`` at ``source`` Hz -> ``rate`` Hz float32, as ``librosa.resample`` does it by default: soxr's
-    high-quality resampler, the result cut or zero-padded to ``ceil(len * rate / source)`` samples."""
+def resample(wave: np.ndarray, source: int, rate: int) -> np.ndarray:
+    """``(n,)`` samples at ``source`` Hz -> ``(ceil(n * rate / source),)`` float32 at ``rate`` Hz, the numbers
+    ``librosa.resample`` gives with its defaults (tested): soxr's high-quality resampler, the result cut or
+    zero-padded to that length; without importing librosa's core, whose first call compiled numba kernels
+    for 27 s in a fresh environment."""
     import soxr
 
     wave = wave.astype(np.float32, copy=False)
