@@ -89,6 +89,6 @@ def fscore_batched(curves: np.ndarray, valid: np.ndarray, batch: np.ndarray) -> 
     labels ``batch`` ``(N,)`` (e.g. the clip's position // videos a batch): per batch, the maximum of its
     non-empty frames' mean curve (0 if it has none), averaged over the batches present."""
     batch = np.asarray(batch)
-    scores = [float(curves[(batch == b) & valid].mean(0).max()) if (valid & (batch == b)).any() else 0.0
-              for b in np.unique(batch)]
+    members = [valid & (batch == b) for b in np.unique(batch)]
+    scores = [float(curves[m].mean(0).max()) if m.any() else 0.0 for m in members]
     return float(np.mean(scores)) if scores else 0.0
