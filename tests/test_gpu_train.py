@@ -105,3 +105,50 @@ def test_the_small_cublas_workspace_is_what_cublas_takes():
         assert seen["auto"]["size"] == 4 << 20 and seen["library"]["size"] > 4 << 20, seen  # 32 MiB on Hopper
     assert seen["auto"]["extra"] <= 8 << 20, seen  # cuBLAS's 4 MiB, and cuBLASLt's 4 if not shared
     assert seen["auto"]["extra"] < seen["library"]["extra"], seen
+
+
+def test_a_resumed_cuda_run_draws_the_same_dropout_as_an_uninterrupted_one(small_toy_cache, tmp_path, monkeypatch):
+    """Dropout on CUDA draws from the device's generator, which the saved state carries since 2026-11-28
+    (before, only the CPU's: a resumed run's masks differed). Kill after epoch 2, resume, compare every
+    epoch's training loss with an uninterrupted run's (dropout 0.5, so other masks move them far more
+    than the tolerance, which leaves room for CUDA's non-deterministic reductions)."""
+    from mettle.cache import open_cache
+    from mettle.train.config import resolve_config
+    from mettle.train.run import train_run
+    import mettle.train.run as run_module
+
+    sets = {"lcd.dim": 32, "lcd.meta_tokens": 2, "lcd.heads": 2, "head.hidden": 32, "optim.epochs": 4,
+            "optim.batch_size": 2}
+
+    def cfg(out):
+        return resolve_config("ave", {"hidden": 64, "temporal": "gru", "dropout": 0.5}, sets=sets,
+                              cache=str(small_toy_cache), out=str(out), device="cuda")
+
+    source = open_cache(small_toy_cache)
+    train_run(cfg(tmp_path / "clean"), source, progress=False, plot=False)
+
+    class Killed(Exception):
+        pass
+
+    real_fit = run_module.fit
+
+    def fit_killed_after_epoch_1(*a, **k):
+        def on_epoch(record, result):
+            k["on_epoch"](record, result)
+            if record["epoch"] == 1:
+                raise Killed
+        return real_fit(*a, **{**k, "on_epoch": on_epoch})
+
+    monkeypatch.setattr(run_module, "fit", fit_killed_after_epoch_1)
+    with pytest.raises(Killed):
+        train_run(cfg(tmp_path / "killed"), source, progress=False, plot=False)
+    monkeypatch.undo()
+    train_run(cfg(tmp_path / "killed"), source, progress=False, plot=False, resume=True)
+
+    def losses(out):
+        lines = next(out.iterdir()).joinpath("metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["train_loss"] for x in lines]
+
+    clean, resumed = losses(tmp_path / "clean"), losses(tmp_path / "killed")
+    assert len(clean) == len(resumed) == 4
+    assert resumed == pytest.approx(clean, rel=1e-4)

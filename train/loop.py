@@ -155,7 +155,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         adopt_optimizer(opt, device, graphs)  # the saving run may have stepped another way
         sched.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
+        restore_rng(resume, device)
         best, step, start = tuple(resume["best"]), int(resume["step"]), int(resume["epoch"]) + 1
         result.best_epoch, result.best_state, result.val = int(resume["best_epoch"]), resume["best_state"], resume["val"]
         result.history, result.step_losses = list(resume["history"]), list(resume["step_losses"])
@@ -226,7 +226,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         if last_path is not None:
             save_state(last_path, {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "scheduler": sched.state_dict(), "generator": generator.get_state(), **rng_state(device),
                 "best": list(best), "step": step, "epoch": epoch, "best_epoch": result.best_epoch,
                 "best_state": result.best_state, "val": result.val, "history": result.history,
                 "step_losses": result.step_losses, "fingerprint": cfg.fingerprint()})
@@ -274,6 +274,34 @@ def init_from(model: MettleModel, run: str | Path) -> int:
     model.load_state_dict(taken, strict=False)
     log.info("initialised %d of %d tensors from %s", len(taken), len(own), path)
     return len(taken)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG streams a training step draws from, for a resume to continue exactly.
+
+    Dropout and AVQA grounding's negatives draw from the generator of the device they run on: the
+    CPU's (``torch_rng``) and, when training on CUDA, that device's (``cuda_rng``, seed and offset;
+    CUDA graphs advance it on the host at every replay, so it is current here). Both uint8 tensors.
+    """
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(saved: dict[str, Any], device: torch.device) -> None:
+    """Put back what :func:`rng_state` saved. A state saved without ``cuda_rng`` (on the CPU, or by a
+    mettle before 2026-11-28) resumed on CUDA continues from the current CUDA stream instead, so dropout
+    masks differ from an uninterrupted run's: said once, as a warning."""
+    torch.set_rng_state(saved["torch_rng"])
+    if device.type != "cuda":
+        return
+    if "cuda_rng" in saved:
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    else:
+        log.warning("the saved training state has no CUDA RNG state (saved on the CPU or by an older mettle): the "
+                    "resumed run's dropout and random negatives differ from an uninterrupted run's; train from the "
+                    "start (without --resume) for an exact rerun")
 
 
 def save_state(path: Path, obj: dict[str, Any]) -> None:

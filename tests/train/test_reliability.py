@@ -95,3 +95,32 @@ def test_a_killed_checkpoint_write_leaves_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["info"]["epoch"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(2))
+
+
+def test_a_cuda_run_saves_and_restores_its_device_rng(monkeypatch, caplog):
+    """On CUDA the dropout masks come from the device's generator: the saved state carries it and a
+    resume puts it back (a stand-in for torch.cuda's two calls here; tests/test_gpu_train.py runs it
+    for real). A state saved without it warns that the resumed run is not exact."""
+    from mettle.train.loop import restore_rng, rng_state
+
+    device_rng = {"state": torch.tensor([7, 1, 2], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: device_rng["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device=None: device_rng.update(state=s.clone()))
+    cuda = torch.device("cuda", 0)
+    saved = rng_state(cuda)
+    assert set(saved) == {"torch_rng", "cuda_rng"} and saved["cuda_rng"].tolist() == [7, 1, 2]
+    assert set(rng_state(torch.device("cpu"))) == {"torch_rng"}
+    cpu_draw = torch.rand(3)
+    device_rng["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the stream moved on
+    with caplog.at_level("WARNING"):
+        restore_rng(saved, cuda)
+    assert device_rng["state"].tolist() == [7, 1, 2] and torch.equal(torch.rand(3), cpu_draw)
+    assert not caplog.records
+    device_rng["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)
+    with caplog.at_level("WARNING"):
+        restore_rng({"torch_rng": saved["torch_rng"]}, cuda)
+    assert device_rng["state"].tolist() == [9, 9, 9]
+    assert "no CUDA RNG state" in caplog.text and "without --resume" in caplog.text
+    caplog.clear()
+    restore_rng(saved, torch.device("cpu"))  # saved on CUDA, resumed on the CPU: the CPU stream only
+    assert device_rng["state"].tolist() == [9, 9, 9] and not caplog.records
