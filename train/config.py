@@ -90,6 +90,8 @@ class TrainConfig:
     # small (4 MiB a stream, ~50 MiB off a full-size step's peak) unless CUBLAS_WORKSPACE_CONFIG or
     # CUBLASLT_WORKSPACE_SIZE is set or the source runs the backbones (end-to-end); library = cuBLAS's own
     init_from: str = ""  # a run folder (or its best.pt) whose matching parameters start this run
+    init_keys: str = "*"  # with init_from: comma-separated name patterns (fnmatch) of the parameters taken,
+    # e.g. head.grounding.* for the reference AVQA workflow's fusion layers only; * = every match of name and shape
     lcd: LCDConfig = field(default_factory=LCDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     head: Mapping[str, Any] = field(default_factory=dict)
@@ -103,6 +105,8 @@ class TrainConfig:
         for k in EXECUTION_OPTIONS:
             section, _, key = k.rpartition(".")
             (d[section] if section else d).pop(key)
+        if d["init_keys"] == "*":  # added on 2026-11-28: at its default, runs keep the fingerprints they had
+            d.pop("init_keys")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -218,7 +222,11 @@ def resolve_config(task: str, head_defaults: Mapping[str, Any], config_file: str
             raise ConfigError(f"--config {path} is for another task. Fix: pass --task as in the file, or edit it")
         cfg = apply(cfg, loaded, f"--config {path}")
     cfg = apply(cfg, dict(sets or {}), "--set")
-    return apply(cfg, {k: v for k, v in top.items() if v is not None}, "option")
+    cfg = apply(cfg, {k: v for k, v in top.items() if v is not None}, "option")
+    if cfg.init_keys != "*" and not cfg.init_from:
+        raise ConfigError(f"init_keys={cfg.init_keys!r} chooses parameters of --init-from, which is not given. "
+                          "Fix: pass --init-from RUN, or drop init_keys")
+    return cfg
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -123,7 +124,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     if cublas_workspace(cfg.cublas_workspace, device, source.runs_backbones) == "small":  # before its first product
         log.info("cublas_workspace: 4 MiB a stream (cublas_workspace=library for cuBLAS's own)")
     model = model if model is not None else build_model(cfg, source, task)
-    initialised = init_from(model, cfg.init_from) if cfg.init_from else 0
+    initialised = init_from(model, cfg.init_from, cfg.init_keys) if cfg.init_from else 0
     model.to(device)
     result = FitResult(model, trainable_parameters=count_parameters(model), initialised=initialised)
     result.left_out = {split: len(source.rows(split, include_failed=True)) - len(source.rows(split))
@@ -260,17 +261,34 @@ def _diverged(loss: torch.Tensor, epoch: int, step: int, data: dict[str, Any], t
             "Fix: lower optim.lr or raise optim.grad_clip's strictness (smaller value)")
 
 
-def init_from(model: MettleModel, run: str | Path) -> int:
-    """Copy every parameter of a finished run whose name and shape match (e.g. the LCDs and the
-    grounding module of an ``avqa-grounding`` run into ``avqa``); returns how many tensors."""
+def init_from(model: MettleModel, run: str | Path, keys: str = "*") -> int:
+    """Copy the parameters of a finished run whose name and shape match (e.g. the LCDs and the
+    grounding module of an ``avqa-grounding`` run into ``avqa``), restricted to names matching one of
+    ``keys``' comma-separated fnmatch patterns (``head.grounding.*``: the grounding module only, as the
+    reference AVQA workflow carries its fusion layers); returns how many tensors."""
     path = Path(run)
     path = path / "best.pt" if path.is_dir() else path
     state = load_checkpoint(path)["model"]
     own = model.state_dict()
-    taken = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    patterns = [p.strip() for p in keys.split(",") if p.strip()]
+    if not patterns:
+        raise ValueError(f"init_keys={keys!r} names no pattern. Fix: pass name patterns such as head.grounding.* "
+                         "(or * for every matching parameter)")
+    for p in patterns:
+        if not any(fnmatchcase(k, p) for k in state):
+            prefixes = sorted({".".join(k.split(".")[:2]) for k in state})
+            raise ValueError(f"init_keys pattern {p!r} matches no parameter of {path} (its names start with "
+                             f"{', '.join(prefixes[:12])}{', ...' if len(prefixes) > 12 else ''}). Fix: use one of "
+                             "those names with a trailing .*")
+    chosen = {k: v for k, v in state.items() if any(fnmatchcase(k, p) for p in patterns)}
+    taken = {k: v for k, v in chosen.items() if k in own and own[k].shape == v.shape}
     if not taken:
         raise ValueError(f"--init-from {run}: no parameter matches this model. Fix: start from a run of a "
                          "compatible task with the same lcd.* settings (e.g. avqa-grounding for avqa)")
+    if keys != "*" and len(taken) < len(chosen):
+        skipped = sorted(set(chosen) - set(taken))
+        log.warning("init_keys=%s: %d chosen tensors are not in this model or differ in shape, left at their "
+                    "initial values: %s%s", keys, len(skipped), ", ".join(skipped[:8]), " ..." if len(skipped) > 8 else "")
     model.load_state_dict(taken, strict=False)
     log.info("initialised %d of %d tensors from %s", len(taken), len(own), path)
     return len(taken)

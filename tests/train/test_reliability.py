@@ -1,5 +1,6 @@
 """Training faults: resume equals an uninterrupted run, NaN tokens are named, checkpoints are atomic."""
 
+import hashlib
 import json
 import shutil
 
@@ -124,3 +125,39 @@ def test_a_cuda_run_saves_and_restores_its_device_rng(monkeypatch, caplog):
     caplog.clear()
     restore_rng(saved, torch.device("cpu"))  # saved on CUDA, resumed on the CPU: the CPU stream only
     assert device_rng["state"].tolist() == [9, 9, 9] and not caplog.records
+
+
+def test_init_keys_chooses_what_init_from_carries(small_toy_cache, tmp_path, caplog):
+    """``init_keys`` patterns restrict --init-from (the reference AVQA workflow carries its fusion layers
+    only); a pattern matching nothing of the checkpoint, and init_keys without --init-from, are refused
+    by name; at its default the run fingerprint is what it was before the option existed."""
+    from mettle.train.config import EXECUTION_OPTIONS, ConfigError
+    from mettle.train.loop import build_model, init_from, save_checkpoint
+
+    source = open_cache(small_toy_cache)
+    cfg = _cfg(small_toy_cache, tmp_path)
+    donor = build_model(resolve_config("ave", {"hidden": 256, "temporal": "gru", "dropout": 0.1},
+                                       sets={**SETS, "seed": 5}, cache=str(small_toy_cache), device="cpu"), source)
+    save_checkpoint(tmp_path / "best.pt", donor.state_dict(), {})
+    given = donor.state_dict()
+    heads = [k for k in given if k.startswith("head.")]
+    assert heads and len(heads) < len(given)
+
+    model = build_model(cfg, source)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert init_from(model, tmp_path, "head.*") == len(heads)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, given[k] if k.startswith("head.") else before[k]), k
+    assert init_from(build_model(cfg, source), tmp_path / "best.pt") == len(given)  # the default: all of it
+    with pytest.raises(ValueError, match=r"init_keys pattern 'heads\.\*' matches no parameter .*head\."):
+        init_from(model, tmp_path, "head.*, heads.*")
+    with pytest.raises(ConfigError, match="init_keys='head.\\*' chooses parameters of --init-from"):
+        resolve_config("ave", {}, sets={"init_keys": "head.*"}, cache=str(small_toy_cache))
+    chosen = resolve_config("ave", {}, sets={"init_keys": "head.*"}, init_from=str(tmp_path))
+    default = resolve_config("ave", {}, init_from=str(tmp_path))
+    assert chosen.fingerprint() != default.fingerprint()
+    legacy = default.to_dict()  # the fingerprint's recipe before init_keys existed
+    for k in (*EXECUTION_OPTIONS, "init_keys"):
+        section, _, key = k.rpartition(".")
+        (legacy[section] if section else legacy).pop(key)
+    assert default.fingerprint() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:8]

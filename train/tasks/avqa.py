@@ -12,7 +12,8 @@ audio and grounded visual features, fused and given temporal context; question-g
 over the segments pools them; the pooled vector, gated by the question, is classified over the
 answer vocabulary.
 ``--init-from RUN`` starts from a grounding run (every parameter whose name and shape match:
-the LCDs and ``head.grounding``). Metrics: accuracy per question type, per modality group and
+the LCDs and ``head.grounding``; ``init_keys=head.grounding.*``: the grounding module only, as the
+reference). Metrics: accuracy per question type, per modality group and
 overall; on MUSIC-AVQA, the other release's test set is scored too (``json`` <-> ``json_update``).
 """
 
