@@ -11,7 +11,8 @@
 #                   since the ninth: extraction's copies on streams of their own, five batches in flight),
 #                   then the loader test with worker processes on its own (it hung in the eighth session; since
 #                   the ninth a process with CUDA starts its loader workers from a forkserver; since the tenth
-#                   the cache keeps them from one pass to the next)
+#                   the cache keeps them from one pass to the next; 2026-11-28: a resumed CUDA run against an
+#                   uninterrupted one, two toy trainings, ~40 s more)
 #   train           end-to-end and the adapter baseline against the eager and the graphed cache step (float16
 #                   and int8 tokens; overlap_copy: two graphs, each batch copied in during the step before), full
 #                   size, batch 1 and 8, each step timed alone and back to back (the seventh session: 23.0x / 12.7x time and
@@ -107,7 +108,7 @@ for part in $PARTS; do
     case $part in
     # the loader test with worker processes hung in both of the eighth session's calls (a worker forked from a
     # process with page-locked batches, a pin thread and idle read threads; see README): on its own, after the rest
-    gpu_tests) step gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_train.py -rs \
+    gpu_tests) step gpu_tests 200 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_train.py -rs \
             -k "not page_locked_memory" -o faulthandler_timeout=60
         show gpu_tests 4
         step gpu_fork 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs -k page_locked_memory \
