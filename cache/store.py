@@ -20,7 +20,7 @@ import numpy as np
 from .dtypes import get_dtype
 from .errors import CacheError
 from .format import H5_FILE, H5_SHARD_DIR, TARGETS, ZARR_DIR, CacheMeta, shard_name
-from .zarr_fast import FastShardReader, ShardLayout, write_shard_file
+from .zarr_fast import DamagedShard, FastShardReader, ShardLayout, write_shard_file
 
 SCALE = ".scale"
 WRITE_THREADS = 4  # shard files written at once: enough to fill a page cache's bandwidth
@@ -109,10 +109,18 @@ class ZarrStore:
         key = ("layout", name)
         if key not in handles:
             try:
-                handles[key] = ShardLayout.of(self.path / name)
+                layout = ShardLayout.of(self.path / name)
             except (ValueError, KeyError, OSError):
-                handles[key] = None
+                layout = None
+            if layout is not None:
+                self._check_shape(name, layout.shape)
+            handles[key] = layout
         return handles[key]
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """The stored array has the shape ``cache.json`` describes (an edited or mismatched description
+        would otherwise read rows of another geometry)."""
+        _check_shape(self.meta, name, tuple(shape), self.path / name / "zarr.json")
 
     def _fast(self, name: str):
         """The direct shard reader for ``name`` (None when its layout is not the one we write)."""
@@ -127,8 +135,15 @@ class ZarrStore:
         """The rows of array ``name``; into ``out`` when given (read straight into it on the fast path)."""
         fast = self._fast(name) if not isinstance(rows, slice) else None
         if fast is not None and (out is None or out.dtype == fast.dtype):
-            return fast.read(np.asarray(rows, dtype=np.int64), out)
+            try:
+                return fast.read(np.asarray(rows, dtype=np.int64), out)
+            except DamagedShard as e:
+                raise CacheError(f"{e} (cache {self.path.parent}). Fix: re-extract it with mettle-extract "
+                                 "... --overwrite (the rows of that shard cannot be trusted)") from None
         arr = self._array(name)
+        if ("shape", name) not in self._handles():
+            self._check_shape(name, arr.shape)
+            self._handles()[("shape", name)] = True
         if isinstance(rows, slice):
             return _into(arr[rows], out)
         rows = np.asarray(rows, dtype=np.int64)
@@ -151,6 +166,7 @@ class H5Store:
         self.meta = meta
         self._file = None
         self._pid = None
+        self._checked: set[tuple[str, int]] = set()  # (array, pid) whose shape was checked against cache.json
 
     def _shard_path(self, shard: int) -> Path:
         return self.root / H5_SHARD_DIR / f"{shard_name(shard)}.h5"
@@ -202,8 +218,42 @@ class H5Store:
         self._open()
 
     def read(self, name: str, rows: Sequence[int] | slice, out: np.ndarray | None = None) -> np.ndarray:
-        """The rows of array ``name``; into ``out`` when given."""
+        """The rows of array ``name``; into ``out`` when given. A missing or damaged shard file is a
+        ``CacheError`` (HDF5's virtual datasets would read a missing one as zeros)."""
+        try:
+            return self._read(name, rows, out)
+        except OSError as e:
+            raise CacheError(f"{self._damaged(name, rows) or self.root / H5_FILE}: array {name} cannot be read ({e}). "
+                             "Fix: re-extract with mettle-extract ... --overwrite") from None
+
+    def _damaged(self, name: str, rows: Sequence[int] | slice) -> Path | None:
+        """The first shard file behind ``rows`` that h5py cannot read ``name`` from (to name it)."""
+        import h5py
+
+        picked = range(self.meta.num_clips)[rows] if isinstance(rows, slice) else rows
+        for shard in sorted({int(r) // self.meta.shard_clips for r in picked}):
+            try:
+                with h5py.File(self._shard_path(shard), "r") as f:
+                    f[name][...]
+            except (OSError, KeyError):
+                return self._shard_path(shard)
+        return None
+
+    def _check_files(self) -> None:
+        """Every shard file is there (checked once per process, at the first read)."""
+        missing = [self._shard_path(k) for k in range(self.meta.num_shards) if not self._shard_path(k).is_file()]
+        if missing:
+            raise CacheError(f"{len(missing)} shard files of {self.root} are missing (first: {missing[0]}); "
+                             "their rows would read as zeros. Fix: re-extract with mettle-extract ... --overwrite")
+
+    def _read(self, name: str, rows: Sequence[int] | slice, out: np.ndarray | None) -> np.ndarray:
+        fresh = self._pid != os.getpid() or self._file is None
         ds = self._open()[name]
+        if fresh:
+            self._check_files()
+        if (name, self._pid) not in self._checked:
+            _check_shape(self.meta, name, tuple(ds.shape), self.root / H5_FILE)
+            self._checked.add((name, self._pid))
         if isinstance(rows, slice):
             return _into(ds[rows], out)
         rows = np.asarray(rows, dtype=np.int64)
@@ -222,6 +272,13 @@ class H5Store:
 
     def __setstate__(self, state):
         self.__init__(state["root"], state["meta"])
+
+
+def _check_shape(meta: CacheMeta, name: str, shape: tuple[int, ...], where: Path) -> None:
+    want = next((tuple(sh) for n, sh, _ in stored_arrays(meta) if n == name), None)
+    if want is not None and shape != want:
+        raise CacheError(f"{where} stores array {name} as {shape}, but cache.json says {want}. Fix: restore "
+                         "cache.json as mettle-extract wrote it, or re-extract with --overwrite")
 
 
 def _into(data: np.ndarray, out: np.ndarray | None) -> np.ndarray:

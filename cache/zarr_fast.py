@@ -102,6 +102,15 @@ def write_shard_file(layout: ShardLayout, shard: int, data: np.ndarray) -> int:
     return data.nbytes
 
 
+class DamagedShard(OSError):
+    """A shard file of a finished cache that cannot be read as written: missing, short, or its index
+    failing its checksum. The store turns it into a ``CacheError`` with the fix."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"shard file {path} is {why}" if why == "missing" else f"shard file {path}: {why}")
+        self.path = path
+
+
 class FastShardReader:
     """Reads rows (clips) of one sharded, uncompressed Zarr v3 array straight from its shard files."""
 
@@ -131,17 +140,31 @@ class FastShardReader:
     def _shard_path(self, shard: int) -> Path:
         return self.layout.shard_path(shard)
 
-    def _shard_index(self, shard: int) -> np.ndarray | None:
+    def _shard_index(self, shard: int) -> np.ndarray:
+        """The shard's (offset, nbytes) per chunk, its CRC32C checked. mettle writes every shard file of a
+        finished cache (failed clips as zeros), so a missing, short or damaged file is a damaged cache:
+        ``DamagedShard`` naming the file (never the fill value, which would train on zeros)."""
         if shard not in self._index:
+            import google_crc32c
+
             path = self._shard_path(shard)
+            size = 16 * self.rows_per_shard + 4
             try:
                 with open(path, "rb") as f:
-                    size = 16 * self.rows_per_shard + 4
+                    length = os.fstat(f.fileno()).st_size
+                    if length < size:
+                        raise DamagedShard(path, f"{length} bytes, shorter than its {size}-byte index")
                     f.seek(-size, os.SEEK_END)
                     raw = f.read(size)
-                self._index[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
             except FileNotFoundError:
-                self._index[shard] = None  # never written: reads as the fill value
+                raise DamagedShard(path, "missing") from None
+            if np.frombuffer(raw[-4:], "<u4")[0] != google_crc32c.value(raw[:-4]):
+                raise DamagedShard(path, "its index fails its CRC32C checksum")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+            stored = index[:, 0] != _MISSING
+            if np.any(index[stored, 1] != self.row_bytes) or np.any(index[stored, 0] + index[stored, 1] > length - size):
+                raise DamagedShard(path, "its index points outside the file or at chunks of another size")
+            self._index[shard] = index
         return self._index[shard]
 
     def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -155,9 +178,6 @@ class FastShardReader:
         for shard in np.unique(rows // self.rows_per_shard):
             picks = np.flatnonzero(rows // self.rows_per_shard == shard)
             index = self._shard_index(int(shard))
-            if index is None:
-                out[picks] = self.fill
-                continue
             local = rows[picks] - shard * self.rows_per_shard
             offsets, sizes = index[local, 0], index[local, 1]
             fd = self._fd(int(shard))
@@ -174,12 +194,10 @@ class FastShardReader:
                     out[picks[first]] = self.fill
                     k += 1
                     continue
-                if any(sizes[order[m]] != self.row_bytes for m in range(k, j + 1)):
-                    raise ValueError("unexpected chunk size")
                 # one system call fills the destination rows straight from the file: no bytes copy
                 targets = [out[i].reshape(-1).view(np.uint8) for i in picks[order[k:j + 1]]]
                 got = os.preadv(fd, targets, int(offsets[first]))
                 if got != self.row_bytes * len(targets):
-                    raise ValueError("a shard file is shorter than its index says")
+                    raise DamagedShard(self._shard_path(int(shard)), "shorter than its index says")
                 k = j + 1
         return out

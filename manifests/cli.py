@@ -26,12 +26,24 @@ def clean_errors(*error_types: type[BaseException]) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except (ManifestError, FileExistsError, *error_types) as e:
-                click.echo(f"error: {e}", err=True)
+                click.echo(f"error: {user_message(e)}", err=True)
                 sys.exit(2)
 
         return inner
 
     return wrap
+
+
+def user_message(e: BaseException) -> str:
+    """The error's own message. One raised in a DataLoader worker process reaches the main process
+    re-raised with torch's text around it ("Caught ... in DataLoader worker process 0", the worker's
+    traceback, then ``module.Type: message``): the message alone is what the user needs."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    kind, sep, rest = last.partition(": ")
+    return rest if sep and kind.split(".")[-1] == type(e).__name__ else last
 
 
 def summary_lines(manifest: Manifest) -> list[str]:

@@ -45,3 +45,26 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "0 shards written now, 1 already done" in r.output
     r = CliRunner().invoke(demo_main, ["--out", str(tmp_path / "demo"), "--clips", "7"])
     assert r.exit_code == 2 and "multiple of 6" in r.output
+
+
+def test_an_error_raised_in_a_loader_worker_prints_its_own_line():
+    """torch re-raises a worker's exception in the main process with its traceback folded into the
+    message; a CLI still prints the one line the error was raised with."""
+    import click
+    from torch._utils import ExceptionWrapper
+
+    from mettle.cache import CacheError
+    from mettle.manifests.cli import clean_errors
+
+    line = "shard file /c/tokens.zarr/a/c/1/0/0/0 is missing (cache /c). Fix: re-extract it: a: b"
+
+    @click.command()
+    @clean_errors(CacheError)
+    def cmd() -> None:
+        try:
+            raise CacheError(line)
+        except CacheError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    r = CliRunner().invoke(cmd, [])
+    assert r.exit_code == 2 and r.output == f"error: {line}\n", r.output

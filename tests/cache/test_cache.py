@@ -271,8 +271,6 @@ def test_direct_shard_reads_equal_zarr(manifest, tmp_path, dtype):
 
     meta, _ = _fill(manifest, tmp_path / "c", dtype=dtype, shard_clips=2)  # 5 clips: the last shard is partial
     root = tmp_path / "c" / "tokens.zarr"
-    missing = root / "audio" / "stage0.block0" / "c" / "1" / "0" / "0" / "0"
-    missing.unlink()  # an unwritten shard reads as zeros on both paths
     cache = open_cache(tmp_path / "c")
     rng = np.random.default_rng(3)
     names = [n for n, _, _ in stored_arrays(meta)]
@@ -389,3 +387,40 @@ def test_int8_decoding_in_one_pass_equals_the_two_step_form():
         assert got.dtype == np.dtype(out) and np.array_equal(got, want), out
     halves = rng.standard_normal((2, 4)).astype(np.float16)
     assert decode(halves, None, "float16") is halves  # nothing to do: the array itself
+
+
+@pytest.mark.parametrize("storage", ["zarr", "hdf5"])
+def test_a_damaged_shard_file_is_named_not_read_as_zeros(manifest, tmp_path, storage):
+    """A finished cache whose shard file went missing, was cut short or had its index damaged (a crash
+    after the status was written, a disk error, a stray rm) raises CacheError naming the file, on every
+    read path, instead of handing out zeros or wrong rows."""
+    meta, truth = _fill(manifest, tmp_path / "good", storage=storage, shard_clips=2)
+    key = meta.arrays[0].key
+
+    def damaged(how):
+        root = tmp_path / how
+        shutil.copytree(tmp_path / "good", root)
+        path = (root / "tokens.zarr" / key / "c" / "1" / "0" / "0" / "0" if storage == "zarr"
+                else root / "shards" / "shard-00001.h5")
+        data = path.read_bytes()
+        if how == "missing":
+            path.unlink()
+        elif how == "empty":
+            path.write_bytes(b"")
+        elif how == "short":
+            path.write_bytes(data[: len(data) // 2])
+        elif how == "index":  # the second chunk's offset 4 bytes early, still inside the file: only the
+            b = bytearray(data)  # CRC32C zarr keeps of the index tells (HDF5 has no such index)
+            at = len(b) - 4 - 16
+            b[at:at + 8] = (int.from_bytes(b[at:at + 8], "little") - 4).to_bytes(8, "little")
+            path.write_bytes(bytes(b))
+        return open_cache(root), path
+
+    assert np.array_equal(open_cache(tmp_path / "good").read(key, [2, 3]), truth[key][[2, 3]])
+    for how in ("missing", "empty", "short", *(["index"] if storage == "zarr" else [])):
+        cache, path = damaged(how)
+        with pytest.raises(CacheError, match=f"{path.name if storage == 'hdf5' else 'shard file'}.*Fix: re-extract"):
+            cache.read(key, [2, 3])
+        if storage == "zarr":
+            assert str(path) in str(pytest.raises(CacheError, cache.read, key, [3]).value), how
+        assert np.array_equal(cache.read(key, [0, 1]), truth[key][[0, 1]]) or storage == "hdf5", how
