@@ -175,7 +175,8 @@ class CacheMeta:
             raise CacheError(f"{where} is not a mettle cache description. Fix: point --cache at a folder "
                              "written by mettle-extract")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:  # "1" is not 1: an edited file
+            version = repr(version) if type(version) is not int else version
             raise CacheError(
                 f"{where} has cache format version {version}; this mettle reads version {FORMAT_VERSION}. "
                 f"Fix: re-extract with this mettle (mettle-extract ... --overwrite), or use mettle "
@@ -193,7 +194,7 @@ class CacheMeta:
                        d["dtype"], int(d["shard_clips"]), backbones, arrays, d["mettle_version"], version,
                        d.get("created", ""), dict(d.get("extract", {})),
                        {k: dict(v) for k, v in d.get("targets", {}).items()})
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CacheError(f"{where} is damaged ({e.__class__.__name__}: {e}). Fix: re-extract with "
                              "mettle-extract ... --overwrite") from None
 
@@ -208,6 +209,20 @@ class CacheMeta:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CacheError(f"{path} is not valid JSON ({e}). Fix: re-extract with --overwrite") from None
         return cls.from_dict(d, str(path))
+
+
+def read_done(path: Path) -> dict[str, Any]:
+    """``done.json``, its ``clip_status`` checked to be a list of strings, or a CacheError naming the damage."""
+    try:
+        done = json.loads(Path(path).read_text())
+        status = done["clip_status"]
+        if not isinstance(status, list) or not all(isinstance(s, str) for s in status):
+            raise TypeError("clip_status is not a list of strings")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CacheError(f"{path} is damaged ({e.__class__.__name__}: {e}). Fix: rerun the mettle-extract command "
+                         "that made the cache (it rewrites done.json from the shards' status files), or re-extract "
+                         "with --overwrite") from None
+    return done
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

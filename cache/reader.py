@@ -6,7 +6,6 @@ one chunk (one clip of one block) or one contiguous run of clips at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -17,7 +16,7 @@ from mettle.manifests import Manifest, ManifestError
 
 from .dtypes import decode, get_dtype
 from .errors import CacheError
-from .format import DONE_FILE, MANIFEST_FILE, OK, TARGETS, CacheMeta
+from .format import DONE_FILE, MANIFEST_FILE, OK, TARGETS, CacheMeta, read_done
 from .dataset import DEFAULT_MEMORY_BUDGET
 from .source import TokenSource
 from .store import SCALE, get_store
@@ -86,6 +85,7 @@ class Cache(TokenSource):
         the stored dtype it goes straight from the file into it. An int8 cache read as ``int8`` gives
         its codes without their scales (:meth:`read_scales`)."""
         self.meta.check_key(key)  # names the valid keys when this one is unknown
+        rows = self._check_rows(rows)
         if key.startswith(TARGETS):
             return self.store.read(key, rows, into)  # targets are stored as they are used (uint8 masks)
         if into is not None and into.dtype != np.dtype(out):
@@ -112,7 +112,20 @@ class Cache(TokenSource):
         self.meta.check_key(key)
         if not self._dtype.scaled:
             raise ValueError(f"a {self.meta.dtype} cache stores no scales; read its tokens with read()")
-        return self.store.read(key + SCALE, rows)
+        return self.store.read(key + SCALE, self._check_rows(rows))
+
+    def _check_rows(self, rows: Sequence[int] | slice) -> Sequence[int] | slice:
+        """Rows are manifest indices 0..num_clips-1 (a store would read others as zeros, or drop them)."""
+        if isinstance(rows, slice):
+            return rows
+        idx = np.asarray(rows)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise IndexError(f"rows must be a 1-d sequence of integers (manifest indices), not {idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.meta.num_clips):
+            bad = idx[(idx < 0) | (idx >= self.meta.num_clips)]
+            raise IndexError(f"rows {bad[:5].tolist()} are outside 0..{self.meta.num_clips - 1} of cache {self.root} "
+                             "(rows are manifest indices)")
+        return rows
 
     def dataset(self, splits: str | Iterable[str] | None = "train", keys: Sequence[str] | None = None,
                 dtype: str = "float32", include_failed: bool = False):
@@ -220,7 +233,7 @@ def open_cache(path: str | Path, expect: Mapping[str, Any] | None = None, allow_
                              "cache holds), or re-extract")
     done = {}
     if (root / DONE_FILE).is_file():
-        done = json.loads((root / DONE_FILE).read_text())
+        done = read_done(root / DONE_FILE)
         status = list(done["clip_status"])
     elif allow_incomplete:
         writer = CacheWriter(root, meta)
@@ -243,4 +256,5 @@ def _field(meta: CacheMeta, field: str) -> Any:
         return None if b is None else (b.name if kind == "backbone" else b.weights_id)
     if field in ("dataset", "manifest_sha256", "storage", "dtype", "tokens", "preset", "num_segments"):
         return getattr(meta, field)
-    raise CacheError(f"unknown cache field {field!r} to check")
+    raise CacheError(f"unknown cache field {field!r} to check. Fix: use one of dataset, manifest_sha256, storage, "
+                     "dtype, tokens, preset, num_segments, backbone.<modality>, weights.<modality>")

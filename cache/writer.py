@@ -21,7 +21,7 @@ from mettle.manifests import Manifest
 from .dtypes import check_peak, decode, encode, get_dtype
 from .errors import CacheError
 from .format import (DONE_FILE, H5_FILE, H5_SHARD_DIR, MANIFEST_FILE, META_FILE, OK, STATUS_DIR, TARGETS, ZARR_DIR,
-                     CacheMeta, shard_name, write_json_atomic)
+                     CacheMeta, read_done, shard_name, write_json_atomic)
 from .store import SCALE, get_store
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,13 @@ class CacheWriter:
 
     def shard_status(self, shard: int) -> ShardStatus | None:
         try:
-            d = json.loads(self.status_path(shard).read_text())
+            return ShardStatus(**json.loads(self.status_path(shard).read_text()))
         except FileNotFoundError:
             return None
-        return ShardStatus(**d)
+        except (ValueError, TypeError) as e:  # damaged (JSON, UTF-8, fields): the shard counts as not written
+            log.warning("%s is damaged (%s); shard %d will be extracted again", self.status_path(shard),
+                        e.__class__.__name__, shard)
+            return None
 
     def pending_shards(self, retry_failed: bool = False) -> list[int]:
         """Shards without a status file (and, with ``retry_failed``, shards holding failed clips)."""
@@ -136,7 +139,15 @@ class CacheWriter:
 
     @property
     def done(self) -> bool:
-        return (self.root / DONE_FILE).is_file()
+        """``done.json`` is there and readable (a damaged one is rewritten by :meth:`finish`)."""
+        if not (self.root / DONE_FILE).is_file():
+            return False
+        try:
+            read_done(self.root / DONE_FILE)
+        except CacheError as e:
+            log.warning("%s; rewriting it", str(e).split(". Fix:")[0])
+            return False
+        return True
 
     def write_shard(self, buffer: ShardBuffer, status: ShardStatus) -> ShardStatus:
         """Write all arrays of one shard, then its status file (so a status means the data is there)."""
@@ -154,7 +165,7 @@ class CacheWriter:
         return status
 
     def read_done(self) -> dict[str, Any]:
-        return json.loads((self.root / DONE_FILE).read_text())
+        return read_done(self.root / DONE_FILE)
 
     def finish(self, profile: dict[str, Any]) -> dict[str, Any]:
         """Check every shard is written, then write ``done.json`` (last) with totals and failures."""

@@ -424,3 +424,53 @@ def test_a_damaged_shard_file_is_named_not_read_as_zeros(manifest, tmp_path, sto
         if storage == "zarr":
             assert str(path) in str(pytest.raises(CacheError, cache.read, key, [3]).value), how
         assert np.array_equal(cache.read(key, [0, 1]), truth[key][[0, 1]]) or storage == "hdf5", how
+
+
+def test_damaged_or_edited_metadata_and_bad_rows_are_named(manifest, tmp_path):
+    """done.json cut short or without its status, cache.json with the wrong types or a geometry that is
+    not what is stored, rows outside the cache: each one error naming the file (or the rows) and the
+    fix, where tracebacks, zeros or dropped rows came before."""
+    meta, truth = _fill(manifest, tmp_path / "good", shard_clips=2)
+    key = meta.arrays[0].key
+
+    def edited(name, file, change):
+        root = tmp_path / name
+        shutil.copytree(tmp_path / "good", root)
+        path = root / file
+        path.write_text(change(path.read_text()))
+        return root
+
+    def meta_edit(**fields):
+        return lambda text: json.dumps({**json.loads(text), **fields})
+
+    for name, file, change, message in [
+            ("cut", "done.json", lambda t: t[: len(t) // 2], r"done.json is damaged \(JSONDecodeError"),
+            ("nostatus", "done.json", lambda t: json.dumps({k: v for k, v in json.loads(t).items()
+                                                            if k != "clip_status"}), "done.json is damaged"),
+            ("list", "done.json", lambda t: "[]", "done.json is damaged"),
+            ("backbones", "cache.json", meta_edit(backbones=[]), "cache.json is damaged"),
+            ("version", "cache.json", meta_edit(format_version="1"), "format version '1'")]:
+        with pytest.raises(CacheError, match=message + ".*Fix: "):
+            open_cache(edited(name, file, change))
+    cache = open_cache(edited("segments", "cache.json", meta_edit(num_segments=meta.num_segments // 2)))
+    with pytest.raises(CacheError, match=f"stores array {key} as .* but cache.json says .*Fix: restore"):
+        cache.read(key, [0])
+    good = open_cache(tmp_path / "good")
+    for rows in ([5], [-1], [4, 5]):
+        with pytest.raises(IndexError, match=r"outside 0\.\.4"):
+            good.read(key, rows)
+    assert np.array_equal(good.read(key, [4, 0]), truth[key][[4, 0]])
+    assert np.array_equal(good.read(key, slice(3, None)), truth[key][3:])
+
+
+def test_a_damaged_done_marker_or_status_file_is_rebuilt_by_a_rerun(manifest, tmp_path):
+    """The writer treats a damaged done.json as absent (finish() writes it again from the status files)
+    and a damaged status file as a shard not written (extracted again)."""
+    from mettle.cache.writer import CacheWriter
+
+    meta, _ = _fill(manifest, tmp_path / "c", shard_clips=2)
+    writer = CacheWriter(tmp_path / "c", meta)
+    assert writer.done and writer.pending_shards() == []
+    (tmp_path / "c" / "done.json").write_text("{")
+    (tmp_path / "c" / "status" / "shard-00001.json").write_text('{"shard": 1, "cl')
+    assert not writer.done and writer.pending_shards() == [1]
