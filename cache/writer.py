@@ -173,6 +173,9 @@ class CacheWriter:
         if missing:
             raise CacheError(f"{len(missing)} shards of {self.root} are not written yet (first: {missing[0]}). "
                              "Fix: rerun the same mettle-extract command to finish them")
+        for orphan in self.root.rglob(".*.tmp"):  # a writer killed mid-file left it; none writes now
+            log.info("removing %s, left by a writer that was stopped", orphan)
+            orphan.unlink(missing_ok=True)
         clip_status, failures = [], {}
         for k in range(self.meta.num_shards):
             st = self.shard_status(k)
@@ -203,16 +206,18 @@ def create_cache(root: str | Path, meta: CacheMeta, manifest: Manifest, overwrit
         raise CacheError("internal: the cache description and the manifest disagree")
     if root.exists() and not root.is_dir():
         raise CacheError(f"--cache {root} is a file. Fix: pass a folder path")
-    if root.is_dir() and any(root.iterdir()) and not (root / META_FILE).is_file() and _only_ours(root):
+    if root.is_dir() and (root / CREATING).is_file() and not (root / META_FILE).is_file() and _only_ours(root):
         log.info("%s holds an interrupted cache creation; starting it again", root)
-        shutil.rmtree(root)
+        _remove_ours(root)
     if root.is_dir() and any(root.iterdir()):
         if not (root / META_FILE).is_file():
             raise CacheError(f"--cache {root} is a non-empty folder that is not a mettle cache. "
                              "Fix: pass an empty or new folder")
         if overwrite:
             log.info("--overwrite: removing the cache in %s", root)
-            shutil.rmtree(root)
+            kept = _remove_ours(root)
+            if kept:
+                log.info("--overwrite: kept %d entries mettle did not write: %s", len(kept), ", ".join(kept[:5]))
         else:
             old = CacheMeta.load(root)
             diff = _identity_diff(old.identity(), meta.identity())
@@ -222,18 +227,40 @@ def create_cache(root: str | Path, meta: CacheMeta, manifest: Manifest, overwrit
             log.info("resuming the cache in %s", root)
             return CacheWriter(root, old)
     root.mkdir(parents=True, exist_ok=True)
+    (root / CREATING).touch()  # first: only a folder marked so is ever taken for an interrupted creation
     (root / STATUS_DIR).mkdir(exist_ok=True)
     (root / MANIFEST_FILE).write_text(manifest.to_json())
     writer = CacheWriter(root, meta)
     writer.store.create()
     write_json_atomic(root / META_FILE, meta.to_dict())  # last: a folder with cache.json is a usable cache
+    (root / CREATING).unlink()
     return writer
+
+
+CREATING = ".mettle-creating"  # present from a cache folder's creation until its cache.json is written
+_OURS = (MANIFEST_FILE, STATUS_DIR, ZARR_DIR, H5_FILE, H5_SHARD_DIR, META_FILE, DONE_FILE, CREATING)
+
+
+def _is_ours(p: Path) -> bool:
+    return p.name in _OURS or p.name.startswith(".") and p.name.endswith(".tmp")
 
 
 def _only_ours(root: Path) -> bool:
     """True when every entry is a name the cache writer creates (an interrupted creation)."""
-    ours = {MANIFEST_FILE, STATUS_DIR, ZARR_DIR, H5_FILE, H5_SHARD_DIR}
-    return all(p.name in ours or p.name.startswith(".") and p.name.endswith(".tmp") for p in root.iterdir())
+    return all(_is_ours(p) for p in root.iterdir())
+
+
+def _remove_ours(root: Path) -> list[str]:
+    """Delete what the cache writer creates in ``root``; returns the names of the other entries, kept."""
+    kept = []
+    for p in sorted(root.iterdir()):
+        if not _is_ours(p):
+            kept.append(p.name)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return kept
 
 
 def _identity_diff(old: dict, new: dict) -> str:

@@ -474,3 +474,39 @@ def test_a_damaged_done_marker_or_status_file_is_rebuilt_by_a_rerun(manifest, tm
     (tmp_path / "c" / "done.json").write_text("{")
     (tmp_path / "c" / "status" / "shard-00001.json").write_text('{"shard": 1, "cl')
     assert not writer.done and writer.pending_shards() == [1]
+
+
+def test_create_cache_deletes_only_what_mettle_wrote(manifest, tmp_path, caplog):
+    """A folder whose names merely look like a cache's (a user's shards/ and manifest.json) is refused,
+    untouched; only a creation marked as started by mettle is restarted; --overwrite replaces the
+    cache but keeps files a user put beside it; finishing removes the temp files a killed writer left."""
+    meta = plan_cache(manifest, {"visual": VISUAL, "audio": AUDIO}, dtype="float32", tokens="full", shard_clips=2)
+    user = tmp_path / "user"
+    (user / "shards").mkdir(parents=True)
+    (user / "shards" / "notes.txt").write_text("precious")
+    (user / "manifest.json").write_text("{}")
+    with pytest.raises(CacheError, match="non-empty folder that is not a mettle cache"):
+        create_cache(user, meta, manifest)
+    assert (user / "shards" / "notes.txt").read_text() == "precious"
+
+    started = tmp_path / "started"  # killed right after the store was created, before cache.json
+    create_cache(started, meta, manifest)
+    (started / "cache.json").unlink()
+    (started / ".mettle-creating").touch()
+    with caplog.at_level("INFO"):
+        create_cache(started, meta, manifest)
+    assert "interrupted cache creation" in caplog.text and (started / "cache.json").is_file()
+    assert not (started / ".mettle-creating").exists()
+
+    _fill(manifest, tmp_path / "c")
+    (tmp_path / "c" / "README.txt").write_text("mine")
+    orphan = tmp_path / "c" / "tokens.zarr" / meta.arrays[0].key / "c" / "0" / ".0.123.456.tmp"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"half a shard")
+    create_cache(tmp_path / "c", meta, manifest, overwrite=True)
+    assert (tmp_path / "c" / "README.txt").read_text() == "mine"
+    assert not (tmp_path / "c" / "done.json").exists() and not orphan.exists()
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"half a shard")
+    _fill(manifest, tmp_path / "c")  # resumes the fresh cache, writes every shard, finishes
+    assert not orphan.exists() and (tmp_path / "c" / "README.txt").exists()
