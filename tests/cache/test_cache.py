@@ -237,6 +237,7 @@ def test_create_cache_resume_refuse_overwrite(manifest, tmp_path):
     assert (junk / "notes.txt").exists()
     half = tmp_path / "half"  # killed between the manifest copy and cache.json
     half.mkdir()
+    (half / ".mettle-creating").touch()  # the marker a creation writes first
     (half / "manifest.json").write_text("{")
     assert create_cache(half, meta, manifest).pending_shards() == [0, 1, 2]
 
