@@ -3,7 +3,8 @@
 A cache is a folder::
 
     cache.json        CacheMeta: format version, dataset, manifest sha256, vocabularies, backbones
-                      (name, weights sha256 or random-init, preprocessing), arrays, budget, dtype
+                      (name, weights sha256 or random-init, preprocessing), arrays, budget, dtype,
+                      the media decoding rules
     manifest.json     the manifest copy (canonical JSON; its sha256 is in cache.json)
     tokens.zarr/      Zarr v3 group (storage "zarr"): one array per cached block, key
                       "<modality>/<block>", shape (clip, segment, token, dim), chunk = one clip,
@@ -105,6 +106,9 @@ class CacheMeta:
     created: str = ""
     extract: Mapping[str, Any] = field(default_factory=dict)  # resolved run options, informational
     targets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> {shape, dtype, missing}
+    # how the media were decoded into backbone inputs (extract.media.DECODING): part of the identity, so a
+    # resume never mixes clips decoded by other rules; empty in caches made before 2026-11-28
+    media: Mapping[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -193,7 +197,8 @@ class CacheMeta:
                        {k: tuple(v) for k, v in d["vocabularies"].items()}, d["storage"], d["preset"], d["tokens"],
                        d["dtype"], int(d["shard_clips"]), backbones, arrays, d["mettle_version"], version,
                        d.get("created", ""), dict(d.get("extract", {})),
-                       {k: dict(v) for k, v in d.get("targets", {}).items()})
+                       {k: dict(v) for k, v in d.get("targets", {}).items()},
+                       {str(k): str(v) for k, v in d.get("media", {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CacheError(f"{where} is damaged ({e.__class__.__name__}: {e}). Fix: re-extract with "
                              "mettle-extract ... --overwrite") from None

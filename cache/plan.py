@@ -22,13 +22,15 @@ MAX_SHARD_CLIPS = 64
 def plan_cache(manifest: Manifest, backbones: Mapping[str, BackboneRecord], *, storage: str = "zarr",
                preset: str = "classification", tokens: str = "last-grid", dtype: str = "float16",
                shard_clips: int | None = None, extract: Mapping[str, Any] | None = None,
-               targets: Mapping[str, Mapping[str, Any]] | None = None, batch_size: int | None = None) -> CacheMeta:
+               targets: Mapping[str, Mapping[str, Any]] | None = None, batch_size: int | None = None,
+               media: Mapping[str, str] | None = None) -> CacheMeta:
     """The cache description for ``manifest`` through ``backbones`` (modality -> record).
 
     The segmentation preset stores full-resolution tokens whatever ``tokens`` says, and records
     ``full``. ``shard_clips`` defaults to as many clips as fit ~512 MB (at most 64), rounded to whole
     batches of ``batch_size`` segments when given (see :func:`aligned_shard_clips`). ``targets``
-    (name -> {shape, dtype, missing}) adds per-clip training targets read from media (AVS masks).
+    (name -> {shape, dtype, missing}) adds per-clip training targets read from media (AVS masks);
+    ``media`` records the decoding rules the extractor reads media with (``extract.media.DECODING``).
     """
     if storage not in STORAGES:
         raise CacheError(f"unknown cache format {storage!r}. Fix: use one of {', '.join(STORAGES)}")
@@ -52,7 +54,7 @@ def plan_cache(manifest: Manifest, backbones: Mapping[str, BackboneRecord], *, s
     meta = CacheMeta(manifest.dataset, manifest.sha256(), len(manifest), segments.pop(), dict(manifest.vocabularies),
                      storage, preset, tokens, dtype, 1, dict(backbones), tuple(arrays), __version__,
                      created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extract=dict(extract or {}),
-                     targets={k: dict(v) for k, v in (targets or {}).items()})
+                     targets={k: dict(v) for k, v in (targets or {}).items()}, media=dict(media or {}))
     if shard_clips is None:
         shard_clips = max(1, min(MAX_SHARD_CLIPS, SHARD_TARGET_BYTES // max(meta.bytes_per_clip(), 1)))
         if batch_size:

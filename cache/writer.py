@@ -220,7 +220,7 @@ def create_cache(root: str | Path, meta: CacheMeta, manifest: Manifest, overwrit
                 log.info("--overwrite: kept %d entries mettle did not write: %s", len(kept), ", ".join(kept[:5]))
         else:
             old = CacheMeta.load(root)
-            diff = _identity_diff(old.identity(), meta.identity())
+            diff = identity_diff(old.identity(), meta.identity())
             if diff:
                 raise CacheError(f"--cache {root} holds a different cache ({diff}). Fix: pass another --cache "
                                  "folder, or --overwrite to replace it")
@@ -263,7 +263,8 @@ def _remove_ours(root: Path) -> list[str]:
     return kept
 
 
-def _identity_diff(old: dict, new: dict) -> str:
+def identity_diff(old: dict, new: dict) -> str:
+    """The first difference between two ``CacheMeta.identity()`` dicts, in words ("" when equal)."""
     keys = sorted(set(old) | set(new),
                   key=lambda k: (isinstance(old.get(k, new.get(k)), (dict, list)), k != "backbones", k))
     for key in keys:  # plain options first: "tokens: cache has full" says more than "arrays differ"
@@ -275,6 +276,10 @@ def _identity_diff(old: dict, new: dict) -> str:
                     for f in ("name", "weights_id"):
                         if x.get(f) != y.get(f):
                             return f"{m} backbone {f}: cache has {x.get(f)}, this run has {y.get(f)}"
+            if key == "media":
+                return ("media decoding rules: the cache's were "
+                        f"{'not recorded (extracted before 2026-11-28)' if not a else 'others'}, this run decodes "
+                        "by the current ones")
             if isinstance(a, (str, int, float)) or isinstance(b, (str, int, float)):
                 return f"{key}: cache has {a}, this run has {b}"
             return f"{key} differs"

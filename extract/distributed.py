@@ -11,6 +11,8 @@ the same bytes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -100,6 +102,14 @@ def _fault_point(writer: CacheWriter, buffer, shard: int) -> None:
     os._exit(17)
 
 
+def task_key(writer: CacheWriter, shard: int) -> str:
+    """The dask key of one shard's task. A scheduler runs one task per key: two extractions sharing a
+    ``--scheduler`` must differ in key unless they write the same shard of the same cache (the folder,
+    resolved, and the cache's identity: backbones, weights, budget, ...), or one gets the other's results."""
+    ident = json.dumps([str(writer.root.resolve()), writer.meta.identity()], sort_keys=True)
+    return f"mettle-extract-{writer.meta.slug}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}-shard-{shard}"
+
+
 def run_distributed(cfg: ExtractConfig, writer: CacheWriter, todo: list[int], progress: bool) -> list[ShardStatus]:
     from distributed import Client, LocalCluster, as_completed
 
@@ -110,8 +120,7 @@ def run_distributed(cfg: ExtractConfig, writer: CacheWriter, todo: list[int], pr
         client = Client(cluster)
     statuses = []
     try:
-        futures = [client.submit(extract_shard_task, cfg, k, key=f"mettle-extract-{writer.meta.slug}-shard-{k}",
-                                 pure=False) for k in todo]
+        futures = [client.submit(extract_shard_task, cfg, k, key=task_key(writer, k), pure=False) for k in todo]
         bar = tqdm(total=len(todo), desc="extract", unit="shard", disable=not progress)
         try:
             for fut in as_completed(futures):

@@ -26,7 +26,7 @@ from mettle.cache.runtime import resolve_device
 from mettle.manifests import Manifest
 
 from .backbones import Backbone
-from .media import MASK_SIZE, MISSING, read_masks
+from .media import DECODING, MASK_SIZE, MISSING, read_masks
 from .shard import submit_decodes
 from .tokens import TokenForward
 
@@ -55,7 +55,7 @@ class LiveSource(TokenSource):
         targets = {"masks": {"shape": [manifest.clips[0].num_segments, MASK_SIZE, MASK_SIZE], "dtype": "uint8",
                              "missing": MISSING}} if any("masks" in c.labels for c in manifest.clips) else {}
         meta = plan_cache(manifest, {m: b.record() for m, b in self.backbones.items()}, preset=preset,
-                          tokens=tokens, dtype="float32", shard_clips=1, targets=targets)
+                          tokens=tokens, dtype="float32", shard_clips=1, targets=targets, media=DECODING)
         self.meta = replace(meta, storage="live")
         self.clip_status = ["ok"] * len(manifest)
         self.device = resolve_device(device)

@@ -24,7 +24,7 @@ from mettle.cache.runtime import resolve_device
 from mettle.manifests import Manifest, build_manifest, get_dataset
 
 from .config import ExtractConfig, decode_processes_of, graph_setting, graphs_of, load_backbones
-from .media import MASK_SIZE, MISSING
+from .media import DECODING, MASK_SIZE, MISSING
 from .media.pool import MediaPool
 from .shard import Putter, ShardInFlight, launch_shard, submit_decodes
 from .tokens import TokenForward
@@ -98,7 +98,8 @@ def prepare(cfg: ExtractConfig, backbones=None) -> tuple[CacheWriter, Manifest, 
                             "missing": MISSING}
     meta = plan_cache(manifest, {m: b.record() for m, b in backbones.items()}, storage=cfg.format,
                       preset=cfg.preset or default_preset(cfg.dataset), tokens=cfg.tokens, dtype=cfg.dtype,
-                      shard_clips=cfg.shard_clips, extract=cfg.to_dict(), targets=targets, batch_size=cfg.batch_size)
+                      shard_clips=cfg.shard_clips, extract=cfg.to_dict(), targets=targets, batch_size=cfg.batch_size,
+                      media=DECODING)
     writer = create_cache(cfg.cache, meta, manifest, overwrite=cfg.overwrite)
     return writer, manifest, backbones
 

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from mettle import __version__
-from mettle.cache import TokenSource
+from mettle.cache import CacheError, CacheMeta, TokenSource
 from mettle.cache.format import write_json_atomic
+from mettle.cache.writer import identity_diff
 from mettle.cache.runtime import cublas_workspace
 
 from .config import TrainConfig, save_config
@@ -51,6 +52,24 @@ def source_identity(source: TokenSource) -> dict[str, Any]:
             "backbones": {k: {"name": b.name, "weights_id": b.weights_id} for k, b in m.backbones.items()}}
 
 
+def check_same_source(run_dir: Path, source: TokenSource, what: str) -> None:
+    """The run folder's ``source.json`` describes ``source`` (the folder name holds only the cache
+    folder's name, tokens and dtype: a cache extracted again at the same path, with other clips or
+    backbones, maps to the same run folder). Refused with the difference and the fix."""
+    path = Path(run_dir) / SOURCE_META
+    if not path.is_file():
+        return  # a run folder written before the source was recorded
+    try:
+        saved = CacheMeta.from_dict(json.loads(path.read_text()), str(path)).identity()
+    except (CacheError, ValueError) as e:
+        diff = f"its {SOURCE_META} is unreadable ({e.__class__.__name__})"
+    else:
+        diff = identity_diff(saved, source.meta.identity())
+    if diff:
+        raise CacheError(f"{run_dir}: {what} another token source than {source.describe()} ({diff}). Fix: pass "
+                         "--overwrite to train again on this one, or another --out")
+
+
 def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, progress: bool = True,
               plot: bool = True, save_masks: int = 0, resume: bool = False) -> tuple[Path, dict[str, Any]]:
     """Train into a run folder (or return the finished one's results: reruns skip finished work).
@@ -61,11 +80,13 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
     """
     run_dir = Path(cfg.out) / run_name(cfg, source)
     if (run_dir / RESULTS).is_file() and not overwrite:
+        check_same_source(run_dir, source, "its results are of")
         log.info("%s is finished; not training again (pass --overwrite to)", run_dir)
         return run_dir, json.loads((run_dir / RESULTS).read_text())
     model = build_model(cfg, source)  # refuse a source that lacks what the task needs before creating anything
     state = None
     if resume and (run_dir / "last.pt").is_file():
+        check_same_source(run_dir, source, "--resume would continue training on")
         state = load_checkpoint(run_dir / "last.pt")
         log.info("--resume: continuing %s after epoch %d", run_dir, int(state["epoch"]) + 1)
         _trim_metrics(run_dir / "metrics.jsonl", int(state["epoch"]))
@@ -116,6 +137,10 @@ def _trim_metrics(path: Path, last_epoch: int) -> None:
 def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> dict[str, Any]:
     """Score a saved checkpoint on the validation and test splits of ``source``."""
     ckpt = load_checkpoint(checkpoint)
+    try:  # scoring on another cache is allowed (another test set), but other tokens make other features
+        check_same_source(Path(checkpoint).parent, source, "its checkpoint was trained on")
+    except CacheError as e:
+        log.warning("%s", str(e).split(" Fix:")[0])
     task = get_task(cfg.task)
     device = resolve_device(cfg.device)
     cublas_workspace(cfg.cublas_workspace, device, source.runs_backbones)  # as training sets it

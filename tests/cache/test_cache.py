@@ -511,3 +511,20 @@ def test_create_cache_deletes_only_what_mettle_wrote(manifest, tmp_path, caplog)
     orphan.write_bytes(b"half a shard")
     _fill(manifest, tmp_path / "c")  # resumes the fresh cache, writes every shard, finishes
     assert not orphan.exists() and (tmp_path / "c" / "README.txt").exists()
+
+
+def test_a_resume_under_other_media_decoding_rules_is_refused(manifest, tmp_path):
+    """The decoding rules are part of a cache's identity: a cache started before they were recorded, or
+    under other rules, is not resumed by the current extractor (it would mix clips decoded both ways)."""
+    import dataclasses
+
+    meta = plan_cache(manifest, {"visual": VISUAL, "audio": AUDIO}, shard_clips=2, media={"audio": "rule A"})
+    assert CacheMeta.from_dict(meta.to_dict()).media == {"audio": "rule A"}
+    create_cache(tmp_path / "c", meta, manifest)
+    assert create_cache(tmp_path / "c", meta, manifest).meta.media == {"audio": "rule A"}  # same rules: resumed
+    with pytest.raises(CacheError, match="media decoding rules: the cache's were others.*--overwrite"):
+        create_cache(tmp_path / "c", dataclasses.replace(meta, media={"audio": "rule B"}), manifest)
+    old = dataclasses.replace(meta, media={})
+    create_cache(tmp_path / "old", old, manifest)
+    with pytest.raises(CacheError, match=r"not recorded \(extracted before 2026-11-28\)"):
+        create_cache(tmp_path / "old", meta, manifest)

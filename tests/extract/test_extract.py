@@ -213,10 +213,31 @@ def test_tokens_refused_in_the_put_thread_fail_or_skip(clean, toy_root, tmp_path
 
 
 def test_resume_refuses_another_backbone(clean, toy_root, tmp_path):
+    from mettle.extract.media import DECODING
+
+    assert open_cache(clean).meta.media == DECODING  # the decoding rules travel with the tokens
     path = tmp_path / "c"
     shutil.copytree(clean, path)
     with pytest.raises(CacheError, match="audio backbone name: cache has test_htsat_tiny.*--overwrite"):
         extract(_cfg(toy_root, path, dtype="float32", backbones="tiny-shared"), progress=False)
+
+
+def test_dask_task_keys_differ_between_caches_of_one_slug(clean, tmp_path):
+    """Two extractions on one --scheduler with the same slug (dataset.preset.tokens.dtype) but another
+    folder or other backbones must not share tasks: dask runs one task per key."""
+    import dataclasses
+
+    from mettle.cache import CacheWriter
+    from mettle.extract.distributed import task_key
+
+    meta = open_cache(clean).meta
+    other = dataclasses.replace(meta, backbones={**meta.backbones, "audio": dataclasses.replace(
+        meta.backbones["audio"], name="another_htsat")})
+    assert other.slug == meta.slug
+    keys = {task_key(CacheWriter(clean, meta), 0), task_key(CacheWriter(tmp_path / "elsewhere", meta), 0),
+            task_key(CacheWriter(clean, other), 0), task_key(CacheWriter(clean, meta), 1)}
+    assert len(keys) == 4 and all(k.startswith(f"mettle-extract-{meta.slug}-") for k in keys)
+    assert task_key(CacheWriter(clean, meta), 0) == task_key(CacheWriter(clean / ".." / clean.name, meta), 0)
 
 
 def test_cli_info_limit_and_errors(clean, toy_root, tmp_path):

@@ -161,3 +161,32 @@ def test_init_keys_chooses_what_init_from_carries(small_toy_cache, tmp_path, cap
         section, _, key = k.rpartition(".")
         (legacy[section] if section else legacy).pop(key)
     assert default.fingerprint() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def test_a_run_folder_is_not_reused_for_another_cache_at_the_same_path(small_toy_cache, tmp_path, caplog):
+    """The run folder's name holds the cache folder's name, not its identity: after a cache is extracted
+    again at the same path with other backbones, a rerun refuses the old results (and --resume the old
+    state) instead of reporting them as this cache's; --overwrite trains again."""
+    from mettle.cache import CacheError
+    from mettle.train.run import eval_checkpoint
+
+    cache = tmp_path / "a" / "cache"
+    shutil.copytree(small_toy_cache, cache)
+    cfg = resolve_config("ave", {"hidden": 32, "temporal": "gru", "dropout": 0.1}, sets={**SETS, "optim.epochs": 1},
+                         cache=str(cache), out=str(tmp_path / "runs"), device="cpu")
+    run_dir, first = train_run(cfg, open_cache(cache), progress=False, plot=False)
+    assert train_run(cfg, open_cache(cache), progress=False, plot=False)[1] == first  # the same cache: skipped
+    meta = json.loads((cache / "cache.json").read_text())
+    meta["backbones"]["audio"]["weights_id"] = "another-checkpoint"  # as a re-extraction would record it
+    (cache / "cache.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="another token source .*audio backbone weights_id: cache has .* this run "
+                                         "has another-checkpoint.*Fix: pass --overwrite"):
+        train_run(cfg, open_cache(cache), progress=False, plot=False)
+    (run_dir / "results.json").unlink()
+    with pytest.raises(CacheError, match="--resume would continue training on another token source"):
+        train_run(cfg, open_cache(cache), progress=False, plot=False, resume=True)
+    with caplog.at_level("WARNING"):
+        eval_checkpoint(cfg, open_cache(cache), run_dir / "best.pt")
+    assert "its checkpoint was trained on another token source" in caplog.text
+    again, second = train_run(cfg, open_cache(cache), overwrite=True, progress=False, plot=False)
+    assert again == run_dir and second["source"]["backbones"]["audio"]["weights_id"] == "another-checkpoint"
