@@ -15,7 +15,7 @@ from mettle.manifests.cli import clean_errors
 from mettle.manifests.options import parse_overrides
 
 from .backbones import BackboneError, get_backbone_spec, list_backbones
-from .config import BACKBONE_SETS, ExtractConfig
+from .config import BACKBONE_SETS, ExtractConfig, typed_options
 from .media import MediaError
 from .media.pool import DecodeWorkersError
 from .shard import ExtractError
@@ -39,11 +39,14 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
         if unknown:
             raise CacheError(f"--config {path}: unknown option {', '.join(unknown)}. Fix: use only "
                              f"{', '.join(sorted(known))}")
-        values.update(loaded)
-    values.update({k: v for k, v in cli.items() if v is not None})
+        values.update(typed_options(loaded, f"--config {path}"))
+    values.update(typed_options({k: v for k, v in cli.items() if v is not None}, "option"))
     for required in ("dataset", "cache"):
         if not values.get(required):
             raise CacheError(f"--{required} is required. Fix: pass --{required} (or set it in --config)")
+    if values.get("scheduler") and values.get("workers"):
+        raise CacheError("--scheduler and --workers both given: a --scheduler's cluster has its own workers, "
+                         "--workers N starts a local one. Fix: pass one of them")
     return ExtractConfig(**values)
 
 

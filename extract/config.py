@@ -59,6 +59,64 @@ class ExtractConfig:
         return asdict(self)
 
 
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+AT_LEAST = {"batch_size": 1, "decode_threads": 1, "decode_processes": 0, "workers": 0, "limit": 1, "shard_clips": 1,
+            "audio_tile": 1}
+
+
+def typed_options(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` converted to ExtractConfig's field types, or a CacheError naming the option and the fix.
+
+    YAML hands over what it parsed: a quoted ``"false"`` is a non-empty string, which Python reads as
+    true (an ``overwrite: "false"`` line deleted a finished cache); ``2.5`` clips per shard, or ``six``,
+    must not reach the code that compares them. Booleans take YAML's and the command line's spellings.
+    """
+    from typing import get_type_hints
+
+    from mettle.cache import CacheError
+
+    hints = get_type_hints(ExtractConfig)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        hint = str(hints[key])
+        fix = f"Fix: write e.g. {key}: {_example(key)}"
+        if value is None:
+            if "None" not in hint:
+                raise CacheError(f"{where}: {key} needs a value. {fix}")
+        elif key == "cuda_graphs":
+            pass  # auto | true | false, or a boolean: checked by graph_setting
+        elif hint.startswith("dict"):
+            if not isinstance(value, dict):
+                raise CacheError(f"{where}: {key} must be a mapping of option: value. Fix: write e.g. {key}: {{seed: 1}}")
+        elif hint == "<class 'bool'>":
+            if not isinstance(value, bool):
+                text = str(value).strip().lower()
+                if text not in _TRUE | _FALSE:
+                    raise CacheError(f"{where}: {key}={value!r} is not a boolean. Fix: write {key}: true or false")
+                value = text in _TRUE
+        elif "int" in hint:
+            if isinstance(value, bool) or not isinstance(value, int):
+                try:
+                    value = int(str(value).strip())
+                except ValueError:
+                    raise CacheError(f"{where}: {key}={value!r} is not a whole number. {fix}") from None
+            if key in AT_LEAST and value < AT_LEAST[key]:
+                raise CacheError(f"{where}: {key}={value} must be at least {AT_LEAST[key]}. {fix}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # a folder called 2026
+        elif not isinstance(value, str):
+            raise CacheError(f"{where}: {key}={value!r} is not a string. {fix}")
+        out[key] = value
+    return out
+
+
+def _example(key: str) -> str:
+    default = ExtractConfig.__dataclass_fields__[key].default
+    examples = {"cache": "./cache", "dataset": "ave", "data_root": "./data/ave", "limit": 100, "shard_clips": 16,
+                "decode_processes": 4, "audio_tile": 10, "scheduler": "tcp://HOST:8786"}
+    return str(examples.get(key, default if default is not None and not callable(default) else "..."))
+
+
 def decode_processes_of(cfg: ExtractConfig, device_type: str) -> int:
     """Processes decoding media for a local run: ``cfg.decode_processes``, or by default one per CPU
     (at most 8) when the backbones run on a GPU, and none (threads) when they run on the CPU.

@@ -259,6 +259,24 @@ def test_cli_info_limit_and_errors(clean, toy_root, tmp_path):
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (bad, r.output)
     r = runner.invoke(extract_cli, ["--cache", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--dataset is required" in r.output
+    for bad, message in [(["--workers", "-1"], "workers=-1 must be at least 0"),  # hung on a cluster of none
+                         (["--decode-threads", "0"], "decode_threads=0 must be at least 1"),
+                         (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "--scheduler and --workers")]:
+        r = runner.invoke(extract_cli, args[:4] + args[6:12] + ["--cache", str(tmp_path / "x")] + bad)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (bad, r.output)
+    # YAML values are typed: a quoted "false" is false (it deleted a finished cache), junk is named
+    done = (tmp_path / "c" / "done.json").read_text()
+    yaml_args = args + ["--config"]
+    (tmp_path / "keep.yaml").write_text('overwrite: "false"\nlimit: "3"\n')
+    r = runner.invoke(extract_cli, yaml_args + [str(tmp_path / "keep.yaml")])
+    assert r.exit_code == 0 and (tmp_path / "c" / "done.json").read_text() == done, r.output
+    for text, message in [("limit: six", "limit='six' is not a whole number"),
+                          ("shard_clips: 2.5", "shard_clips=2.5 is not a whole number"),
+                          ("backbones: [tiny]", "backbones=['tiny'] is not a string"),
+                          ("random_init: perhaps", "random_init='perhaps' is not a boolean")]:
+        (tmp_path / "bad.yaml").write_text(text + "\n")
+        r = runner.invoke(extract_cli, yaml_args + [str(tmp_path / "bad.yaml")])
+        assert r.exit_code == 2 and message in r.output and "Fix: " in r.output, (text, r.output)
 
 
 @pytest.mark.slow
