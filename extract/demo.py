@@ -31,8 +31,9 @@ DEMO_SETTINGS = {"lcd.dim": 128, "lcd.meta_tokens": 4, "lcd.heads": 4, "head.hid
                  "optim.batch_size": 4, "optim.lr": 1e-3}
 
 
-def run_demo(out: Path, num_clips: int = 48, seed: int = 0, progress: bool = True) -> dict:
-    """Generate, extract and train under ``out``; return the manifest, summaries and results."""
+def run_demo(out: Path, num_clips: int = 48, seed: int = 0, progress: bool = True, overwrite: bool = False) -> dict:
+    """Generate, extract and train under ``out``; return the manifest, summaries and results. A rerun
+    skips what is finished (and continues a cut training); ``overwrite`` extracts and trains again."""
     from mettle.train.config import resolve_config
     from mettle.train.run import train_run
     from mettle.train.tasks import get_task
@@ -46,13 +47,14 @@ def run_demo(out: Path, num_clips: int = 48, seed: int = 0, progress: bool = Tru
     manifest = build_manifest("toy", data_root=str(data_root), num_clips=num_clips, seed=seed)
     save_manifest(manifest, out / "manifest.json")
     cfg = ExtractConfig(dataset="toy", cache=str(out / "cache"), data_root=str(data_root),
-                        manifest_options={"num_clips": num_clips, "seed": seed}, backbones="tiny", device="cpu")
+                        manifest_options={"num_clips": num_clips, "seed": seed}, backbones="tiny", device="cpu",
+                        overwrite=overwrite)
     summary = extract(cfg, progress=progress)
     cache = open_cache(out / "cache")
     task = get_task("ave")
     train_cfg = resolve_config("ave", task.head_defaults, sets=DEMO_SETTINGS, cache=str(cache.root),
                                out=str(out / "runs"), device="cpu")
-    run_dir, results = train_run(train_cfg, cache, progress=progress)
+    run_dir, results = train_run(train_cfg, cache, progress=progress, overwrite=overwrite, resume=not overwrite)
     labels = torch.tensor([cache.manifest.clips[r].labels["segment_labels"] for r in cache.rows("test")])
     majority = float((labels == labels.flatten().mode().values).float().mean()) if labels.numel() else 0.0
     return {"manifest": manifest, "extract": summary, "run_dir": run_dir, "results": results, "majority": majority}
@@ -63,11 +65,12 @@ def run_demo(out: Path, num_clips: int = 48, seed: int = 0, progress: bool = Tru
               help="working folder (toy data, manifest, cache, runs)")
 @click.option("--clips", "num_clips", type=int, default=48, show_default=True, help="toy clips (multiple of 6)")
 @click.option("--seed", type=int, default=0, show_default=True, help="toy dataset seed")
-@clean_errors(MediaError, CacheError)
-def main(out: Path, num_clips: int, seed: int) -> None:
+@click.option("--overwrite", is_flag=True, help="extract and train again (e.g. a cache made by an older mettle)")
+@clean_errors(MediaError, CacheError, ValueError)
+def main(out: Path, num_clips: int, seed: int, overwrite: bool) -> None:
     """Run mettle on the embedded toy dataset, end to end, and print the results."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    r = run_demo(out, num_clips, seed)
+    r = run_demo(out, num_clips, seed, overwrite=overwrite)
     for line in summary_lines(r["manifest"]):
         click.echo(line)
     click.echo("")

@@ -47,6 +47,20 @@ def main(task, cache_path, config_file, sets, out, device, seed, workers, cuda_g
     if sweep_file is not None:
         from .sweep import load_sweep, run_sweep
 
+        given = [flag for flag, value in (("--task", task), ("--config", config_file), ("--set", sets or None),
+                                          ("--seed", seed), ("--init-from", init_from), ("--eval-only", eval_only or None),
+                                          ("--checkpoint", checkpoint), ("--save-masks", save_masks or None),
+                                          ("--resume", resume or None), ("--overwrite", overwrite or None),
+                                          ("--[no-]cuda-graphs", cuda_graphs)) if value is not None]
+        if given:  # a sweep's runs take everything from its file; silently dropping these misleads
+            raise ConfigError(f"--sweep runs what its file says; {', '.join(given)} would be ignored. Fix: put "
+                              "them in the sweep file (base: or grid:), or drop them (a sweep resumes by itself)")
+        if scheduler and workers:
+            raise ConfigError("--scheduler and --workers both given: --workers N starts a local cluster. "
+                              "Fix: pass one of them")
+        if workers is not None and workers < 0:
+            raise ConfigError(f"--workers {workers} must be 0 (one process) or more. Fix: e.g. --workers 2")
+
         if not sweep_file.is_file():
             raise ConfigError(f"--sweep {sweep_file} does not exist. Fix: pass a sweep YAML file")
         sweep = load_sweep(sweep_file)
@@ -56,6 +70,11 @@ def main(task, cache_path, config_file, sets, out, device, seed, workers, cuda_g
         return
     if task is None:
         raise ConfigError("--task is required (or --sweep FILE). Fix: pass --task " + "|".join(list_tasks()))
+    if checkpoint is not None and not eval_only:
+        raise ConfigError("--checkpoint is read by --eval-only only. Fix: add --eval-only to score it, or use "
+                          "--init-from RUN to start training from a run's weights")
+    if scheduler:
+        raise ConfigError("--scheduler runs a --sweep's configs on a dask cluster. Fix: pass --sweep FILE with it")
     spec = get_task(task)
     if config_file is not None and not config_file.is_file():
         raise ConfigError(f"--config {config_file} does not exist. Fix: pass a YAML file")

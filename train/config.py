@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -223,10 +224,39 @@ def resolve_config(task: str, head_defaults: Mapping[str, Any], config_file: str
         cfg = apply(cfg, loaded, f"--config {path}")
     cfg = apply(cfg, dict(sets or {}), "--set")
     cfg = apply(cfg, {k: v for k, v in top.items() if v is not None}, "option")
+    check_ranges(cfg)
     if cfg.init_keys != "*" and not cfg.init_from:
         raise ConfigError(f"init_keys={cfg.init_keys!r} chooses parameters of --init-from, which is not given. "
                           "Fix: pass --init-from RUN, or drop init_keys")
     return cfg
+
+
+# the values each numeric option admits: (lowest, highest, whether the bounds themselves are allowed); a
+# value outside would otherwise surface as a ZeroDivisionError, a torch message naming neither the option
+# nor the fix, or a run that trains nothing (epochs 0, lr 0)
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "workers": (0, math.inf, True, False),
+    "lcd.meta_tokens": (1, math.inf, True, False), "lcd.dim": (1, math.inf, True, False),
+    "lcd.heads": (1, math.inf, True, False), "lcd.mlp_ratio": (0, math.inf, False, False),
+    "optim.lr": (0, math.inf, False, False), "optim.weight_decay": (0, math.inf, True, False),
+    "optim.epochs": (1, math.inf, True, False), "optim.batch_size": (1, math.inf, True, False),
+    "optim.warmup_epochs": (0, math.inf, True, False),
+    "optim.grad_clip": (0, math.inf, True, False),  # 0: no clipping
+    "head.dropout": (0, 1, True, False), "head.hidden": (1, math.inf, True, False),
+}
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Refuse a numeric option outside :data:`RANGES`, naming it, its range and a valid value."""
+    flat = _flat(cfg)
+    for key, (low, high, low_ok, high_ok) in RANGES.items():
+        if key not in flat:
+            continue  # a head option this task's head does not have
+        v = flat[key]
+        if (v < low or (v == low and not low_ok)) or (v > high or (v == high and not high_ok)):
+            lo, hi = ("[" if low_ok else "(") + f"{low:g}", f"{high:g}" + ("]" if high_ok else ")")
+            default = _flat(TrainConfig(task=cfg.task)).get(key, {"head.dropout": 0.1, "head.hidden": 256}.get(key))
+            raise ConfigError(f"{key}={v} is outside {lo}, {hi}. Fix: write e.g. {key}={default}")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -132,8 +132,12 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     if any(result.left_out.values()):
         log.warning("clips that failed extraction are left out: %s", result.left_out)
     train_items = task.items(source, "train")
-    if not train_items:
-        raise ValueError(f"the token source {source.describe()} has no usable training clips")
+    for split, items in (("train", train_items), ("val", task.items(source, "val")), ("test", task.items(source, "test"))):
+        if not items:  # val selects the checkpoint and test is what a run reports: none may be empty
+            raise ValueError(f"the token source {source.describe()} has nothing of the {split} split for task "
+                             f"{cfg.task} ({len(source.rows(split, include_failed=True))} clips in it, "
+                             f"{result.left_out[split]} failed extraction). Fix: extract more clips (a larger "
+                             "--limit) so that every split has some, or re-extract failed ones (--retry-failed)")
     graphs = graphs_for(cfg.cuda_graphs, device)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
                          device, graphs)

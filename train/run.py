@@ -29,7 +29,7 @@ from mettle.cache.format import write_json_atomic
 from mettle.cache.writer import identity_diff
 from mettle.cache.runtime import cublas_workspace
 
-from .config import TrainConfig, save_config
+from .config import ConfigError, TrainConfig, save_config
 from .loop import FitResult, build_model, evaluate, fit, load_checkpoint, resolve_device, save_checkpoint
 from .tasks import get_task
 
@@ -79,6 +79,8 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
     continued from its ``last.pt`` (saved after every epoch).
     """
     run_dir = Path(cfg.out) / run_name(cfg, source)
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite starts it again. Fix: pass one of them")
     if (run_dir / RESULTS).is_file() and not overwrite:
         check_same_source(run_dir, source, "its results are of")
         log.info("%s is finished; not training again (pass --overwrite to)", run_dir)
@@ -91,9 +93,14 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
         log.info("--resume: continuing %s after epoch %d", run_dir, int(state["epoch"]) + 1)
         _trim_metrics(run_dir / "metrics.jsonl", int(state["epoch"]))
     elif run_dir.exists():
+        if (run_dir / "last.pt").is_file() and not overwrite:
+            raise ConfigError(f"{run_dir} is an unfinished run of this config (its state after some epochs is in "
+                              "last.pt). Fix: pass --resume to continue it, or --overwrite to start it again")
         if resume:
             log.info("--resume: %s has no last.pt; starting it again", run_dir)
-        shutil.rmtree(run_dir)  # an unfinished run: start it again
+        shutil.rmtree(run_dir)  # an unfinished run without a saved state, or --overwrite: start it again
+    elif resume:
+        log.info("--resume: there is no unfinished run of this config in %s; training from the start", cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     write_json_atomic(run_dir / SOURCE_META, source.meta.to_dict())  # what prediction must feed the model

@@ -79,8 +79,8 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"--sweep {path}: grid axis {same[0]} does not change results (runs differing only in it "
                           f"share one run folder). Fix: set it in 'base' or on the command line")
     seeds = d.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"--sweep {path}: seeds must be a list of integers. Fix: seeds: [0, 1, 2]")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"--sweep {path}: seeds must be a non-empty list of integers. Fix: seeds: [0, 1, 2]")
     return Sweep(str(d["task"]), _flatten_yaml(d.get("base") or {}), grid, tuple(seeds))
 
 
@@ -93,7 +93,7 @@ def _run(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
     cfg = load_config_dict(cfg_dict)
     with open_cache(cfg.cache) as source:  # its loader workers (cfg.workers) end with the run
-        run_dir, results = train_run(cfg, source, progress=False)
+        run_dir, results = train_run(cfg, source, progress=False, resume=True)  # a rerun continues cut runs
     return {"run": str(run_dir), **results}
 
 

@@ -48,6 +48,11 @@ def test_resume_continues_to_the_same_result(small_toy_cache, tmp_path, monkeypa
     assert not (run_dir / "results.json").exists()
     state = load_checkpoint(run_dir / "last.pt")  # weights_only load of the full training state
     assert state["epoch"] == 1 and len(state["history"]) == 2
+    from mettle.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unfinished run .*Fix: pass --resume to continue it, or --overwrite"):
+        train_run(cfg, source, progress=False, plot=False)  # a plain rerun threw the epochs done away
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
     _, resumed = train_run(cfg, source, progress=False, plot=False, resume=True)
     assert resumed["test"] == clean["test"] and resumed["best_epoch"] == clean["best_epoch"]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -190,3 +195,20 @@ def test_a_run_folder_is_not_reused_for_another_cache_at_the_same_path(small_toy
     assert "its checkpoint was trained on another token source" in caplog.text
     again, second = train_run(cfg, open_cache(cache), overwrite=True, progress=False, plot=False)
     assert again == run_dir and second["source"]["backbones"]["audio"]["weights_id"] == "another-checkpoint"
+
+
+def test_a_split_left_empty_is_refused_before_training(small_toy_cache, tmp_path):
+    """Every validation clip failed extraction: nothing would select the checkpoint, and the run crashed
+    after training (KeyError in the results table). Refused up front, naming the split and the fix."""
+    bad = tmp_path / "bad"
+    shutil.copytree(small_toy_cache, bad)
+    source = open_cache(bad)
+    done = json.loads((bad / "done.json").read_text())
+    val = source.rows("val")
+    assert val
+    for row in val:
+        done["clip_status"][row] = "decode failed"
+    (bad / "done.json").write_text(json.dumps(done))
+    with pytest.raises(ValueError, match=f"nothing of the val split for task ave \\({len(val)} clips in it, "
+                                         f"{len(val)} failed extraction\\). Fix: extract more clips"):
+        fit(_cfg(bad, tmp_path), open_cache(bad), progress=False)

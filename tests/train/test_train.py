@@ -92,11 +92,32 @@ def test_execution_options_leave_the_run_fingerprint_alone():
 
 def test_cli_errors(toy_cache, tmp_path):
     runner = CliRunner()
+    sweep, empty = tmp_path / "sweep.yaml", tmp_path / "empty.yaml"
+    sweep.write_text("task: ave\ngrid: {lcd.dim: [16, 32]}\n")
+    empty.write_text("task: ave\nseeds: []\n")
     for args, message in [(["--task", "dance", "--cache", str(toy_cache)], "unknown task 'dance'"),
                           (["--task", "ave", "--cache", str(tmp_path / "none")], "does not exist"),
                           (["--task", "ave", "--cache", str(toy_cache), "--set", "lcd.k"], "is not key=value"),
                           (["--task", "ave", "--cache", str(toy_cache), "--set", "optim.lr=fast"], "not a number"),
-                          (["--task", "ave", "--cache", str(toy_cache), "--eval-only"], "needs --checkpoint")]:
+                          (["--task", "ave", "--cache", str(toy_cache), "--eval-only"], "needs --checkpoint"),
+                          # values outside their range: ZeroDivisionError, raw torch messages or silent no-ops before
+                          (["--task", "ave", "--cache", str(toy_cache), "--set", "lcd.meta_tokens=0"],
+                           "lcd.meta_tokens=0 is outside [1, inf). Fix: write e.g. lcd.meta_tokens=8"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--set", "optim.batch_size=0"],
+                           "optim.batch_size=0 is outside"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--set", "optim.lr=0"], "optim.lr=0.0 is outside"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--set", "optim.epochs=0"], "optim.epochs=0"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--set", "head.dropout=1.5"], "head.dropout=1.5"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--workers", "-1"], "workers=-1 is outside"),
+                          # options that were silently ignored
+                          (["--task", "ave", "--cache", str(toy_cache), "--checkpoint", str(tmp_path / "best.pt")],
+                           "--checkpoint is read by --eval-only only"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--resume", "--overwrite"],
+                           "Fix: pass one of them"),
+                          (["--sweep", str(sweep), "--cache", str(toy_cache), "--set", "optim.epochs=3", "--seed", "5"],
+                           "--set, --seed would be ignored"),
+                          (["--sweep", str(sweep), "--cache", str(toy_cache), "--workers", "-1"], "--workers -1"),
+                          (["--sweep", str(empty), "--cache", str(toy_cache)], "seeds must be a non-empty list")]:
         r = runner.invoke(train_cli, args)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
 
