@@ -19,7 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mettle.cache import OK, CacheWriter, ShardStatus, create_cache, default_preset, plan_cache
+from mettle.cache import OK, CacheError, CacheMeta, CacheWriter, ShardStatus, create_cache, default_preset, plan_cache
+from mettle.cache.format import META_FILE
 from mettle.cache.runtime import resolve_device
 from mettle.manifests import Manifest, build_manifest, get_dataset
 
@@ -79,6 +80,17 @@ def data_root_of(cfg: ExtractConfig) -> Path:
     raise ValueError(f"dataset {cfg.dataset} needs --data-root (the folder holding its videos or frames/audio)")
 
 
+def _resumed_shard_clips(cfg: ExtractConfig) -> int | None:
+    """The shard size of the cache being resumed, when --shard-clips is not given: a rerun without it
+    continues the cache instead of being refused for a shard size it never chose."""
+    if cfg.overwrite or not (Path(cfg.cache) / META_FILE).is_file():
+        return None
+    try:
+        return CacheMeta.load(Path(cfg.cache)).shard_clips
+    except CacheError:
+        return None  # create_cache names what is wrong with the folder
+
+
 def prepare(cfg: ExtractConfig, backbones=None) -> tuple[CacheWriter, Manifest, dict]:
     """Build the manifest, load the backbones, plan and create (or reopen) the cache."""
     if cfg.on_error not in ("fail", "skip"):
@@ -98,7 +110,7 @@ def prepare(cfg: ExtractConfig, backbones=None) -> tuple[CacheWriter, Manifest, 
                             "missing": MISSING}
     meta = plan_cache(manifest, {m: b.record() for m, b in backbones.items()}, storage=cfg.format,
                       preset=cfg.preset or default_preset(cfg.dataset), tokens=cfg.tokens, dtype=cfg.dtype,
-                      shard_clips=cfg.shard_clips, extract=cfg.to_dict(), targets=targets, batch_size=cfg.batch_size,
+                      shard_clips=cfg.shard_clips or _resumed_shard_clips(cfg), extract=cfg.to_dict(), targets=targets, batch_size=cfg.batch_size,
                       media=DECODING)
     writer = create_cache(cfg.cache, meta, manifest, overwrite=cfg.overwrite)
     return writer, manifest, backbones

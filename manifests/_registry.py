@@ -66,5 +66,7 @@ def build_manifest(name: str, **options: Any) -> Manifest:
         )
     missing = [k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in options]
     if missing:
-        raise ManifestError(f"dataset {name!r} needs {', '.join(missing)}. Fix: pass it (e.g. --data-root PATH)")
+        raise ManifestError(f"dataset {name!r} needs {', '.join(missing)}. Fix: pass "
+                            f"{' '.join(f'--set {k}=...' for k in missing)} (mettle-extract takes data_root as "
+                            "--data-root PATH)")
     return spec.builder(**options).validate()

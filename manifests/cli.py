@@ -25,7 +25,15 @@ def clean_errors(*error_types: type[BaseException]) -> Callable:
         def inner(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except (ManifestError, FileExistsError, *error_types) as e:
+            except OSError as e:
+                if e.errno is None and isinstance(e, (FileExistsError, *error_types)):
+                    click.echo(f"error: {user_message(e)}", err=True)  # raised by mettle, with its fix
+                else:  # the system's: an output path under a file, unwritable, missing, a scheduler not there
+                    where = f": {e.filename}" if e.filename else ""
+                    click.echo(f"error: {e.strerror or user_message(e)}{where}. Fix: check that the path (or "
+                               "address) exists, is a folder where one is meant, and is writable", err=True)
+                sys.exit(2)
+            except (ManifestError, *error_types) as e:
                 click.echo(f"error: {user_message(e)}", err=True)
                 sys.exit(2)
 

@@ -68,3 +68,16 @@ def test_an_error_raised_in_a_loader_worker_prints_its_own_line():
 
     r = CliRunner().invoke(cmd, [])
     assert r.exit_code == 2 and r.output == f"error: {line}\n", r.output
+
+
+def test_system_errors_on_output_paths_are_one_line(tmp_path):
+    """An output path under a file, or in a folder that cannot be written: the system's error, named
+    with its path, as one line (every command printed a traceback before)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = CliRunner().invoke(manifest_main, ["--dataset", "toy", "--set", f"data_root={tmp_path / 'toy'}",
+                                           "--set", "num_clips=6", "--out", str(afile / "m.json")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and str(afile) in r.output, r.output
+    assert r.output.splitlines()[-1].startswith("error: ") and "Fix: check that the path" in r.output
+    r = CliRunner().invoke(demo_main, ["--out", str(afile / "demo"), "--clips", "6"])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "Fix: " in r.output, r.output

@@ -155,7 +155,7 @@ def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> 
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"--checkpoint {checkpoint} does not fit this model ({str(e).splitlines()[0][:160]}). "
+        raise ValueError(f"--checkpoint {checkpoint} does not fit this model ({(str(e).splitlines() or [repr(e)])[0][:160]}). "
                          "Fix: pass the run's config (--config RUN/config.yaml) with its checkpoint") from None
     model.to(device)
     out = {split: evaluate(model, task, source, split, cfg.optim.batch_size, device, cfg.workers)

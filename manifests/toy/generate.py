@@ -150,7 +150,7 @@ def prepare_folder(root: Path, marker: dict, overwrite: bool, signature_file: st
         if found == marker:
             return False
         raise FileExistsError(f"{root} holds a toy dataset with other parameters ({found}). "
-                              "Fix: choose another folder or pass overwrite")
+                              "Fix: choose another folder, or delete this one to generate it again")
     if root.exists() and any(root.iterdir()):
         if not overwrite and not (root / signature_file).is_file():
             raise FileExistsError(f"{root} is not empty and holds no toy dataset. Fix: choose an empty folder")

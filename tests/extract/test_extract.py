@@ -220,6 +220,9 @@ def test_resume_refuses_another_backbone(clean, toy_root, tmp_path):
     shutil.copytree(clean, path)
     with pytest.raises(CacheError, match="audio backbone name: cache has test_htsat_tiny.*--overwrite"):
         extract(_cfg(toy_root, path, dtype="float32", backbones="tiny-shared"), progress=False)
+    # a rerun without --shard-clips takes the cache's shard size (2 here) instead of being refused for 64
+    summary = extract(_cfg(toy_root, path, dtype="float32", shard_clips=None), progress=False)
+    assert summary.shards_done_now == 0 and summary.shards_skipped == open_cache(path).meta.num_shards == 6
 
 
 def test_dask_task_keys_differ_between_caches_of_one_slug(clean, tmp_path):
