@@ -45,6 +45,13 @@ def _timm_swinv2(name: str, arch: str, weights: Path | None, random_init: bool, 
     return backbone
 
 
+def _no_weights(name: str, weights: Path | None) -> None:
+    """The Swin miniatures are random-init only: a weights file given for one would be silently unused."""
+    if weights is not None:
+        raise BackboneError(f"{name} is a random-init miniature and loads no weights file ({weights}). Fix: drop "
+                            f"the weights option, or use {SWINV2_LARGE} with it")
+
+
 @register_backbone(SWINV2_LARGE, "visual", "Swin-V2-L (timm), ImageNet-22k, 192 px, 24 blocks")
 def _swinv2_large(weights: Path | None, random_init: bool) -> SwinV2Backbone:
     return _timm_swinv2(SWINV2_LARGE, SWINV2_LARGE, weights, random_init)
@@ -52,6 +59,7 @@ def _swinv2_large(weights: Path | None, random_init: bool) -> SwinV2Backbone:
 
 @register_backbone("test_swinv2_tiny", "visual", "random-init Swin-V2 miniature (dim 16, 1-1-2-1 blocks), same grids")
 def _swinv2_tiny(weights: Path | None, random_init: bool) -> SwinV2Backbone:
+    _no_weights("test_swinv2_tiny", weights)
     return _timm_swinv2("test_swinv2_tiny", "swinv2_large_window12_192", None, True,
                         embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2))
 
@@ -64,6 +72,7 @@ def _swinv2_large_fbank(weights: Path | None, random_init: bool) -> SwinV2Backbo
 
 @register_backbone("test_swinv2_tiny+fbank", "audio", "modality-shared miniature: fbank images through test_swinv2_tiny")
 def _swinv2_tiny_fbank(weights: Path | None, random_init: bool) -> SwinV2Backbone:
+    _no_weights("test_swinv2_tiny+fbank", weights)
     return _timm_swinv2("test_swinv2_tiny+fbank", "swinv2_large_window12_192", None, True,
                         cls=SwinV2SpectrogramBackbone, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2))
 

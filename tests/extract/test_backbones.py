@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -513,3 +515,15 @@ def test_the_checkpoint_s_own_mel_matrix_is_used(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         load_official_checkpoint(fresh, tmp_path / "bad.ckpt")
     assert torch.equal(fresh.logmel.mel, before)
+
+
+def test_a_weights_file_for_a_random_init_miniature_is_refused(tmp_path):
+    """The Swin miniatures never load weights: a file given for one was silently unused (the cache then
+    said random-init, the user thought otherwise)."""
+    from mettle.extract.backbones import BackboneError, create_backbone
+
+    (tmp_path / "w.pth").write_bytes(b"")
+    for name in ("test_swinv2_tiny", "test_swinv2_tiny+fbank"):
+        with pytest.raises(BackboneError, match=f"{re.escape(name)} is a random-init miniature .*Fix: drop the weights"):
+            create_backbone(name, weights=tmp_path / "w.pth", random_init=False)
+        assert create_backbone(name, weights=None, random_init=False).record().weights_id == "random-init"
