@@ -211,6 +211,8 @@ def open_cache(path: str | Path, expect: Mapping[str, Any] | None = None, allow_
     Every refusal says what differs and the fix.
     """
     root = Path(path)
+    if root.is_file():
+        raise CacheError(f"--cache {root} is a file, not a cache folder. Fix: pass the folder mettle-extract wrote")
     if not root.is_dir():
         raise CacheError(f"cache folder {root} does not exist. Fix: run mettle-extract --cache {root} first, "
                          "or pass the folder it wrote")

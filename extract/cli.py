@@ -29,7 +29,7 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
     if path is not None:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise CacheError(f"--config {path}: cannot read it ({e.__class__.__name__}). Fix: pass a YAML mapping "
                              "of mettle-extract options") from None
         if not isinstance(loaded, dict):
@@ -44,6 +44,10 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
     for required in ("dataset", "cache"):
         if not values.get(required):
             raise CacheError(f"--{required} is required. Fix: pass --{required} (or set it in --config)")
+    given = (values.get("manifest_options") or {}).get("data_root")
+    if given and values.get("data_root") and Path(given) != Path(values["data_root"]):
+        raise CacheError(f"--set data_root={given} and --data-root {values['data_root']} differ: the manifest would "
+                         "come from one folder and the media from the other. Fix: pass --data-root only")
     if values.get("scheduler") and values.get("workers"):
         raise CacheError("--scheduler and --workers both given: a --scheduler's cluster has its own workers, "
                          "--workers N starts a local one. Fix: pass one of them")

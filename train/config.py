@@ -213,7 +213,7 @@ def resolve_config(task: str, head_defaults: Mapping[str, Any], config_file: str
         path = Path(config_file)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"--config {path}: cannot read it ({e.__class__.__name__}). Fix: pass a YAML file") \
                 from None
         if not isinstance(loaded, Mapping):
@@ -222,6 +222,8 @@ def resolve_config(task: str, head_defaults: Mapping[str, Any], config_file: str
         if loaded.pop("task", task) != task:
             raise ConfigError(f"--config {path} is for another task. Fix: pass --task as in the file, or edit it")
         cfg = apply(cfg, loaded, f"--config {path}")
+    if "task" in (sets or {}):
+        raise ConfigError("--set task=... would keep the head defaults of --task. Fix: pass the task as --task")
     cfg = apply(cfg, dict(sets or {}), "--set")
     cfg = apply(cfg, {k: v for k, v in top.items() if v is not None}, "option")
     check_ranges(cfg)

@@ -272,7 +272,7 @@ def init_from(model: MettleModel, run: str | Path, keys: str = "*") -> int:
     reference AVQA workflow carries its fusion layers); returns how many tensors."""
     path = Path(run)
     path = path / "best.pt" if path.is_dir() else path
-    state = load_checkpoint(path)["model"]
+    state = load_checkpoint(path, "--init-from")["model"]
     own = model.state_dict()
     patterns = [p.strip() for p in keys.split(",") if p.strip()]
     if not patterns:
@@ -339,11 +339,12 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], info: dict[str, 
     save_state(path, {"model": state, "info": info})
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, option: str = "--checkpoint") -> dict[str, Any]:
+    """A checkpoint or training state (``weights_only``); ``option`` names where the path came from."""
     try:
         return torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"--checkpoint {path} does not exist. Fix: pass a run's best.pt") from None
+        raise ValueError(f"{option} {path} does not exist. Fix: pass a run folder or its best.pt") from None
     except Exception as e:  # a damaged or foreign file
-        raise ValueError(f"--checkpoint {path} is not a mettle checkpoint ({e.__class__.__name__}). "
-                         "Fix: pass a run's best.pt") from None
+        raise ValueError(f"{option} {path} is not a mettle checkpoint ({e.__class__.__name__}). "
+                         "Fix: pass a run folder or its best.pt") from None

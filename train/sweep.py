@@ -61,7 +61,7 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     try:
         d = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"--sweep {path}: cannot read it ({e.__class__.__name__}). Fix: pass a YAML file") from None
     if not isinstance(d, Mapping) or "task" not in d:
         raise ConfigError(f"--sweep {path} needs a mapping with 'task', and 'grid' / 'base' / 'seeds'. "

@@ -264,7 +264,8 @@ def test_cli_info_limit_and_errors(clean, toy_root, tmp_path):
     assert r.exit_code == 2 and "--dataset is required" in r.output
     for bad, message in [(["--workers", "-1"], "workers=-1 must be at least 0"),  # hung on a cluster of none
                          (["--decode-threads", "0"], "decode_threads=0 must be at least 1"),
-                         (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "--scheduler and --workers")]:
+                         (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "--scheduler and --workers"),
+                         (["--set", f"data_root={tmp_path}"], "differ: the manifest would come from one folder")]:
         r = runner.invoke(extract_cli, args[:4] + args[6:12] + ["--cache", str(tmp_path / "x")] + bad)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (bad, r.output)
     # YAML values are typed: a quoted "false" is false (it deleted a finished cache), junk is named

@@ -95,6 +95,8 @@ def test_cli_errors(toy_cache, tmp_path):
     sweep, empty = tmp_path / "sweep.yaml", tmp_path / "empty.yaml"
     sweep.write_text("task: ave\ngrid: {lcd.dim: [16, 32]}\n")
     empty.write_text("task: ave\nseeds: []\n")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("lcd: {dim: 16}  # r\xe9sum\xe9\n".encode("latin-1"))
     for args, message in [(["--task", "dance", "--cache", str(toy_cache)], "unknown task 'dance'"),
                           (["--task", "ave", "--cache", str(tmp_path / "none")], "does not exist"),
                           (["--task", "ave", "--cache", str(toy_cache), "--set", "lcd.k"], "is not key=value"),
@@ -117,7 +119,12 @@ def test_cli_errors(toy_cache, tmp_path):
                           (["--sweep", str(sweep), "--cache", str(toy_cache), "--set", "optim.epochs=3", "--seed", "5"],
                            "--set, --seed would be ignored"),
                           (["--sweep", str(sweep), "--cache", str(toy_cache), "--workers", "-1"], "--workers -1"),
-                          (["--sweep", str(empty), "--cache", str(toy_cache)], "seeds must be a non-empty list")]:
+                          (["--sweep", str(empty), "--cache", str(toy_cache)], "seeds must be a non-empty list"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--set", "task=avvp"], "pass the task as --task"),
+                          (["--task", "ave", "--cache", str(toy_cache / "cache.json")], "is a file, not a cache folder"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--init-from", str(tmp_path / "none")],
+                           f"--init-from {tmp_path / 'none'} does not exist"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--config", str(latin)], "latin.yaml: cannot read")]:
         r = runner.invoke(train_cli, args)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
 
