@@ -48,6 +48,8 @@ def _duration(path: Path) -> float:
 def _manifest(videos: Sequence[Path], meta: CacheMeta, question: str | None) -> Manifest:
     clips, questions = [], []
     for i, v in enumerate(videos):
+        if not v.exists():
+            raise MediaError(v.stem, v, "no such file", "check the path")
         if v.suffix.lower() not in VIDEO_SUFFIXES or not v.is_file():
             raise MediaError(v.stem, v, "not a video file mettle reads", f"pass {', '.join(VIDEO_SUFFIXES)} files")
         duration = max(_duration(v), float(meta.num_segments))
@@ -55,6 +57,9 @@ def _manifest(videos: Sequence[Path], meta: CacheMeta, question: str | None) -> 
         if question is not None:
             q = Question(i, i, "test", ("Audio-Visual", "Existential"), question.strip(), (), 0)
             vocab = set(meta.vocabularies.get("question_word", ()))
+            if not vocab:
+                raise CacheError(f"--question: this run's task answers no questions (its {meta.dataset} cache has no "
+                                 "question vocabulary). Fix: drop --question, or pass an avqa run")
             unknown = [w for w in q.words() if w not in vocab]
             if unknown:
                 raise CacheError(f"--question: {', '.join(repr(w) for w in unknown)} not in the run's question "

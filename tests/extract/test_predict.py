@@ -44,6 +44,11 @@ def test_predict_finds_the_events_of_toy_videos(ave_run, toy48_cache, tmp_path):
     saved = json.loads((tmp_path / "p" / "predictions.json").read_text())
     assert [s["video"] for s in saved] == [str(v) for v in videos] and all(s["events"] is not None for s in saved)
     assert len(list((tmp_path / "p").glob("*.png"))) == 3
+    for args, message in [([str(tmp_path / "none.mp4")], "no such file"),
+                          ([str(videos[0]), "--question", "what is playing"], "this run's task answers no questions")]:
+        r = CliRunner().invoke(predict_cli, [*args, "--run", str(ave_run), "--out", str(tmp_path / "q"),
+                                             "--device", "cpu"])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
 
 
 def test_predict_errors(tmp_path):
