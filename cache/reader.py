@@ -42,6 +42,9 @@ class Cache(TokenSource):
         self.clip_status, self.done = clip_status, done
         self.complete = bool(done)
         self.store = get_store(self.root, meta)
+        if hasattr(self.store, "fill_shards"):
+            self.store.fill_shards = frozenset(k for k in range(meta.num_shards) if clip_status and all(
+                clip_status[r] != OK for r in meta.shard_rows(k)))
         self._dtype = get_dtype(meta.dtype)
         self.memory_budget = DEFAULT_MEMORY_BUDGET  # bytes of decoded rows kept between epochs (per process)
         self._datasets: dict = {}

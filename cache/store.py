@@ -53,6 +53,9 @@ class ZarrStore:
         self.meta = meta
         self._arrays: dict[str, object] = {}
         self._pid = None
+        # shards whose clips all failed (set by the reader from the cache's clip status): the only ones whose
+        # file may be missing from a finished cache (zarr's own writer, used before 2026-11-27, left them out)
+        self.fill_shards: frozenset[int] = frozenset()
 
     def create(self) -> None:
         import zarr
@@ -138,8 +141,11 @@ class ZarrStore:
             try:
                 return fast.read(np.asarray(rows, dtype=np.int64), out)
             except DamagedShard as e:
-                raise CacheError(f"{e} (cache {self.path.parent}). Fix: re-extract it with mettle-extract "
-                                 "... --overwrite (the rows of that shard cannot be trusted)") from None
+                if not (e.missing and e.shard in self.fill_shards):
+                        raise CacheError(f"{e} (cache {self.path.parent}). Fix: re-extract it with mettle-extract "
+                                     "... --overwrite (the rows of that shard cannot be trusted)") from None
+                # a shard of failed clips only, written through zarr (mettle before 2026-11-27): zarr
+                # leaves its file out, and reads it as the fill value, as below
         arr = self._array(name)
         if ("shape", name) not in self._handles():
             self._check_shape(name, arr.shape)
@@ -152,10 +158,11 @@ class ZarrStore:
         return _into(arr.oindex[rows], out)
 
     def __getstate__(self):
-        return {"path": self.path, "meta": self.meta}
+        return {"path": self.path, "meta": self.meta, "fill_shards": self.fill_shards}
 
     def __setstate__(self, state):
         self.__init__(state["path"].parent, state["meta"])
+        self.fill_shards = state.get("fill_shards", frozenset())
 
 
 class H5Store:
@@ -211,6 +218,7 @@ class H5Store:
                 raise CacheError(f"{self.root / H5_FILE} cannot be opened ({e}). Fix: re-extract with --overwrite") \
                     from None
             self._pid = os.getpid()
+            self._check_files()  # once per process, on every read path (prepare() opens first)
         return self._file
 
     def prepare(self) -> None:
@@ -247,10 +255,7 @@ class H5Store:
                              "their rows would read as zeros. Fix: re-extract with mettle-extract ... --overwrite")
 
     def _read(self, name: str, rows: Sequence[int] | slice, out: np.ndarray | None) -> np.ndarray:
-        fresh = self._pid != os.getpid() or self._file is None
         ds = self._open()[name]
-        if fresh:
-            self._check_files()
         if (name, self._pid) not in self._checked:
             _check_shape(self.meta, name, tuple(ds.shape), self.root / H5_FILE)
             self._checked.add((name, self._pid))

@@ -173,7 +173,8 @@ class CacheWriter:
         if missing:
             raise CacheError(f"{len(missing)} shards of {self.root} are not written yet (first: {missing[0]}). "
                              "Fix: rerun the same mettle-extract command to finish them")
-        for orphan in self.root.rglob(".*.tmp"):  # a writer killed mid-file left it; none writes now
+        orphans = [p for d in (ZARR_DIR, H5_SHARD_DIR, STATUS_DIR) for p in (self.root / d).rglob(".*.tmp")]
+        for orphan in orphans + list(self.root.glob(".*.tmp")):  # a writer killed mid-file left it; none writes now
             log.info("removing %s, left by a writer that was stopped", orphan)
             orphan.unlink(missing_ok=True)
         clip_status, failures = [], {}
@@ -221,6 +222,11 @@ def create_cache(root: str | Path, meta: CacheMeta, manifest: Manifest, overwrit
         else:
             old = CacheMeta.load(root)
             diff = identity_diff(old.identity(), meta.identity())
+            if diff.startswith("media decoding rules") and (root / DONE_FILE).is_file() \
+                    and not identity_diff({**old.identity(), "media": {}}, {**meta.identity(), "media": {}}):
+                log.warning("%s was finished under other media decoding rules (%s); it is read as it is. "
+                            "Re-extract it with --overwrite to apply the current ones", root, diff)
+                return CacheWriter(root, old)  # nothing is written into it (extract refuses to add shards)
             if diff:
                 raise CacheError(f"--cache {root} holds a different cache ({diff}). Fix: pass another --cache "
                                  "folder, or --overwrite to replace it")

@@ -106,9 +106,9 @@ class DamagedShard(OSError):
     """A shard file of a finished cache that cannot be read as written: missing, short, or its index
     failing its checksum. The store turns it into a ``CacheError`` with the fix."""
 
-    def __init__(self, path: Path, why: str) -> None:
+    def __init__(self, path: Path, why: str, shard: int = -1) -> None:
         super().__init__(f"shard file {path} is {why}" if why == "missing" else f"shard file {path}: {why}")
-        self.path = path
+        self.path, self.shard, self.missing = path, shard, why == "missing"
 
 
 class FastShardReader:
@@ -157,7 +157,7 @@ class FastShardReader:
                     f.seek(-size, os.SEEK_END)
                     raw = f.read(size)
             except FileNotFoundError:
-                raise DamagedShard(path, "missing") from None
+                raise DamagedShard(path, "missing", shard) from None
             if np.frombuffer(raw[-4:], "<u4")[0] != google_crc32c.value(raw[:-4]):
                 raise DamagedShard(path, "its index fails its CRC32C checksum")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)

@@ -45,7 +45,7 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
         if not values.get(required):
             raise CacheError(f"--{required} is required. Fix: pass --{required} (or set it in --config)")
     given = (values.get("manifest_options") or {}).get("data_root")
-    if given and values.get("data_root") and Path(given) != Path(values["data_root"]):
+    if given and values.get("data_root") and Path(given).resolve() != Path(values["data_root"]).resolve():
         raise CacheError(f"--set data_root={given} and --data-root {values['data_root']} differ: the manifest would "
                          "come from one folder and the media from the other. Fix: pass --data-root only")
     if values.get("scheduler") and values.get("workers"):

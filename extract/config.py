@@ -180,12 +180,13 @@ def parse_backbones(spec: str) -> dict[str, str]:
 
 
 def weights_for(cfg: ExtractConfig, modality: str, name: str) -> str | None:
-    """The weights file of one backbone: its modality's flag; a ``+fbank`` audio backbone shares the
-    visual Swin's weights, so it falls back to ``--visual-weights``."""
+    """The weights file of one backbone: its modality's flag; a ``+fbank`` audio backbone of the visual
+    side's own Swin shares its weights, so it falls back to ``--visual-weights``."""
     if modality == "visual":
         return cfg.visual_weights
-    if cfg.audio_weights is None and name.endswith("+fbank"):
-        return cfg.visual_weights
+    if cfg.audio_weights is None and name.endswith("+fbank") \
+            and parse_backbones(cfg.backbones).get("visual") == name[: -len("+fbank")]:
+        return cfg.visual_weights  # the very Swin the visual side loads (a mixed set keeps them apart)
     return cfg.audio_weights
 
 

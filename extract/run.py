@@ -130,6 +130,9 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbones=None) -> Extrac
     t0 = time.perf_counter()
     writer, manifest, backbones = prepare(cfg, backbones)
     todo = writer.pending_shards(cfg.retry_failed)
+    if todo and dict(writer.meta.media) != DECODING:  # a finished cache of other rules, opened to be read
+        raise CacheError(f"--cache {writer.root} was extracted under other media decoding rules; writing "
+                         f"{len(todo)} shards into it now would mix the two. Fix: re-extract it with --overwrite")
     forwards, media_pool = {}, None
     if todo and not (cfg.workers or cfg.scheduler):  # nothing moves to the device when all is done
         processes = decode_processes_of(cfg, resolve_device(cfg.device).type)  # checked before models move

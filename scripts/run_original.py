@@ -44,7 +44,7 @@ def commands(setting: str, task: str, data_root: str, work: Path, passthrough: l
         extract += ["--set", f"train_json={Path(data_root) / 'json' / 'avqa-train.json'}"]
     train = []
     for t in (["avqa-grounding", "avqa"] if task == "avqa" else [task]):
-        cmd = ["mettle-train", "--task", t, "--cache", str(cache), "--out", str(out)]
+        cmd = ["mettle-train", "--task", t, "--cache", str(cache), "--out", str(out), "--resume"]  # reruns continue
         cmd += [x for s in TRAIN[t] for x in ("--set", s)]
         if t == "avqa":
             cmd += ["--init-from", str(out / "latest-avqa-grounding")]

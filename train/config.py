@@ -255,7 +255,7 @@ def check_ranges(cfg: TrainConfig) -> None:
         if key not in flat:
             continue  # a head option this task's head does not have
         v = flat[key]
-        if (v < low or (v == low and not low_ok)) or (v > high or (v == high and not high_ok)):
+        if not math.isfinite(v) or (v < low or (v == low and not low_ok)) or (v > high or (v == high and not high_ok)):
             lo, hi = ("[" if low_ok else "(") + f"{low:g}", f"{high:g}" + ("]" if high_ok else ")")
             default = _flat(TrainConfig(task=cfg.task)).get(key, {"head.dropout": 0.1, "head.hidden": 256}.get(key))
             raise ConfigError(f"{key}={v} is outside {lo}, {hi}. Fix: write e.g. {key}={default}")

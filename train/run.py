@@ -67,7 +67,7 @@ def check_same_source(run_dir: Path, source: TokenSource, what: str) -> None:
         diff = identity_diff(saved, source.meta.identity())
     if diff:
         raise CacheError(f"{run_dir}: {what} another token source than {source.describe()} ({diff}). Fix: pass "
-                         "--overwrite to train again on this one, or another --out")
+                         "another --out, or delete that run folder (mettle-train --overwrite trains it again)")
 
 
 def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, progress: bool = True,

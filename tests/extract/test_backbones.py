@@ -527,3 +527,12 @@ def test_a_weights_file_for_a_random_init_miniature_is_refused(tmp_path):
         with pytest.raises(BackboneError, match=f"{re.escape(name)} is a random-init miniature .*Fix: drop the weights"):
             create_backbone(name, weights=tmp_path / "w.pth", random_init=False)
         assert create_backbone(name, weights=None, random_init=False).record().weights_id == "random-init"
+    # --visual-weights reaches a +fbank audio backbone only when it is the visual side's own Swin
+    from mettle.extract.backbones import SWINV2_LARGE
+    from mettle.extract.config import ExtractConfig, weights_for
+
+    w = str(tmp_path / "w.pth")
+    mixed = ExtractConfig("toy", "c", backbones=f"visual={SWINV2_LARGE},audio=test_swinv2_tiny+fbank", visual_weights=w)
+    shared = ExtractConfig("toy", "c", backbones="shared", visual_weights=w)
+    assert weights_for(mixed, "audio", "test_swinv2_tiny+fbank") is None
+    assert weights_for(shared, "audio", SWINV2_LARGE + "+fbank") == w

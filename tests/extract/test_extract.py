@@ -225,6 +225,26 @@ def test_resume_refuses_another_backbone(clean, toy_root, tmp_path):
     assert summary.shards_done_now == 0 and summary.shards_skipped == open_cache(path).meta.num_shards == 6
 
 
+def test_a_finished_cache_of_other_decoding_rules_is_read_not_added_to(clean, toy_root, tmp_path, caplog):
+    """A cache finished before its decoding rules were recorded: rerunning its command keeps it as it is
+    (with a warning), and writing any shard into it (--retry-failed here) is refused, not mixed."""
+    import json
+
+    path = tmp_path / "c"
+    shutil.copytree(clean, path)
+    meta = json.loads((path / "cache.json").read_text())
+    meta.pop("media")
+    (path / "cache.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        summary = extract(_cfg(toy_root, path, dtype="float32"), progress=False)
+    assert summary.shards_done_now == 0 and "finished under other media decoding rules" in caplog.text
+    status = json.loads((path / "status" / "shard-00000.json").read_text())
+    status["clips"][next(iter(status["clips"]))] = "decode failed"
+    (path / "status" / "shard-00000.json").write_text(json.dumps(status))
+    with pytest.raises(CacheError, match="other media decoding rules; writing 1 shards into it now would mix"):
+        extract(_cfg(toy_root, path, dtype="float32", retry_failed=True), progress=False)
+
+
 def test_dask_task_keys_differ_between_caches_of_one_slug(clean, tmp_path):
     """Two extractions on one --scheduler with the same slug (dataset.preset.tokens.dtype) but another
     folder or other backbones must not share tasks: dask runs one task per key."""

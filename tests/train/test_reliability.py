@@ -185,7 +185,7 @@ def test_a_run_folder_is_not_reused_for_another_cache_at_the_same_path(small_toy
     meta["backbones"]["audio"]["weights_id"] = "another-checkpoint"  # as a re-extraction would record it
     (cache / "cache.json").write_text(json.dumps(meta))
     with pytest.raises(CacheError, match="another token source .*audio backbone weights_id: cache has .* this run "
-                                         "has another-checkpoint.*Fix: pass --overwrite"):
+                                         "has another-checkpoint.*Fix: pass another --out"):
         train_run(cfg, open_cache(cache), progress=False, plot=False)
     (run_dir / "results.json").unlink()
     with pytest.raises(CacheError, match="--resume would continue training on another token source"):

@@ -74,6 +74,8 @@ def test_config_layers_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="lcd.matmul='fast' is not one of auto, tf32, float32"):
         resolve_config("ave", {}, sets={"lcd.matmul": "fast"})
     assert resolve_config("ave", {}, sets={"lcd.matmul": "TF32"}).lcd.matmul == "tf32"
+    with pytest.raises(ConfigError, match="optim.lr=nan is outside"):  # NaN fails every comparison
+        resolve_config("ave", {}, sets={"optim.lr": "nan"})
     with pytest.raises(ConfigError, match="cublas_workspace='huge' is not one of auto, small, library"):
         resolve_config("ave", {}, sets={"cublas_workspace": "huge"})
     y.write_text("- a list\n")
