@@ -115,8 +115,13 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
                              "val": {k: v for k, v in record.items() if k.startswith("val_")}})
 
     t0 = time.perf_counter()
-    res = fit(cfg, source, progress=progress, on_epoch=on_epoch, last_path=run_dir / "last.pt", resume=state,
-              model=model)
+    try:
+        res = fit(cfg, source, progress=progress, on_epoch=on_epoch, last_path=run_dir / "last.pt", resume=state,
+                  model=model)
+    except BaseException:
+        if state is None and not (run_dir / "last.pt").exists():  # nothing to resume: leave no empty run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     results = {"task": cfg.task, "test": res.test, "val": res.val, "extra_tests": res.extra,
                "initialised_tensors": res.initialised, "clips_left_out": res.left_out, "best_epoch": res.best_epoch,
                "epochs": len(res.history), "trainable_parameters": res.trainable_parameters,

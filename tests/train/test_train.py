@@ -124,11 +124,12 @@ def test_cli_errors(toy_cache, tmp_path):
                           (["--sweep", str(empty), "--cache", str(toy_cache)], "seeds must be a non-empty list"),
                           (["--task", "ave", "--cache", str(toy_cache), "--set", "task=avvp"], "pass the task as --task"),
                           (["--task", "ave", "--cache", str(toy_cache / "cache.json")], "is a file, not a cache folder"),
-                          (["--task", "ave", "--cache", str(toy_cache), "--init-from", str(tmp_path / "none")],
-                           f"--init-from {tmp_path / 'none'} does not exist"),
+                          (["--task", "ave", "--cache", str(toy_cache), "--init-from", str(tmp_path / "none"), "--out",
+                            str(tmp_path / "runs")], f"--init-from {tmp_path / 'none'} does not exist"),
                           (["--task", "ave", "--cache", str(toy_cache), "--config", str(latin)], "latin.yaml: cannot read")]:
         r = runner.invoke(train_cli, args)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not list((tmp_path / "runs").glob("*"))  # a run that failed before its first epoch leaves no folder
 
 
 def test_a_cache_lacking_the_tasks_blocks_is_refused(toy_cache, tmp_path):
