@@ -89,6 +89,14 @@ def predict(run_dir: str | Path, videos: Sequence[str | Path], visual_weights: s
     videos = [Path(v) for v in videos]
     if len({v.parent for v in videos}) > 1:
         raise MediaError(videos[0].stem, videos[0], "videos come from several folders", "put them in one folder")
+    stems = [v.stem for v in videos]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:  # one clip id and one PNG per name: the second would overwrite the first
+        raise MediaError(twice[0], videos[stems.index(twice[0])], "given twice (or as two files of one name)",
+                         "pass each video once, under names that differ")
+    if not (run / "results.json").is_file():
+        log.warning("--run %s has no results.json: its training did not finish; best.pt holds the best epoch so far",
+                    run)
     backbones = {}
     for m, rec in meta.backbones.items():
         weights = visual_weights if m == "visual" else (audio_weights or (visual_weights if "+fbank" in rec.name else None))
@@ -163,6 +171,14 @@ def write_outputs(predictions: list[dict[str, Any]], out: Path) -> list[Path]:
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "predictions.json"
+    try:  # the PNGs an earlier call wrote here, of videos this call does not predict, go with its json
+        stale = {Path(p["video"]).stem for p in json.loads(previous.read_text())} if previous.is_file() else set()
+    except (ValueError, TypeError, KeyError):
+        stale = set()
+    stale -= {Path(p["video"]).stem for p in predictions}
+    for stem in sorted(stale):
+        (out / f"{stem}.png").unlink(missing_ok=True)
     pngs = []
     for p in predictions:
         stem = Path(p["video"]).stem

@@ -45,7 +45,8 @@ def test_predict_finds_the_events_of_toy_videos(ave_run, toy48_cache, tmp_path):
     assert [s["video"] for s in saved] == [str(v) for v in videos] and all(s["events"] is not None for s in saved)
     assert len(list((tmp_path / "p").glob("*.png"))) == 3
     for args, message in [([str(tmp_path / "none.mp4")], "no such file"),
-                          ([str(videos[0]), "--question", "what is playing"], "this run's task answers no questions")]:
+                          ([str(videos[0]), "--question", "what is playing"], "this run's task answers no questions"),
+                          ([str(videos[0]), str(videos[0])], "given twice")]:
         r = CliRunner().invoke(predict_cli, [*args, "--run", str(ave_run), "--out", str(tmp_path / "q"),
                                              "--device", "cpu"])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
@@ -56,3 +57,17 @@ def test_predict_errors(tmp_path):
         predict(tmp_path, [tmp_path / "x.mp4"])
     r = CliRunner().invoke(predict_cli, [str(tmp_path / "x.mp4"), "--run", str(tmp_path)])
     assert r.exit_code == 2 and "Fix:" in r.output and "Traceback" not in r.output
+
+
+def test_a_rerun_into_the_same_folder_leaves_no_stale_pictures(tmp_path):
+    """The PNGs of videos an earlier call predicted, and this one does not, go with the predictions.json
+    that listed them; a file mettle did not list stays."""
+    from mettle.extract.predict import write_outputs
+
+    out = tmp_path / "p"
+    write_outputs([{"video": "/v/a.mp4", "events": [["dog", 0, 2]]}, {"video": "/v/b.mp4", "events": []}], out)
+    (out / "mine.png").write_bytes(b"x")
+    assert {p.name for p in out.glob("*.png")} == {"a.png", "b.png", "mine.png"}
+    write_outputs([{"video": "/v/b.mp4", "events": []}, {"video": "/v/c.mp4", "events": []}], out)
+    assert {p.name for p in out.glob("*.png")} == {"b.png", "c.png", "mine.png"}
+    assert [p["video"] for p in json.loads((out / "predictions.json").read_text())] == ["/v/b.mp4", "/v/c.mp4"]
