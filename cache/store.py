@@ -87,6 +87,7 @@ class ZarrStore:
             except (FileNotFoundError, KeyError, ValueError) as e:
                 raise CacheError(f"{self.path / name} is missing or damaged ({e.__class__.__name__}). "
                                  "Fix: re-extract with --overwrite") from None
+            self._check_shape(name, handles[name].shape)
         return handles[name]
 
     def write_shard(self, shard: int, arrays: Arrays) -> int:
@@ -142,14 +143,11 @@ class ZarrStore:
                 return fast.read(np.asarray(rows, dtype=np.int64), out)
             except DamagedShard as e:
                 if not (e.missing and e.shard in self.fill_shards):
-                        raise CacheError(f"{e} (cache {self.path.parent}). Fix: re-extract it with mettle-extract "
+                    raise CacheError(f"{e} (cache {self.path.parent}). Fix: re-extract it with mettle-extract "
                                      "... --overwrite (the rows of that shard cannot be trusted)") from None
                 # a shard of failed clips only, written through zarr (mettle before 2026-11-27): zarr
                 # leaves its file out, and reads it as the fill value, as below
         arr = self._array(name)
-        if ("shape", name) not in self._handles():
-            self._check_shape(name, arr.shape)
-            self._handles()[("shape", name)] = True
         if isinstance(rows, slice):
             return _into(arr[rows], out)
         rows = np.asarray(rows, dtype=np.int64)
@@ -173,7 +171,7 @@ class H5Store:
         self.meta = meta
         self._file = None
         self._pid = None
-        self._checked: set[tuple[str, int]] = set()  # (array, pid) whose shape was checked against cache.json
+        self._checked: set[str] = set()  # arrays of the open file whose shape was checked against cache.json
 
     def _shard_path(self, shard: int) -> Path:
         return self.root / H5_SHARD_DIR / f"{shard_name(shard)}.h5"
@@ -217,7 +215,7 @@ class H5Store:
             except OSError as e:
                 raise CacheError(f"{self.root / H5_FILE} cannot be opened ({e}). Fix: re-extract with --overwrite") \
                     from None
-            self._pid = os.getpid()
+            self._pid, self._checked = os.getpid(), set()
             self._check_files()  # once per process, on every read path (prepare() opens first)
         return self._file
 
@@ -256,9 +254,9 @@ class H5Store:
 
     def _read(self, name: str, rows: Sequence[int] | slice, out: np.ndarray | None) -> np.ndarray:
         ds = self._open()[name]
-        if (name, self._pid) not in self._checked:
+        if name not in self._checked:
             _check_shape(self.meta, name, tuple(ds.shape), self.root / H5_FILE)
-            self._checked.add((name, self._pid))
+            self._checked.add(name)
         if isinstance(rows, slice):
             return _into(ds[rows], out)
         rows = np.asarray(rows, dtype=np.int64)

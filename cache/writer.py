@@ -222,7 +222,7 @@ def create_cache(root: str | Path, meta: CacheMeta, manifest: Manifest, overwrit
         else:
             old = CacheMeta.load(root)
             diff = identity_diff(old.identity(), meta.identity())
-            if diff.startswith("media decoding rules") and (root / DONE_FILE).is_file() \
+            if old.media != meta.media and (root / DONE_FILE).is_file() \
                     and not identity_diff({**old.identity(), "media": {}}, {**meta.identity(), "media": {}}):
                 log.warning("%s was finished under other media decoding rules (%s); it is read as it is. "
                             "Re-extract it with --overwrite to apply the current ones", root, diff)

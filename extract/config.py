@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,6 @@ class ExtractConfig:
         return asdict(self)
 
 
-_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 AT_LEAST = {"batch_size": 1, "decode_threads": 1, "decode_processes": 0, "workers": 0, "limit": 1, "shard_clips": 1,
             "audio_tile": 1}
 
@@ -71,30 +71,31 @@ def typed_options(values: dict[str, Any], where: str) -> dict[str, Any]:
     true (an ``overwrite: "false"`` line deleted a finished cache); ``2.5`` clips per shard, or ``six``,
     must not reach the code that compares them. Booleans take YAML's and the command line's spellings.
     """
-    from typing import get_type_hints
+    from typing import get_args, get_origin, get_type_hints
 
     from mettle.cache import CacheError
+    from mettle.manifests.options import parse_bool
 
     hints = get_type_hints(ExtractConfig)
     out: dict[str, Any] = {}
     for key, value in values.items():
-        hint = str(hints[key])
+        hint = hints[key]
+        kinds = set(get_args(hint)) if isinstance(hint, types.UnionType) else {get_origin(hint) or hint}
         fix = f"Fix: write e.g. {key}: {_example(key)}"
         if value is None:
-            if "None" not in hint:
+            if type(None) not in kinds:
                 raise CacheError(f"{where}: {key} needs a value. {fix}")
         elif key == "cuda_graphs":
             pass  # auto | true | false, or a boolean: checked by graph_setting
-        elif hint.startswith("dict"):
+        elif dict in kinds:
             if not isinstance(value, dict):
                 raise CacheError(f"{where}: {key} must be a mapping of option: value. Fix: write e.g. {key}: {{seed: 1}}")
-        elif hint == "<class 'bool'>":
-            if not isinstance(value, bool):
-                text = str(value).strip().lower()
-                if text not in _TRUE | _FALSE:
-                    raise CacheError(f"{where}: {key}={value!r} is not a boolean. Fix: write {key}: true or false")
-                value = text in _TRUE
-        elif "int" in hint:
+        elif bool in kinds:
+            flag = parse_bool(str(value).strip())
+            if flag is None:
+                raise CacheError(f"{where}: {key}={value!r} is not a boolean. Fix: write {key}: true or false")
+            value = flag
+        elif int in kinds:
             if isinstance(value, bool) or not isinstance(value, int):
                 try:
                     value = int(str(value).strip())

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from mettle.cache.dtypes import Encoded
+from mettle.manifests.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def capture(fn: EncodeFn, x: torch.Tensor, device: torch.device, name: str) -> G
         eager = fn(x.to(device, non_blocking=True))
         err = max(_rel_err(replay[k], eager[k]) for k in eager)
     except (RuntimeError, ValueError) as e:  # what CUDA and torch raise when a capture is refused
-        log.warning("%s: CUDA graph capture failed (%s); running without graphs", name, (str(e).splitlines() or [repr(e)])[0])
+        log.warning("%s: CUDA graph capture failed (%s); running without graphs", name, first_line(e))
         return None
     if not err <= GRAPH_TOLERANCE:
         log.warning("%s: a CUDA graph replay is off by %.2g (relative) from the eager run; running without graphs",

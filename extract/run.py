@@ -110,8 +110,8 @@ def prepare(cfg: ExtractConfig, backbones=None) -> tuple[CacheWriter, Manifest, 
                             "missing": MISSING}
     meta = plan_cache(manifest, {m: b.record() for m, b in backbones.items()}, storage=cfg.format,
                       preset=cfg.preset or default_preset(cfg.dataset), tokens=cfg.tokens, dtype=cfg.dtype,
-                      shard_clips=cfg.shard_clips or _resumed_shard_clips(cfg), extract=cfg.to_dict(), targets=targets, batch_size=cfg.batch_size,
-                      media=DECODING)
+                      shard_clips=cfg.shard_clips or _resumed_shard_clips(cfg), extract=cfg.to_dict(), targets=targets,
+                      batch_size=cfg.batch_size, media=DECODING)
     writer = create_cache(cfg.cache, meta, manifest, overwrite=cfg.overwrite)
     return writer, manifest, backbones
 

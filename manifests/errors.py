@@ -9,6 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message, for one-line reports (its repr when the message is empty:
+    ``EOFError()`` from a zero-byte file has none)."""
+    return (str(e).splitlines() or [repr(e)])[0]
+
+
 class ManifestError(ValueError):
     """A manifest (or a request for one) is invalid; the message says what to change."""
 

@@ -7,7 +7,16 @@ from typing import Any, Mapping
 
 from .errors import ManifestError
 
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+TRUE_WORDS, FALSE_WORDS = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(value: Any) -> bool | None:
+    """A boolean as YAML, click flags and ``--set`` spell it: a bool, or one of :data:`TRUE_WORDS` /
+    :data:`FALSE_WORDS` in any case (the caller strips spaces where it allows them); None otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    return True if text in TRUE_WORDS else False if text in FALSE_WORDS else None
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...], defaults: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -30,9 +39,9 @@ def parse_overrides(pairs: list[str] | tuple[str, ...], defaults: Mapping[str, A
 
 def _convert(key: str, raw: str, default: Any) -> Any:
     if isinstance(default, bool):
-        low = raw.strip().lower()
-        if low in _TRUE | _FALSE:
-            return low in _TRUE
+        flag = parse_bool(raw.strip())
+        if flag is not None:
+            return flag
         raise ManifestError(f"--set {key}={raw!r}: expected true or false. Fix: --set {key}=true")
     for typ in (int, float):
         if isinstance(default, typ):

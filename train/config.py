@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from mettle.cache.runtime import CUBLAS_WORKSPACE_CHOICES
+from mettle.manifests.options import parse_bool
 
 
 class ConfigError(ValueError):
@@ -115,7 +116,6 @@ class TrainConfig:
 # fingerprint (a rerun that changes only these finds the finished run), and so no sweep axis
 EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "overlap_copy", "cublas_workspace",
                      "lcd.chunk_mib", "lcd.matmul")
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 # string options with a fixed set of values
 CHOICES = {"cuda_graphs": ("auto", "true", "false"), "overlap_copy": ("auto", "true", "false"),
            "cublas_workspace": CUBLAS_WORKSPACE_CHOICES,
@@ -124,10 +124,9 @@ CHOICES = {"cuda_graphs": ("auto", "true", "false"), "overlap_copy": ("auto", "t
 
 def _convert(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in _TRUE | _FALSE:
-            return str(value).lower() in _TRUE
+        flag = parse_bool(value)
+        if flag is not None:
+            return flag
         raise ConfigError(f"{key}={value!r} is not a boolean. Fix: use true or false")
     if isinstance(default, int):
         try:
@@ -144,8 +143,8 @@ def _convert(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, str):
         if key not in CHOICES:
             return str(value)
-        text = str(value).lower()
-        text = "true" if text in _TRUE else "false" if text in _FALSE else text  # YAML's booleans, --flag/--no-flag
+        flag = parse_bool(value)  # YAML's booleans, --flag/--no-flag
+        text = str(value).lower() if flag is None else "true" if flag else "false"
         if text not in CHOICES[key]:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(CHOICES[key])}. Fix: write e.g. {key}={default}")
         return text
@@ -208,7 +207,7 @@ def parse_sets(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
 def resolve_config(task: str, head_defaults: Mapping[str, Any], config_file: str | Path | None = None,
                    sets: Mapping[str, Any] | None = None, **top: Any) -> TrainConfig:
     """Typed defaults (with the task's head defaults) <- YAML ``config_file`` <- ``sets`` <- ``top``."""
-    cfg = TrainConfig(task=task, head=dict(head_defaults))
+    cfg = defaults = TrainConfig(task=task, head=dict(head_defaults))
     if config_file is not None:
         path = Path(config_file)
         try:
@@ -226,7 +225,7 @@ def resolve_config(task: str, head_defaults: Mapping[str, Any], config_file: str
         raise ConfigError("--set task=... would keep the head defaults of --task. Fix: pass the task as --task")
     cfg = apply(cfg, dict(sets or {}), "--set")
     cfg = apply(cfg, {k: v for k, v in top.items() if v is not None}, "option")
-    check_ranges(cfg)
+    check_ranges(cfg, defaults)
     if cfg.init_keys != "*" and not cfg.init_from:
         raise ConfigError(f"init_keys={cfg.init_keys!r} chooses parameters of --init-from, which is not given. "
                           "Fix: pass --init-from RUN, or drop init_keys")
@@ -248,8 +247,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 
 
-def check_ranges(cfg: TrainConfig) -> None:
-    """Refuse a numeric option outside :data:`RANGES`, naming it, its range and a valid value."""
+def check_ranges(cfg: TrainConfig, defaults: TrainConfig) -> None:
+    """Refuse a numeric option outside :data:`RANGES`, naming it, its range and a valid value (its value in
+    ``defaults``: the typed defaults with the task's head defaults)."""
     flat = _flat(cfg)
     for key, (low, high, low_ok, high_ok) in RANGES.items():
         if key not in flat:
@@ -257,7 +257,7 @@ def check_ranges(cfg: TrainConfig) -> None:
         v = flat[key]
         if not math.isfinite(v) or (v < low or (v == low and not low_ok)) or (v > high or (v == high and not high_ok)):
             lo, hi = ("[" if low_ok else "(") + f"{low:g}", f"{high:g}" + ("]" if high_ok else ")")
-            default = _flat(TrainConfig(task=cfg.task)).get(key, {"head.dropout": 0.1, "head.hidden": 256}.get(key))
+            default = _flat(defaults)[key]
             raise ConfigError(f"{key}={v} is outside {lo}, {hi}. Fix: write e.g. {key}={default}")
 
 

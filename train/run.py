@@ -28,6 +28,7 @@ from mettle.cache import CacheError, CacheMeta, TokenSource
 from mettle.cache.format import write_json_atomic
 from mettle.cache.writer import identity_diff
 from mettle.cache.runtime import cublas_workspace
+from mettle.manifests.errors import first_line
 
 from .config import ConfigError, TrainConfig, save_config
 from .loop import FitResult, build_model, evaluate, fit, load_checkpoint, resolve_device, save_checkpoint
@@ -160,7 +161,7 @@ def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> 
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"--checkpoint {checkpoint} does not fit this model ({(str(e).splitlines() or [repr(e)])[0][:160]}). "
+        raise ValueError(f"--checkpoint {checkpoint} does not fit this model ({first_line(e)[:160]}). "
                          "Fix: pass the run's config (--config RUN/config.yaml) with its checkpoint") from None
     model.to(device)
     out = {split: evaluate(model, task, source, split, cfg.optim.batch_size, device, cfg.workers)

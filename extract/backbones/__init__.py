@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mettle.manifests.errors import first_line
+
 from ._registry import BackboneSpec, create_backbone, get_backbone_spec, list_backbones, register_backbone
 from .base import RANDOM_INIT, Backbone, BackboneError, BlockInfo
 from .htsat import HTSATBackbone, HTSATConfig, load_official_checkpoint
@@ -36,7 +38,7 @@ def _timm_swinv2(name: str, arch: str, weights: Path | None, random_init: bool, 
         except Exception as e:  # hub errors, offline mode, bad file: all end in the same advice
             where = f"the weights file {weights}" if weights else "the pretrained weights (download)"
             raise BackboneError(
-                f"could not load {where} for {name} ({e.__class__.__name__}: {(str(e).splitlines() or [repr(e)])[0][:200]}). "
+                f"could not load {where} for {name} ({e.__class__.__name__}: {first_line(e)[:200]}). "
                 "Fix: pass --visual-weights FILE (a timm .safetensors/.pth of this model), go online, "
                 "or pass --random-init") from None
     backbone = cls(name, model)

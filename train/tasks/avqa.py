@@ -72,14 +72,13 @@ class GroundingHead(nn.Module):
         # reference draws them; in evaluation the same second of it, so validation scores do not vary from epoch
         # to epoch. A batch of one clip (an epoch's last) has no other clip: another second of its own.
         b, t = visual.shape[:2]
-        seconds = torch.arange(t, device=visual.device).expand(b, t)
         if b > 1:
             other = visual.roll(1, dims=0)
             pick = torch.randint(0, t, (b, t), device=visual.device) if self.training else None
         else:
             other = visual
             shift = torch.randint(1, t, (b, t), device=visual.device) if self.training and t > 1 else 1
-            pick = (seconds + shift) % t
+            pick = (torch.arange(t, device=visual.device).expand(b, t) + shift) % t
         if pick is not None:
             other = other.gather(1, pick.view(b, t, *[1] * (other.dim() - 2)).expand_as(other))
         _, v_neg = self.grounding(audio, other)
