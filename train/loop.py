@@ -31,6 +31,7 @@ from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
+METRIC_UNITS = "percent"  # what saved states and results hold; absent: saved while AVE reported fractions
 LAG_DEVICES = ("cuda",)  # where a step's loss is read only after the next step is queued
 
 
@@ -164,6 +165,10 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
         best, step, start = tuple(resume["best"]), int(resume["step"]), int(resume["epoch"]) + 1
         result.best_epoch, result.best_state, result.val = int(resume["best_epoch"]), resume["best_state"], resume["val"]
         result.history, result.step_losses = list(resume["history"]), list(resume["step_losses"])
+        if resume.get("metric_units") != METRIC_UNITS:  # saved while some metrics were fractions
+            best = (task.in_percent({task.select_metric: best[0]})[task.select_metric], best[1])
+            result.val = task.in_percent(result.val)
+            result.history = [task.in_percent(r, "val_") for r in result.history]
         log.info("resuming at epoch %d of %d", start + 1, cfg.optim.epochs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -234,7 +239,7 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
                 "scheduler": sched.state_dict(), "generator": generator.get_state(), **rng_state(device),
                 "best": list(best), "step": step, "epoch": epoch, "best_epoch": result.best_epoch,
                 "best_state": result.best_state, "val": result.val, "history": result.history,
-                "step_losses": result.step_losses, "fingerprint": cfg.fingerprint()})
+                "step_losses": result.step_losses, "fingerprint": cfg.fingerprint(), "metric_units": METRIC_UNITS})
         if on_epoch is not None:
             on_epoch(record, result)
         bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", **{f"val_{k}": f"{v:.3f}" for k, v in val.items()})

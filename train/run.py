@@ -31,8 +31,8 @@ from mettle.cache.runtime import cublas_workspace
 from mettle.manifests.errors import first_line
 
 from .config import ConfigError, TrainConfig, save_config
-from .loop import FitResult, build_model, evaluate, fit, load_checkpoint, resolve_device, save_checkpoint
-from .tasks import get_task
+from .loop import METRIC_UNITS, FitResult, build_model, evaluate, fit, load_checkpoint, resolve_device, save_checkpoint
+from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
@@ -71,6 +71,22 @@ def check_same_source(run_dir: Path, source: TokenSource, what: str) -> None:
                          "another --out, or delete that run folder (mettle-train --overwrite trains it again)")
 
 
+def _table(task: Task, test: dict[str, float], extra: dict[str, dict[str, float]]) -> list[str]:
+    return task.table(test) + [line for name, m in extra.items() for line in ["", f"{name}:", *task.table(m)] if m]
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A finished run's results, its metrics in percent also where it was saved while AVE reported a
+    fraction (no ``metric_units``), so that sweeps and reruns never mix the two."""
+    results = json.loads(Path(path).read_text())
+    if results.get("metric_units") != METRIC_UNITS:
+        task = get_task(results["task"])
+        results["test"], results["val"] = task.in_percent(results["test"]), task.in_percent(results["val"])
+        results["extra_tests"] = {n: task.in_percent(m) for n, m in results.get("extra_tests", {}).items()}
+        results["metric_units"], results["table"] = METRIC_UNITS, _table(task, results["test"], results["extra_tests"])
+    return results
+
+
 def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, progress: bool = True,
               plot: bool = True, save_masks: int = 0, resume: bool = False) -> tuple[Path, dict[str, Any]]:
     """Train into a run folder (or return the finished one's results: reruns skip finished work).
@@ -85,7 +101,7 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
     if (run_dir / RESULTS).is_file() and not overwrite:
         check_same_source(run_dir, source, "its results are of")
         log.info("%s is finished; not training again (pass --overwrite to)", run_dir)
-        return run_dir, json.loads((run_dir / RESULTS).read_text())
+        return run_dir, read_results(run_dir / RESULTS)
     model = build_model(cfg, source)  # refuse a source that lacks what the task needs before creating anything
     state = None
     if resume and (run_dir / "last.pt").is_file():
@@ -130,8 +146,7 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
                "graph_replays": res.graph_replays,
                "seconds": time.perf_counter() - t0, "device": str(resolve_device(cfg.device)),
                "source": source_identity(source), "mettle_version": __version__,
-               "table": task.table(res.test) + [line for name, m in res.extra.items()
-                                                 for line in ["", f"{name}:", *task.table(m)] if m]}
+               "metric_units": METRIC_UNITS, "table": _table(task, res.test, res.extra)}
     if plot:
         plot_curves(res.history, task.select_metric, run_dir / "curves.png")
     if save_masks:

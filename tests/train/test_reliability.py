@@ -26,16 +26,17 @@ class Killed(Exception):
     pass
 
 
-def test_resume_continues_to_the_same_result(small_toy_cache, tmp_path, monkeypatch):
-    source = open_cache(small_toy_cache)
-    _, clean = train_run(_cfg(small_toy_cache, tmp_path / "clean"), source, progress=False, plot=False)
+def _killed_run(cache, tmp_path, monkeypatch):
+    """A clean 4-epoch run, and the same config killed right after epoch 2's state was saved."""
+    source = open_cache(cache)
+    _, clean = train_run(_cfg(cache, tmp_path / "clean"), source, progress=False, plot=False)
 
     def kill_after_second_epoch(record, result):
         if record["epoch"] == 1:
             raise Killed
 
     out = tmp_path / "killed"
-    cfg = _cfg(small_toy_cache, out)
+    cfg = _cfg(cache, out)
     import mettle.train.run as run_module
 
     real_fit = run_module.fit  # the run dies right after epoch 2's state is saved, as a kill would leave it
@@ -44,7 +45,11 @@ def test_resume_continues_to_the_same_result(small_toy_cache, tmp_path, monkeypa
     with pytest.raises(Killed):
         train_run(cfg, source, progress=False, plot=False)
     monkeypatch.undo()
-    run_dir = next(out.iterdir())
+    return cfg, source, next(out.iterdir()), clean
+
+
+def test_resume_continues_to_the_same_result(small_toy_cache, tmp_path, monkeypatch):
+    cfg, source, run_dir, clean = _killed_run(small_toy_cache, tmp_path, monkeypatch)
     assert not (run_dir / "results.json").exists()
     state = load_checkpoint(run_dir / "last.pt")  # weights_only load of the full training state
     assert state["epoch"] == 1 and len(state["history"]) == 2
@@ -60,6 +65,29 @@ def test_resume_continues_to_the_same_result(small_toy_cache, tmp_path, monkeypa
     clean_lines = [json.loads(x) for x in next((tmp_path / "clean").iterdir()).joinpath("metrics.jsonl")
                    .read_text().splitlines()]
     assert [r["train_loss"] for r in lines] == [r["train_loss"] for r in clean_lines]
+
+
+def test_runs_saved_while_ave_reported_fractions_read_in_percent(small_toy_cache, tmp_path, monkeypatch):
+    """AVE's accuracy was a fraction in runs saved before 2026-11-28 (every other task: percent). Their
+    states resume, and their results are read, in percent: a sweep never mixes 0.90 with 90.0."""
+    cfg, source, run_dir, clean = _killed_run(small_toy_cache, tmp_path, monkeypatch)
+    assert clean["metric_units"] == "percent" and clean["best_epoch"] in (0, 1)  # else the best's units go untested
+    state = load_checkpoint(run_dir / "last.pt")
+    del state["metric_units"]  # the state as the older mettle saved it
+    state["best"][0] /= 100
+    state["val"] = {k: v / 100 if k == "accuracy" else v for k, v in state["val"].items()}
+    state["history"] = [{k: v / 100 if k == "val_accuracy" else v for k, v in r.items()} for r in state["history"]]
+    torch.save(state, run_dir / "last.pt")
+    _, resumed = train_run(cfg, source, progress=False, plot=False, resume=True)
+    assert resumed["val"] == pytest.approx(clean["val"]) and resumed["best_epoch"] == clean["best_epoch"]
+    assert resumed["test"] == pytest.approx(clean["test"]) and resumed["table"] == clean["table"]
+    old = {**resumed, "test": {**resumed["test"], "accuracy": resumed["test"]["accuracy"] / 100},
+           "val": {**resumed["val"], "accuracy": resumed["val"]["accuracy"] / 100}, "table": ["| AVE accuracy | 0.9 |"]}
+    del old["metric_units"]
+    (run_dir / "results.json").write_text(json.dumps(old))
+    _, again = train_run(cfg, source, progress=False, plot=False)  # finished: read, not trained
+    assert again["test"] == pytest.approx(clean["test"]) and again["val"] == pytest.approx(clean["val"])
+    assert again["table"] == clean["table"] and again["metric_units"] == "percent"
 
 
 def _chain(first, second):

@@ -52,6 +52,7 @@ class AVETask(Task):
     modalities = ("visual", "audio")
     head_defaults = {"hidden": 256, "temporal": "gru", "dropout": 0.1}
     select_metric = "accuracy"
+    fraction_metrics = ("accuracy",)  # in percent since 2026-11-28
     label_key = "segment_labels"
 
     def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest,
@@ -67,7 +68,7 @@ class AVETask(Task):
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, manifest: Manifest,
                 items: Sequence[int]) -> dict[str, float]:
-        return {"accuracy": segment_accuracy(outputs.argmax(-1), targets)}
+        return {"accuracy": 100.0 * segment_accuracy(outputs.argmax(-1), targets)}  # percent, as every task reports
 
     def table(self, metrics: Mapping[str, float]) -> list[str]:
-        return ["| metric | value |", "| --- | --- |", f"| AVE accuracy (all seconds) | {100 * metrics['accuracy']:.2f} |"]
+        return ["| metric | value |", "| --- | --- |", f"| AVE accuracy (all seconds) | {metrics['accuracy']:.2f} |"]

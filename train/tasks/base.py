@@ -28,6 +28,13 @@ class Task:
     label_key: str = ""  # the clip label the task needs (checked on the manifest)
     default_layers: str = "all"  # what lcd.layers=auto means for this task
     target_keys: tuple[str, ...] = ()  # targets read from the token source with the tokens (AVS masks)
+    fraction_metrics: tuple[str, ...] = ()  # metrics that runs saved before 2026-11-28 hold as fractions
+
+    def in_percent(self, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """``metrics`` (keys ``prefix + name``) of a run saved while this task still reported some of them
+        as fractions, in percent as every task reports now (a sweep must not mix 0.90 with 90.0)."""
+        return {k: 100.0 * v if k.startswith(prefix) and k[len(prefix):] in self.fraction_metrics else v
+                for k, v in metrics.items()}
 
     def check(self, manifest: Manifest) -> None:
         """Refuse a manifest without the labels this task trains on."""
