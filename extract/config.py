@@ -162,7 +162,9 @@ def graphs_of(cfg: ExtractConfig, device_type: str) -> bool:
 
 
 def parse_backbones(spec: str) -> dict[str, str]:
-    """``specific`` | ``shared`` | ``tiny`` | ``tiny-shared`` | ``visual=NAME,audio=NAME`` (either may be left out)."""
+    """``specific`` | ``shared`` | ``tiny`` | ``tiny-shared`` | ``visual=NAME,audio=NAME``. Both modalities are
+    needed: every task trains on both, so a one-sided cache would be refused only at training, after the
+    extraction's hours."""
     if spec in BACKBONE_SETS:
         return dict(BACKBONE_SETS[spec])
     out: dict[str, str] = {}
@@ -177,6 +179,11 @@ def parse_backbones(spec: str) -> dict[str, str]:
             raise BackboneError(f"--backbones: {name} is a {bspec.modality} backbone, not {modality}. "
                                 f"Fix: write {bspec.modality}={name}")
         out[modality] = name
+    missing = [m for m in ("visual", "audio") if m not in out]
+    if missing:
+        raise BackboneError(f"--backbones {spec!r} leaves out the {missing[0]} backbone, and every task trains on "
+                            f"both modalities. Fix: add {missing[0]}=NAME (see mettle-extract --list-backbones), "
+                            f"or use one of {', '.join(BACKBONE_SETS)}")
     return out
 
 

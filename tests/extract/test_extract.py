@@ -275,6 +275,7 @@ def test_cli_info_limit_and_errors(clean, toy_root, tmp_path):
     assert len(cache.manifest) == 3 and cache.meta.tokens == "grid2" and cache.meta.dtype == "int8"
     assert cache.meta.array("visual/stage0.block0").grid == (2, 2)
     for bad, message in [(["--backbones", "huge"], "--backbones 'huge' is not understood"),
+                         (["--backbones", "visual=test_swinv2_tiny"], "leaves out the audio backbone"),
                          (["--tokens", "most"], "unknown token budget 'most'"),
                          (["--set", "colour=red"], "has no option 'colour'"),
                          (["--visual-weights", str(tmp_path / "none.pth")], "no such file")]:
