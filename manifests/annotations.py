@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 from importlib import resources
 from pathlib import Path
 
-from .errors import AnnotationError
+from .errors import AnnotationError, first_line
 
 
 def packaged(dataset: str) -> Path:
@@ -29,9 +30,13 @@ def read_text(path: Path, fix: str) -> str:
         raise AnnotationError(path, None, "file not found", fix)
     data = path.read_bytes()
     if path.suffix == ".gz":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # not gzip, a bad CRC, cut short, a damaged block
+            raise AnnotationError(path, None, f"damaged gzip file ({first_line(e)})",
+                                  "copy the file again, or give the uncompressed file") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (some editors write one) is no part of the text
     except UnicodeDecodeError as e:
         raise AnnotationError(path, None, f"not UTF-8 text ({e.reason})", "give the original annotation file") from None
 

@@ -9,7 +9,8 @@ Labels per clip: ``segment_labels`` (one class per second, background = ``len(ca
 when ``StartTime <= t < EndTime`` as the reference ``labels.h5`` does) and ``event_class``.
 Media: ``frames/<VideoID>/``, ``wave/<VideoID>.npy``, or ``videos/<VideoID>.<ext>``.
 46 annotation rows reuse an earlier VideoID (another event of the same video, 18 of them in
-another split, as the official protocol has it); those clips get the id ``<VideoID>#<row>``.
+another split, as the official protocol has it); every row of such a VideoID (91 rows, the first
+ones included) gets the id ``<VideoID>#<row>``.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def _read_order(path: Path, num_rows: int, fix: str) -> list[int]:
         raise AnnotationError(path, None, "file not found", fix)
     try:
         with h5py.File(path, "r") as f:
+            if not isinstance(f.get("order"), h5py.Dataset):
+                raise KeyError("'order' is missing or not a dataset")
             order = np.asarray(f["order"][()])
     except (OSError, KeyError) as e:
         raise AnnotationError(path, None, f"cannot read dataset 'order' ({e})", "give the official *_order.h5") from None

@@ -79,9 +79,9 @@ class Question:
         """The question as the reference loaders tokenise it.
 
         Split on spaces, drop the question mark of the last word, and replace each ``<...>``
-        placeholder in order by its value. Surrounding whitespace is stripped first: a few hundred
-        official templates end in ``"? "``, which a bare ``split(" ")`` would turn into the
-        out-of-vocabulary word ``"sound?"``.
+        placeholder in order by its value. Surrounding whitespace is stripped first, as the reference
+        loaders do (``rstrip()``): a few hundred official templates end in ``"? "``, which a bare
+        ``split(" ")`` would turn into the out-of-vocabulary word ``"sound?"``.
         """
         words = self.template.strip().split(" ")
         if words[-1][-1:] in ("?", "\uff1f"):

@@ -105,6 +105,21 @@ def test_split_file_mismatch_refused(ave_copy):
         build_manifest("ave", annotations=str(ave_copy))
 
 
+def test_an_order_file_without_an_order_array_is_named(ave_copy):
+    (ave_copy / "val_order.h5").unlink()
+    with h5py.File(ave_copy / "val_order.h5", "w") as f:
+        f.create_group("order")  # a group where the array should be: was a TypeError traceback
+    with pytest.raises(AnnotationError, match=r"val_order.h5: cannot read dataset 'order' .*Fix: give the official"):
+        build_manifest("ave", annotations=str(ave_copy))
+
+
+def test_a_byte_order_mark_is_no_part_of_the_first_class(ave, ave_copy):
+    path = ave_copy / "categories.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as some editors save UTF-8
+    again = build_manifest("ave", annotations=str(ave_copy))
+    assert again.vocabularies == ave.vocabularies and [c.labels for c in again.clips] == [c.labels for c in ave.clips]
+
+
 def test_missing_file_names_the_fix(tmp_path):
     with pytest.raises(AnnotationError, match="categories.txt: file not found. Fix"):
         build_manifest("ave", annotations=str(tmp_path))

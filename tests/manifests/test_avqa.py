@@ -55,6 +55,19 @@ def test_user_train_json(tmp_path):
         build_manifest("music-avqa", train_json=str(path))
 
 
+def test_a_damaged_gzip_question_file_is_named(tmp_path):
+    import gzip
+
+    whole = gzip.compress(json.dumps([{"video_id": "00000093"}]).encode())
+    damaged = {"cut": whole[:-9], "not-gzip": b"[{}]", "bad-crc": whole[:-8] + bytes(4) + whole[-4:],
+               "bad-block": whole[:12] + bytes(len(whole) - 12)}
+    for name, data in damaged.items():  # were: 'Aborted!', a zlib traceback, or no path at all
+        path = tmp_path / f"{name}.json.gz"
+        path.write_bytes(data)
+        with pytest.raises(AnnotationError, match=rf"{name}.json.gz: damaged gzip file .*Fix: copy the file again"):
+            build_manifest("music-avqa", train_json=str(path))
+
+
 def test_bad_version():
     with pytest.raises(ManifestError, match="version 'v3' is unknown"):
         build_manifest("music-avqa", version="v3")
