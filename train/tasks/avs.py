@@ -158,13 +158,14 @@ class _AVSTask(Task):
         return out
 
     def table(self, metrics: Mapping[str, float]) -> list[str]:
-        rows = ["| metric | value |", "| --- | --- |", f"| mIoU | {metrics['miou']:.2f} |",
-                f"| F-score (per frame, beta^2 = 0.3) | {metrics['fscore']:.2f} |"]
+        # the F-scores comparable with published figures first; the per-frame one reads higher
+        rows = ["| metric | value |", "| --- | --- |", f"| mIoU | {metrics['miou']:.2f} |"]
         for name, (videos, who) in REFERENCE_BATCHES.items():
             if name in metrics:  # runs saved before these were reported lack them
-                rows.append(f"| F-score as {who} test it ({videos} video{'s' * (videos > 1)} a batch) | "
+                rows.append(f"| F-score as {who} test it ({videos} video{'s' * (videos > 1)} a batch, beta^2 = 0.3) | "
                             f"{metrics[name]:.2f} |")
-        return rows
+        return rows + [f"| F-score per frame (each frame's best threshold; not the published protocol) | "
+                       f"{metrics['fscore']:.2f} |"]
 
     def save_examples(self, outputs: torch.Tensor, targets: torch.Tensor, manifest: Manifest, items: Sequence[int],
                       folder: Path) -> list[Path]:
