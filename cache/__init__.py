@@ -15,10 +15,11 @@ from .info import describe
 from .reader import Cache, open_cache
 from .plan import plan_cache
 from .writer import CacheWriter, ShardBuffer, ShardStatus, create_cache
+from .verify import VerifyReport, verify_cache
 
 __all__ = [
     "DEFAULT_DTYPE", "DEFAULT_TOKENS", "DTYPES", "FORMAT_VERSION", "OK", "PRESET_SUMMARY", "SCALE", "STORAGES", "TASK_PRESETS",
     "TOKEN_BUDGETS", "ArraySpec", "BackboneRecord", "BlockLayout", "Cache", "CacheError", "CacheMeta", "CacheWriter",
     "Float16Overflow", "ShardBuffer", "ShardStatus", "TokenSource", "budget_grid", "check_budget", "check_preset", "create_cache",
-    "default_preset", "describe", "open_cache", "plan_cache", "pool_tokens", "select_blocks",
+    "default_preset", "describe", "open_cache", "plan_cache", "pool_tokens", "select_blocks", "VerifyReport", "verify_cache",
 ]

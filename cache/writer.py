@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ from mettle.manifests import Manifest
 from .dtypes import check_peak, decode, encode, get_dtype
 from .errors import CacheError
 from .format import (DONE_FILE, H5_FILE, H5_SHARD_DIR, MANIFEST_FILE, META_FILE, OK, STATUS_DIR, TARGETS, ZARR_DIR,
-                     CacheMeta, read_done, shard_name, write_json_atomic)
+                     CacheMeta, data_checksum, read_done, shard_name, write_json_atomic)
 from .store import SCALE, get_store
 
 log = logging.getLogger(__name__)
+CHECKSUM_THREADS = 2  # a shard's data checksums, computed while its files are written
 
 
 class ShardBuffer:
@@ -106,6 +108,7 @@ class ShardStatus:
     peak_memory: int = 0
     worker: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)  # array name -> data_checksum of this shard's rows
 
 
 class CacheWriter:
@@ -154,8 +157,12 @@ class CacheWriter:
         if (self.root / DONE_FILE).exists():
             (self.root / DONE_FILE).unlink()  # the cache changes: it is not done until finish() again
         t0 = time.perf_counter()
+        arrays = buffer.arrays()
         try:
-            status.bytes = self.store.write_shard(buffer.shard, buffer.arrays())
+            with ThreadPoolExecutor(CHECKSUM_THREADS, thread_name_prefix="checksum") as pool:
+                sums = pool.map(data_checksum, arrays.values())  # beside the write: both release the GIL
+                status.bytes = self.store.write_shard(buffer.shard, arrays)
+                status.checksums = dict(zip(arrays, sums))
         except OSError as e:  # disk full, read-only folder, quota: the shard stays unwritten (no status)
             raise CacheError(f"could not write shard {buffer.shard} of {self.root} ({e.strerror or e}). Fix: free "
                              "disk space or make the folder writable, then rerun the same command: finished "

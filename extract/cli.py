@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import yaml
 
-from mettle.cache import DTYPES, PRESET_SUMMARY, STORAGES, TASK_PRESETS, CacheError, describe
+from mettle.cache import DTYPES, PRESET_SUMMARY, STORAGES, TASK_PRESETS, CacheError, describe, verify_cache
 from mettle.manifests import get_dataset, list_datasets
 from mettle.manifests.cli import clean_errors
 from mettle.manifests.options import parse_overrides
@@ -90,16 +90,26 @@ def load_config(path: Path | None, cli: dict) -> ExtractConfig:
 @click.option("--on-error", type=click.Choice(["fail", "skip"]),
               help="bad clip: stop (fail) or record it and go on (skip) [fail]")
 @click.option("--info", "info", type=click.Path(), help="print what the cache at PATH holds, and exit")
+@click.option("--verify", "verify", type=click.Path(),
+              help="read every shard of the cache at PATH back against its checksums; damaged shards are marked "
+                   "for the next extraction run; exit 1 if any")
 @click.option("--list-backbones", "list_backbones_", is_flag=True, help="list registered backbones and sets, and exit")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 @clean_errors(CacheError, BackboneError, MediaError, ExtractError, DecodeWorkersError, ValueError)
-def main(info, list_backbones_, quiet, verbose, config_file, overrides, format_, **options) -> None:
+def main(info, verify, list_backbones_, quiet, verbose, config_file, overrides, format_, **options) -> None:
     """Extract DATASET's per-block backbone tokens into a cache (resumes by default)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
     if info:
         for line in describe(Path(info)):
             click.echo(line)
+        return
+    if verify:
+        report = verify_cache(Path(verify), progress=not quiet)
+        for line in report.lines():
+            click.echo(line)
+        if not report.ok:
+            sys.exit(1)
         return
     if list_backbones_:
         for name in list_backbones():
