@@ -6,13 +6,14 @@ print it as one line without a traceback.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
 def first_line(e: BaseException) -> str:
     """The first line of an error's message, for one-line reports (its repr when the message is empty:
     ``EOFError()`` from a zero-byte file has none)."""
-    return (str(e).splitlines() or [repr(e)])[0]
+    return re.sub(r"\x1b\[[0-9;]*m", "", (str(e).splitlines() or [repr(e)])[0])  # no terminal colour codes
 
 
 class ManifestError(ValueError):

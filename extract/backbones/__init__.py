@@ -29,22 +29,54 @@ def _timm_swinv2(name: str, arch: str, weights: Path | None, random_init: bool, 
                  **overrides) -> SwinV2Backbone:
     import timm
 
-    if random_init:
+    if random_init or weights is not None:
         model = timm.create_model(arch, pretrained=False, num_classes=0, **overrides)
+        if weights is not None and not random_init:
+            _load_swin_file(model, Path(weights), name)
     else:
-        overlay = {"file": str(weights)} if weights is not None else None
         try:
-            model = timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **overrides)
-        except Exception as e:  # hub errors, offline mode, bad file: all end in the same advice
-            where = f"the weights file {weights}" if weights else "the pretrained weights (download)"
+            model = timm.create_model(arch, pretrained=True, num_classes=0, **overrides)
+        except Exception as e:  # hub errors, offline mode: all end in the same advice
             raise BackboneError(
-                f"could not load {where} for {name} ({e.__class__.__name__}: {first_line(e)[:200]}). "
-                "Fix: pass --visual-weights FILE (a timm .safetensors/.pth of this model), go online, "
-                "or pass --random-init") from None
+                f"could not load the pretrained weights (download) for {name} ({e.__class__.__name__}: "
+                f"{first_line(e)[:200]}). Fix: pass --visual-weights FILE (a timm .safetensors/.pth of this "
+                "model), go online, or pass --random-init") from None
     backbone = cls(name, model)
     if not random_init:
         backbone.weights_id = "loaded"
     return backbone
+
+
+def _load_swin_file(model, weights: Path, name: str) -> None:
+    """Load a local Swin-V2 weights file into ``model``, every tensor or none.
+
+    Why not timm's ``pretrained_cfg_overlay={"file": ...}``: timm loads non-strictly whenever the head
+    differs from the pretrained one (here always: ``num_classes=0``), so a file of another model loaded
+    nothing, said nothing, and the random weights were recorded as loaded. Accepted: timm's layout
+    (``model.safetensors`` of ``timm/swinv2_large_window12_192.ms_in22k``) and Microsoft's ``.pth``
+    (``{"model": ...}``), through timm's own key filter; the classifier head is dropped."""
+    from timm.models import load_state_dict
+    from timm.models.swin_transformer_v2 import checkpoint_filter_fn
+
+    fix = (f"Fix: pass --visual-weights FILE with the weights of {SWINV2_LARGE} (timm's model.safetensors from the "
+           "Hugging Face hub, or Microsoft's swinv2 .pth), or pass --random-init")
+    try:
+        state = checkpoint_filter_fn(load_state_dict(str(weights), weights_only=True), model)
+    except Exception as e:  # not a checkpoint, pickled objects, another layout: one line, with the fix
+        raise BackboneError(f"could not load the weights file {weights} for {name} ({e.__class__.__name__}: "
+                            f"{first_line(e)[:200]}). {fix}") from None
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (wants {tuple(own[k].shape)})" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+                         if keys)
+        raise BackboneError(f"the weights file {weights} is not {name}'s architecture ({what}). {fix}")
+    model.load_state_dict(state, strict=True)
 
 
 def _no_weights(name: str, weights: Path | None) -> None:

@@ -5,8 +5,9 @@ samples) every 5.2 ms (83 samples; Kaldi truncates), edges snipped; per frame: r
 pre-emphasis 0.97 (the first sample against itself), symmetric Hann window, zero-pad to 512, power
 spectrum; 192 triangular filters equally spaced on the HTK mel scale ``1127 ln(1 + f / 700)`` from
 20 Hz to Nyquist; natural log floored at float32 epsilon; no dither, no energy. Then the (188, 192)
-result is zero-padded (or cut) to 192 frames, normalised as ``(x + 4.985) / (2 * 3.708)`` and
-repeated to 3 channels: a (3, 192, 192) image with time down the rows and mel across the columns.
+result is normalised as ``(x - mean) / (2 * std)`` with LAVisH's AVE statistics (mean -4.9848, std
+3.7080), then zero-padded (or cut) to 192 frames, so that the padded frames are 0 as in LAVisH's
+``_wav2fbank`` (normalising after padding, as AST does, made them 0.672), and repeated to 3 channels: a (3, 192, 192) image with time down the rows and mel across the columns.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ MEL_BINS = 192
 LOW_HZ = 20.0
 PREEMPH = 0.97
 TARGET_FRAMES = 192
-NORM_MEAN, NORM_STD = -4.985, 3.708
+NORM_MEAN, NORM_STD = -4.984795570373535, 3.7079780101776123  # LAVisH's, computed on AVE at 192 bins
 
 
 def htk_mel(f: np.ndarray | float) -> np.ndarray:
@@ -57,9 +58,9 @@ def spectrogram_images(segments: np.ndarray, rate: int = 32000) -> torch.Tensor:
     """(T, rate) float32 1-s segments -> (T, 3, 192, 192) normalised fbank images."""
     wave = resample(np.asarray(segments, dtype=np.float32), rate, FBANK_RATE)
     fb = kaldi_fbank(torch.from_numpy(np.ascontiguousarray(wave)))
+    fb = (fb - NORM_MEAN) / (2 * NORM_STD)  # before padding: the padded frames are 0, as the reference's
     t = fb.shape[1]
-    fb = torch.nn.functional.pad(fb, (0, 0, 0, TARGET_FRAMES - t)) if t < TARGET_FRAMES else fb[:, :TARGET_FRAMES]
-    img = (fb - NORM_MEAN) / (2 * NORM_STD)
+    img = torch.nn.functional.pad(fb, (0, 0, 0, TARGET_FRAMES - t)) if t < TARGET_FRAMES else fb[:, :TARGET_FRAMES]
     return img[:, None].expand(-1, 3, -1, -1).contiguous()
 
 

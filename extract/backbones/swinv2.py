@@ -94,7 +94,7 @@ class SwinV2SpectrogramBackbone(SwinV2Backbone):
         return {"input": "1-s mono segments at 32 kHz, resampled to 16 kHz", "features": "Kaldi fbank",
                 "frame": fbank.FRAME, "shift": fbank.SHIFT, "nfft": fbank.NFFT, "mel_bins": fbank.MEL_BINS,
                 "low_hz": fbank.LOW_HZ, "preemphasis": fbank.PREEMPH, "frames": fbank.TARGET_FRAMES,
-                "norm": [fbank.NORM_MEAN, fbank.NORM_STD], "channels": 3}
+                "norm": [fbank.NORM_MEAN, fbank.NORM_STD], "pad": "zeros after normalising", "channels": 3}
 
     def preprocess(self, media: np.ndarray) -> torch.Tensor:
         """(T, 32000) float32 1-s segments at 32 kHz -> (T, 3, 192, 192) normalised fbank images."""

@@ -69,8 +69,9 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
         load_official_checkpoint(HTSAT(), tmp_path / "missing.ckpt")
 
     torch.save({"state_dict": {"x": Payload()}}, tmp_path / "pickle.ckpt")
-    with pytest.raises(ValueError, match="cannot read as a torch checkpoint"):
+    with pytest.raises(ValueError, match="cannot read as a torch checkpoint .it holds pickled objects") as e:
         load_official_checkpoint(HTSAT(cfg), tmp_path / "pickle.ckpt")
+    assert len(str(e.value).splitlines()) == 1 and "\x1b" not in str(e.value)  # not torch's 6 coloured lines
 
 
 @pytest.mark.slow
@@ -106,6 +107,41 @@ def test_swinv2_local_weights_file(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(BackboneError, match="could not load the weights file .* pass --visual-weights FILE"):
         _timm_swinv2("local", "swinv2_large_window12_192", path, False, **arch)
+
+    # Microsoft's own .pth layout: under "model", each stage's downsample at the end of the one before,
+    # the classifier as head.*, the position buffers saved too
+    def ms_name(k):
+        return re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample",
+                      k).replace("head.fc.", "head.")
+
+    ms = {ms_name(k): v for k, v in src.state_dict().items()}
+    ms.update({ms_name(n): b for n, b in src.named_buffers() if "relative_position_index" in n})
+    torch.save({"model": ms}, tmp_path / "swin.pth")
+    b = _timm_swinv2("local", "swinv2_large_window12_192", tmp_path / "swin.pth", False, **arch)
+    torch.testing.assert_close(b.final_norm(b.forward_tokens(x, 1)[0]), src.forward_features(x).flatten(1, 2))
+
+
+def test_a_swin_weights_file_of_another_model_is_refused(tmp_path):
+    """timm's pretrained path loads a file non-strictly when the head differs (num_classes=0, always here):
+    a file of another model loaded nothing and the random weights were recorded as loaded."""
+    import timm
+    from safetensors.torch import save_file
+
+    from mettle.extract.backbones import _timm_swinv2
+
+    arch = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2))
+    src = timm.create_model("swinv2_large_window12_192", pretrained=False, **arch).state_dict()
+    wider = timm.create_model("swinv2_large_window12_192", pretrained=False, **{**arch, "embed_dim": 32}).state_dict()
+    htsat = _official_layout(HTSAT(HTSATConfig(embed_dim=16, depths=(2, 1, 2, 1), heads=(1, 2, 2, 4))))
+    cases = {"prefixed.ckpt": ({"state_dict": {"model.swin." + k: v for k, v in src.items()}}, r"missing: .* unexpected: "),
+             "htsat.ckpt": (htsat, "missing: "), "wider.safetensors": (wider, r"shape: .*\(wants ")}
+    for name, (state, what) in cases.items():
+        if name.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / name))
+        else:
+            torch.save(state, tmp_path / name)
+        with pytest.raises(BackboneError, match=rf"{name} is not local's architecture \({what}.*Fix: pass --visual"):
+            _timm_swinv2("local", "swinv2_large_window12_192", tmp_path / name, False, **arch)
 
 
 def test_the_checkpoint_s_own_mel_matrix_is_used(tmp_path):

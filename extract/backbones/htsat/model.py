@@ -12,11 +12,14 @@ against our definition (see ``frontend.py``).
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from mettle.manifests.errors import first_line
 
 from .frontend import MEL_BINS, LogMel, expected_frontend_tensors, fold_to_image
 from .swin import PatchEmbed, SwinStage
@@ -127,9 +130,13 @@ def load_official_checkpoint(model: HTSAT, path: str | Path) -> dict[str, str]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad or non-tensor file
-        raise ValueError(f"{path}: cannot read as a torch checkpoint ({e.__class__.__name__}: {e}). "
-                         "Fix: pass the official HTSAT_AudioSet_Saved_1.ckpt or a state dict saved with torch.save"
-                         ) from None
+        if isinstance(e, pickle.UnpicklingError):  # torch's own text advises weights_only=False: not ours to take
+            why, hint = "it holds pickled objects besides tensors, which mettle does not load", \
+                " (if it is the official file, please report it)"
+        else:
+            why, hint = f"{e.__class__.__name__}: {first_line(e)[:200]}", ""
+        raise ValueError(f"{path}: cannot read as a torch checkpoint ({why}). Fix: pass the official "
+                         "HTSAT_AudioSet_Saved_1.ckpt or a state dict saved with torch.save" + hint) from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: no state dict inside. Fix: pass the official HTS-AT checkpoint")
