@@ -107,11 +107,17 @@ class TrainConfig:
         for k in EXECUTION_OPTIONS:
             section, _, key = k.rpartition(".")
             (d[section] if section else d).pop(key)
-        if d["init_keys"] == "*":  # added on 2026-11-28: at its default, runs keep the fingerprints they had
-            d.pop("init_keys")
+        for name, default in LATE_DEFAULTS.items():  # at their defaults, runs keep the fingerprints they had
+            section, _, key = name.rpartition(".")
+            where = d[section] if section else d
+            if key in where and where[key] == default:
+                where.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
+# options added after runs were made (init_keys and head.han_losses on 2026-11-28): left out of the
+# fingerprint at their default, so that a rerun of an earlier config finds its finished run
+LATE_DEFAULTS = {"init_keys": "*", "head.han_losses": False}
 # where and how a run executes, not what it computes (up to float rounding): outside the run
 # fingerprint (a rerun that changes only these finds the finished run), and so no sweep axis
 EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "overlap_copy", "cublas_workspace",

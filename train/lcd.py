@@ -1,6 +1,6 @@
 """LCD, Layer-Centric Distillation: every selected layer's frozen tokens -> K meta-tokens, in parallel.
 
-Our reading of the paper (its full text is not public), each part an option for ablations:
+Our reading of the paper (Mettle, TPAMI 2025), each part an option for ablations:
 
 * **Adaptation** (``adapt``): K learnable meta-tokens M_l (K x d) per layer read the layer's tokens
   X (N x D_l) by multi-head cross-attention over the normalised tokens LN(X); the head outputs are

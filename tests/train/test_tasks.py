@@ -72,6 +72,40 @@ def test_avvp_on_the_toy_llp_cache_learns(llp_cache, tmp_path):
     assert len(task.table(res.test)) == 4
 
 
+def test_avvp_han_losses_are_the_reference_recipe_and_off_by_default():
+    """head.han_losses adds AVVP-ECCV20's two modality losses (each modality's time-pooled probability,
+    the visual one's targets smoothed to 0.9 y + 0.05); at its default the run fingerprint is unchanged."""
+    import hashlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from mettle.manifests import build_manifest
+    from mettle.train.config import EXECUTION_OPTIONS
+
+    task = get_task("avvp")
+    manifest = build_manifest("toy-llp", num_clips=6)
+    torch.manual_seed(0)
+    head = task.build_head({**task.head_defaults, "han_losses": True, "hidden": 16, "heads": 2}, 8, 2, manifest)
+    out = head({"audio": torch.randn(3, 10, 2, 8), "visual": torch.randn(3, 10, 2, 8)})
+    y = (torch.rand(3, 25) > 0.8).float()
+    want = (F.binary_cross_entropy(out["video"], y) + F.binary_cross_entropy(out["modality"][:, 0], y)
+            + F.binary_cross_entropy(out["modality"][:, 1], 0.9 * y + 0.05))
+    torch.testing.assert_close(task.loss(out, y), want)
+    assert out["modality"].shape == (3, 2, 25)
+    task.build_head(task.head_defaults, 8, 2, manifest)  # the default: the video loss alone
+    torch.testing.assert_close(task.loss(out, y), F.binary_cross_entropy(out["video"], y))
+
+    on = resolve_config("avvp", task.head_defaults, sets={"head.han_losses": "true"})
+    default = resolve_config("avvp", task.head_defaults)
+    assert on.head["han_losses"] is True and on.fingerprint() != default.fingerprint()
+    legacy = default.to_dict()  # the fingerprint's recipe before han_losses (and init_keys) existed
+    for k in (*EXECUTION_OPTIONS, "init_keys", "head.han_losses"):
+        section, _, key = k.rpartition(".")
+        (legacy[section] if section else legacy).pop(key)
+    assert default.fingerprint() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def test_avvp_refuses_a_cache_without_video_labels(small_toy_cache, tmp_path):
     r = CliRunner().invoke(train_cli, ["--task", "avvp", "--cache", str(small_toy_cache), "--out", str(tmp_path), "-q"])
     assert r.exit_code == 2 and "needs clip labels 'video_labels'" in r.output

@@ -7,7 +7,10 @@ probabilities (sigmoid). Attentive multiple-instance pooling then makes the vide
 class, a softmax over time weights the seconds of each modality and a softmax over the two
 modalities weights audio against visual (the HAN recipe), and the weighted frame probabilities sum
 to the video probability. Loss: binary cross-entropy on video labels (``head.label_smoothing``
-optional). Evaluation: the LLP protocol (``metrics/avvp.py``), checkpoint chosen on validation
+optional, toward 0.5). ``head.han_losses=true`` adds the HAN's two modality losses (AVVP-ECCV20's
+``main_avvp.py``, DG-SCT's AVVP): BCE of each modality's time-pooled probability against the video
+labels, the visual one smoothed to ``0.9 y + 0.05``; off by default (mettle's recipe supervises the
+modalities through their attention-weighted sum), on in ``scripts/run_original.py``. Evaluation: the LLP protocol (``metrics/avvp.py``), checkpoint chosen on validation
 segment-level Type@AV, as the reference code does.
 """
 
@@ -28,8 +31,8 @@ from .base import Task
 
 
 class AVVPHead(nn.Module):
-    """``{audio, visual: (B, T, K, d)}`` -> ``{"video": (B, C), "frame": (B, T, 2, C)}`` probabilities
-    (modality order audio, visual)."""
+    """``{audio, visual: (B, T, K, d)}`` -> ``{"video": (B, C), "frame": (B, T, 2, C), "modality": (B, 2, C)}``
+    probabilities (modality order audio, visual; ``modality``: each one's time-pooled probability)."""
 
     def __init__(self, meta_dim: int, classes: int, hidden: int = 256, heads: int = 4, dropout: float = 0.1) -> None:
         super().__init__()
@@ -49,7 +52,8 @@ class AVVPHead(nn.Module):
         time_w = torch.softmax(self.time_att(x), dim=1)
         mod_w = torch.softmax(self.modality_att(x), dim=2)
         video = (frame * time_w * mod_w).sum(dim=(1, 2)).clamp(1e-6, 1 - 1e-6)
-        return {"video": video, "frame": frame}
+        modality = (frame * time_w).sum(dim=1).clamp(1e-6, 1 - 1e-6)  # (B, 2, C): the HAN's a_prob, v_prob
+        return {"video": video, "frame": frame, "modality": modality}
 
 
 def _ground_truth(events: Sequence[Sequence[int]], classes: int, seconds: int) -> np.ndarray:
@@ -64,13 +68,15 @@ class AVVPTask(Task):
     name = "avvp"
     summary = "AVVP on LLP: weakly supervised parsing, segment/event-level F-scores (LLP protocol)"
     modalities = ("visual", "audio")
-    head_defaults = {"hidden": 256, "heads": 4, "dropout": 0.1, "label_smoothing": 0.0}
+    head_defaults = {"hidden": 256, "heads": 4, "dropout": 0.1, "label_smoothing": 0.0, "han_losses": False}
+    VISUAL_TARGET = 0.9  # the HAN's visual smoothing: targets 0.9 y + 0.05
     select_metric = "seg_type"
     label_key = "video_labels"
 
     def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest,
                    meta: Any = None) -> nn.Module:
         self.smoothing = float(head["label_smoothing"])
+        self.han_losses = bool(head.get("han_losses", False))  # configs saved before 2026-11-28 lack it
         return AVVPHead(meta_dim, len(manifest.vocabularies["event"]), int(head["hidden"]), int(head["heads"]),
                         float(head["dropout"]))
 
@@ -83,7 +89,12 @@ class AVVPTask(Task):
 
     def loss(self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         smoothing = getattr(self, "smoothing", 0.0)
-        return F.binary_cross_entropy(outputs["video"], targets * (1 - smoothing) + 0.5 * smoothing)
+        loss = F.binary_cross_entropy(outputs["video"], targets * (1 - smoothing) + 0.5 * smoothing)
+        if getattr(self, "han_losses", False):
+            v = self.VISUAL_TARGET
+            loss = loss + F.binary_cross_entropy(outputs["modality"][:, 0], targets) \
+                + F.binary_cross_entropy(outputs["modality"][:, 1], targets * v + (1 - v) / 2)
+        return loss
 
     def metrics(self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor, manifest: Manifest,
                 items: Sequence[int]) -> dict[str, float]:
