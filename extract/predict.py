@@ -161,7 +161,7 @@ def _describe(task: str, y: Any, meta: CacheMeta) -> dict[str, Any]:
         return {"masks": (probs > 0.5).astype(np.uint8), "coverage": [round(float((p > 0.5).mean()), 4) for p in probs]}
     if task == "avqa":
         names = meta.vocabularies["answer"]
-        prob = torch.softmax(y, -1)
+        prob = torch.softmax(y["answer"] if isinstance(y, dict) else y, -1)  # a dict: match logits beside
         return {"answer": names[int(prob.argmax())], "p": round(float(prob.max()), 4)}
     raise CacheError(f"mettle-predict does not handle task {task!r} yet. Fix: use a run of ave, avvp, avs-*, avqa")
 

@@ -30,7 +30,7 @@ TRAIN = {  # the reference recipes' batch size / epochs / learning rate (DG-SCT'
     "avs-ms3": ["optim.batch_size=2", "optim.epochs=30", "optim.lr=1.5e-4"],
     "avqa-grounding": ["optim.batch_size=128", "optim.epochs=30", "optim.lr=3e-4"],  # grounding_gen/main_grd_gen.py
     # DG-SCT: up to 80 epochs, stopped after 3 without a better val accuracy; mettle has no early stop: 30
-    "avqa": ["optim.batch_size=8", "optim.epochs=30", "optim.lr=1e-4"],
+    "avqa": ["optim.batch_size=8", "optim.epochs=30", "optim.lr=1e-4", "head.match_weight=0.5"],  # + loss_match
 }
 
 

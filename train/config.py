@@ -115,9 +115,9 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
-# options added after runs were made (init_keys and head.han_losses on 2026-11-28): left out of the
+# options added after runs were made (init_keys, head.han_losses, head.match_weight on 2026-11-28): left out of the
 # fingerprint at their default, so that a rerun of an earlier config finds its finished run
-LATE_DEFAULTS = {"init_keys": "*", "head.han_losses": False}
+LATE_DEFAULTS = {"init_keys": "*", "head.han_losses": False, "head.match_weight": 0.0}
 # where and how a run executes, not what it computes (up to float rounding): outside the run
 # fingerprint (a rerun that changes only these finds the finished run), and so no sweep axis
 EXECUTION_OPTIONS = ("out", "workers", "device", "cache", "cuda_graphs", "overlap_copy", "cublas_workspace",
@@ -250,6 +250,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "optim.warmup_epochs": (0, math.inf, True, False),
     "optim.grad_clip": (0, math.inf, True, False),  # 0: no clipping
     "head.dropout": (0, 1, True, False), "head.hidden": (1, math.inf, True, False),
+    "head.match_weight": (0, math.inf, True, False),
 }
 
 

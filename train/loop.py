@@ -120,7 +120,9 @@ def fit(cfg: TrainConfig, source: TokenSource, progress: bool = True, max_steps:
     continues from it and ends exactly where an uninterrupted run would. ``model``: one just made by
     :func:`build_model` for ``cfg`` and ``source`` (a caller that validated with it need not build twice).
     """
-    task = get_task(cfg.task)
+    # the task that built the model: its head options (AVVP's smoothing and HAN losses, AVQA's match weight)
+    # were read by build_head on that instance, and a fresh one would train with their defaults
+    task = model.task if model is not None else get_task(cfg.task)
     device = resolve_device(cfg.device)
     if cublas_workspace(cfg.cublas_workspace, device, source.runs_backbones) == "small":  # before its first product
         log.info("cublas_workspace: 4 MiB a stream (cublas_workspace=library for cuBLAS's own)")

@@ -21,6 +21,7 @@ class MettleModel(nn.Module):
 
     def __init__(self, meta: CacheMeta, manifest: Manifest, cfg: TrainConfig, task: Task) -> None:
         super().__init__()
+        self.task = task  # the instance whose build_head read cfg.head (its loss reads what that set)
         layers = task.default_layers if cfg.lcd.layers == "auto" else cfg.lcd.layers
         self.lcds = nn.ModuleDict({m: LCD(select_layers(meta, m, layers), cfg.lcd) for m in task.modalities})
         self.direct = task.extra_keys(meta)

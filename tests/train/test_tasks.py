@@ -106,6 +106,22 @@ def test_avvp_han_losses_are_the_reference_recipe_and_off_by_default():
     assert default.fingerprint() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def test_head_options_reach_the_loss_through_train_run(llp_cache, tmp_path):
+    """train_run builds the model (to refuse a bad source early) and hands it to fit: the loss must be that
+    model's task's, whose build_head read the head options. Before, fit's own fresh task trained AVVP with
+    label_smoothing=0 and without the HAN losses whatever was set."""
+    from mettle.train.run import train_run
+
+    source = open_cache(llp_cache)
+    losses = {}
+    for name, sets in {"plain": {}, "han": {"head.han_losses": "true"}, "smooth": {"head.label_smoothing": "0.5"}}.items():
+        cfg = resolve_config("avvp", get_task("avvp").head_defaults, sets={**SMALL, "optim.epochs": 1, **sets},
+                             cache=str(llp_cache), out=str(tmp_path / name), device="cpu")
+        run_dir, _ = train_run(cfg, source, progress=False, plot=False)
+        losses[name] = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+    assert losses["han"] > 1.5 * losses["plain"] and losses["smooth"] != losses["plain"], losses
+
+
 def test_avvp_refuses_a_cache_without_video_labels(small_toy_cache, tmp_path):
     r = CliRunner().invoke(train_cli, ["--task", "avvp", "--cache", str(small_toy_cache), "--out", str(tmp_path), "-q"])
     assert r.exit_code == 2 and "needs clip labels 'video_labels'" in r.output
@@ -139,6 +155,33 @@ def test_avqa_grounding_then_avqa_learns(avqa_cache, tmp_path):
     assert set(acc) >= {"Audio/Counting", "Visual/Counting", "Audio-Visual/Existential", "Audio-Visual/Temporal",
                         "Audio", "Visual", "Audio-Visual", "overall"}
     assert acc["overall"] > prior_acc + 10, (acc, prior_acc)
+
+
+def test_avqa_match_weight_adds_the_reference_matching_loss(avqa_cache, tmp_path):
+    """head.match_weight: the answer cross-entropy plus that weight times the grounding's match loss (the
+    reference QA training's loss_qa + 0.5 * loss_match); the outputs' answers score as before."""
+    import torch
+    import torch.nn.functional as F
+
+    from mettle.train.run import train_run
+
+    task = get_task("avqa")
+    source = open_cache(avqa_cache)
+    task.items(source, "train")
+    head = task.build_head({**task.head_defaults, "match_weight": 0.5, "hidden": 16}, 8, 2, source.manifest)
+    meta = {"audio": torch.randn(3, 10, 2, 8), "visual": torch.randn(3, 10, 2, 8)}
+    out = head(meta, question=torch.ones(3, 14, dtype=torch.long))
+    assert out["answer"].shape == (3, len(source.manifest.vocabularies["answer"])) and out["match"].shape == (3, 10, 2)
+    y = torch.tensor([0, 1, 2])
+    labels = torch.stack([torch.ones(3, 10), torch.zeros(3, 10)], -1)
+    want = F.cross_entropy(out["answer"], y) + 0.5 * F.binary_cross_entropy_with_logits(out["match"], labels)
+    torch.testing.assert_close(task.loss(out, y), want)
+    cfg = resolve_config("avqa", task.head_defaults, sets={**SMALL, "optim.epochs": 2, "head.match_weight": 0.5},
+                         cache=str(avqa_cache), out=str(tmp_path), device="cpu")
+    assert cfg.fingerprint() != resolve_config("avqa", task.head_defaults, sets={**SMALL, "optim.epochs": 2},
+                                               cache=str(avqa_cache), out=str(tmp_path), device="cpu").fingerprint()
+    _, results = train_run(cfg, source, progress=False, plot=False)  # trains, selects and scores with the dict outputs
+    assert 0 <= results["test"]["overall"] <= 100 and results["epochs"] == 2
 
 
 def test_avqa_refuses_a_dataset_without_questions(small_toy_cache):

@@ -10,7 +10,8 @@ cross-entropy). Metric: matching accuracy.
 word embedding + LSTM over the question vocabulary; the same grounding module gives per-segment
 audio and grounded visual features, fused and given temporal context; question-guided attention
 over the segments pools them; the pooled vector, gated by the question, is classified over the
-answer vocabulary.
+answer vocabulary. ``head.match_weight`` (0 by default) adds that weight times the grounding module's
+match loss (own picture against another clip's), as the reference QA training adds ``0.5 * loss_match``.
 ``--init-from RUN`` starts from a grounding run (every parameter whose name and shape match:
 the LCDs and ``head.grounding``; ``init_keys=head.grounding.*``: the grounding module only, as the
 reference). Metrics: accuracy per question type, per modality group and
@@ -66,23 +67,34 @@ class GroundingHead(nn.Module):
         self.grounding = Grounding(meta_dim, hidden)
 
     def forward(self, meta: Mapping[str, torch.Tensor], **_: Any) -> torch.Tensor:
-        audio, visual = meta["audio"], meta["visual"]
-        a, v_pos = self.grounding(audio, visual)
-        # the negative for second s: in training a random second of another clip of the (shuffled) batch, as the
-        # reference draws them; in evaluation the same second of it, so validation scores do not vary from epoch
-        # to epoch. A batch of one clip (an epoch's last) has no other clip: another second of its own.
-        b, t = visual.shape[:2]
-        if b > 1:
-            other = visual.roll(1, dims=0)
-            pick = torch.randint(0, t, (b, t), device=visual.device) if self.training else None
-        else:
-            other = visual
-            shift = torch.randint(1, t, (b, t), device=visual.device) if self.training and t > 1 else 1
-            pick = (torch.arange(t, device=visual.device).expand(b, t) + shift) % t
-        if pick is not None:
-            other = other.gather(1, pick.view(b, t, *[1] * (other.dim() - 2)).expand_as(other))
-        _, v_neg = self.grounding(audio, other)
-        return torch.stack([self.grounding.score(a, v_pos), self.grounding.score(a, v_neg)], -1)
+        return match_logits(self.grounding, meta["audio"], meta["visual"], self.training)
+
+
+def match_logits(grounding: Grounding, audio: torch.Tensor, visual: torch.Tensor, training: bool) -> torch.Tensor:
+    """``(B, T, 2)`` match logits of each second's audio against its own picture and against a negative."""
+    a, v_pos = grounding(audio, visual)
+    # the negative for second s: in training a random second of another clip of the (shuffled) batch, as the
+    # reference draws them; in evaluation the same second of it, so validation scores do not vary from epoch
+    # to epoch. A batch of one clip (an epoch's last) has no other clip: another second of its own.
+    b, t = visual.shape[:2]
+    if b > 1:
+        other = visual.roll(1, dims=0)
+        pick = torch.randint(0, t, (b, t), device=visual.device) if training else None
+    else:
+        other = visual
+        shift = torch.randint(1, t, (b, t), device=visual.device) if training and t > 1 else 1
+        pick = (torch.arange(t, device=visual.device).expand(b, t) + shift) % t
+    if pick is not None:
+        other = other.gather(1, pick.view(b, t, *[1] * (other.dim() - 2)).expand_as(other))
+    _, v_neg = grounding(audio, other)
+    return torch.stack([grounding.score(a, v_pos), grounding.score(a, v_neg)], -1)
+
+
+def match_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of ``match_logits``: own picture 1, the negative 0."""
+    labels = torch.zeros_like(logits)
+    labels[..., 0] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, labels)
 
 
 class AVQAHead(nn.Module):
@@ -95,8 +107,9 @@ class AVQAHead(nn.Module):
     """
 
     def __init__(self, meta_dim: int, vocab: int, answers: int, hidden: int = 256, dropout: float = 0.1,
-                 segments: int = 10) -> None:
+                 segments: int = 10, match: bool = False) -> None:
         super().__init__()
+        self.with_match = match  # also return the grounding's match logits (head.match_weight > 0)
         self.grounding = Grounding(meta_dim, hidden)
         self.embed = nn.Embedding(vocab, hidden, padding_idx=0)
         self.encoder = nn.LSTM(hidden, hidden, batch_first=True)
@@ -107,7 +120,9 @@ class AVQAHead(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(2 * hidden), nn.Dropout(dropout), nn.Linear(2 * hidden, hidden),
                                  nn.GELU(), nn.Linear(hidden, answers))
 
-    def forward(self, meta: Mapping[str, torch.Tensor], question: torch.Tensor, **_: Any) -> torch.Tensor:
+    def forward(self, meta: Mapping[str, torch.Tensor], question: torch.Tensor,
+                **_: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Answer logits ``(B, A)``; with ``match``: ``{"answer": (B, A), "match": (B, T, 2)}``."""
         a, v = self.grounding(meta["audio"], meta["visual"])
         x = self.fuse(torch.cat([a, v, a * v], -1)) + self.position[: a.shape[1]]
         x = self.temporal(x)  # (B, T, h)
@@ -119,7 +134,15 @@ class AVQAHead(nn.Module):
         q = states[torch.arange(len(states), device=states.device), lengths - 1]  # (B, h)
         att = torch.softmax(torch.einsum("bth,bh->bt", x, self.query(q)) / math.sqrt(x.shape[-1]), dim=1)
         pooled = torch.einsum("bt,bth->bh", att, x)
-        return self.out(torch.cat([pooled * q, q], -1))
+        answer = self.out(torch.cat([pooled * q, q], -1))
+        if not self.with_match:
+            return answer
+        return {"answer": answer, "match": match_logits(self.grounding, meta["audio"], meta["visual"], self.training)}
+
+
+def answer_logits(outputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The answer logits of an AVQA head's outputs (a dict when it also gives match logits)."""
+    return outputs["answer"] if isinstance(outputs, Mapping) else outputs
 
 
 class _QuestionItems:
@@ -181,7 +204,7 @@ class AVQATask(_QuestionItems, Task):
     name = "avqa"
     summary = "MUSIC-AVQA question answering: accuracy per question type, modality group and overall"
     modalities = ("visual", "audio")
-    head_defaults = {"hidden": 256, "dropout": 0.1}
+    head_defaults = {"hidden": 256, "dropout": 0.1, "match_weight": 0.0}
     select_metric = "overall"
 
     def check(self, manifest: Manifest) -> None:
@@ -197,8 +220,10 @@ class AVQATask(_QuestionItems, Task):
 
     def build_head(self, head: Mapping[str, Any], meta_dim: int, meta_tokens: int, manifest: Manifest,
                    meta: Any = None) -> nn.Module:
+        self.match_weight = float(head.get("match_weight", 0.0))  # configs saved before 2026-11-28 lack it
         return AVQAHead(meta_dim, len(manifest.vocabularies["question_word"]), len(manifest.vocabularies["answer"]),
-                        int(head["hidden"]), float(head["dropout"]), manifest.clips[0].num_segments)
+                        int(head["hidden"]), float(head["dropout"]), manifest.clips[0].num_segments,
+                        match=self.match_weight > 0)
 
     def head_inputs(self, manifest: Manifest, items: Sequence[int]) -> dict[str, torch.Tensor]:
         index = {w: i for i, w in enumerate(manifest.vocabularies["question_word"])}
@@ -211,11 +236,14 @@ class AVQATask(_QuestionItems, Task):
     def targets(self, manifest: Manifest, items: Sequence[int]) -> torch.Tensor:
         return torch.tensor([self.questions[i].answer for i in items], dtype=torch.long)
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: torch.Tensor | Mapping[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, Mapping):  # the reference's loss_qa + 0.5 * loss_match (head.match_weight)
+            return F.cross_entropy(outputs["answer"], targets) + self.match_weight * match_loss(outputs["match"])
         return F.cross_entropy(outputs, targets)
 
-    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, manifest: Manifest,
+    def metrics(self, outputs: torch.Tensor | Mapping[str, torch.Tensor], targets: torch.Tensor, manifest: Manifest,
                 items: Sequence[int]) -> dict[str, float]:
+        outputs = answer_logits(outputs)
         return avqa_accuracies(outputs.argmax(-1).tolist(), targets.tolist(), [self.questions[i].qtype for i in items])
 
     def table(self, metrics: Mapping[str, float]) -> list[str]:
@@ -254,9 +282,7 @@ class AVQAGroundingTask(Task):
         return torch.zeros(len(items))  # self-supervised: the labels are built into the outputs
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        labels = torch.zeros_like(outputs)
-        labels[..., 0] = 1.0
-        return F.binary_cross_entropy_with_logits(outputs, labels)
+        return match_loss(outputs)
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, manifest: Manifest,
                 items: Sequence[int]) -> dict[str, float]:
