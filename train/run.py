@@ -108,7 +108,8 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
         check_same_source(run_dir, source, "--resume would continue training on")
         state = load_checkpoint(run_dir / "last.pt")
         log.info("--resume: continuing %s after epoch %d", run_dir, int(state["epoch"]) + 1)
-        _trim_metrics(run_dir / "metrics.jsonl", int(state["epoch"]))
+        _trim_metrics(run_dir / "metrics.jsonl", int(state["epoch"]),  # saved while AVE gave fractions: percent
+                      get_task(cfg.task) if state.get("metric_units") != METRIC_UNITS else None)
     elif run_dir.exists():
         if (run_dir / "last.pt").is_file() and not overwrite:
             raise ConfigError(f"{run_dir} is an unfinished run of this config (its state after some epochs is in "
@@ -155,11 +156,26 @@ def train_run(cfg: TrainConfig, source: TokenSource, overwrite: bool = False, pr
     return run_dir, results
 
 
-def _trim_metrics(path: Path, last_epoch: int) -> None:
-    """Keep the metric lines of the epochs a resumed state covers (a kill may have cut one short)."""
+def _trim_metrics(path: Path, last_epoch: int, in_percent: Task | None = None) -> None:
+    """Keep the metric lines of the epochs a resumed state covers (a kill may have cut one short); with
+    ``in_percent`` (a state saved while AVE reported fractions) their metrics in percent, as the new lines."""
     if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [r if in_percent is None else in_percent.in_percent(r, "val_") for r in keep if r["epoch"] <= last_epoch]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's per-epoch lines (``metrics.jsonl``), in percent also for a finished run saved while AVE
+    reported fractions (its ``results.json`` has no ``metric_units``)."""
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    results = Path(run_dir) / RESULTS
+    if results.is_file():
+        saved = json.loads(results.read_text())
+        if saved.get("metric_units") != METRIC_UNITS:
+            task = get_task(saved["task"])
+            lines = [task.in_percent(r, "val_") for r in lines]
+    return lines
 
 
 def eval_checkpoint(cfg: TrainConfig, source: TokenSource, checkpoint: Path) -> dict[str, Any]:

@@ -192,6 +192,8 @@ def write_plots(folder: Path, sweep_rows: list[dict[str, Any]], results: list[di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .run import read_metrics
+
     point_keys = [k for k in sweep_rows[0] if not k.endswith(("_mean", "_std"))
                   and k not in ("seeds", "trainable_parameters")]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -200,8 +202,7 @@ def write_plots(folder: Path, sweep_rows: list[dict[str, Any]], results: list[di
         curves = []
         for p, r in zip(points, results):
             if p == point:
-                lines = (Path(r["run"]) / "metrics.jsonl").read_text().splitlines()
-                curves.append([json.loads(x).get(f"val_{metric}", float("nan")) for x in lines])
+                curves.append([x.get(f"val_{metric}", float("nan")) for x in read_metrics(Path(r["run"]))])
         n = min(len(c) for c in curves)
         mean = [statistics.fmean(c[e] for c in curves) for e in range(n)]
         ax.plot(range(1, n + 1), mean, marker=".", label=", ".join(f"{k}={point[k]}" for k in point_keys))

@@ -78,7 +78,14 @@ def test_runs_saved_while_ave_reported_fractions_read_in_percent(small_toy_cache
     state["val"] = {k: v / 100 if k == "accuracy" else v for k, v in state["val"].items()}
     state["history"] = [{k: v / 100 if k == "val_accuracy" else v for k, v in r.items()} for r in state["history"]]
     torch.save(state, run_dir / "last.pt")
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_accuracy": r["val_accuracy"] / 100}) + "\n"
+                                                   for r in lines))
     _, resumed = train_run(cfg, source, progress=False, plot=False, resume=True)
+    clean_lines = [json.loads(x) for x in next((tmp_path / "clean").iterdir()).joinpath("metrics.jsonl")
+                   .read_text().splitlines()]
+    resumed_lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_accuracy"] for r in resumed_lines] == pytest.approx([r["val_accuracy"] for r in clean_lines])
     assert resumed["val"] == pytest.approx(clean["val"]) and resumed["best_epoch"] == clean["best_epoch"]
     assert resumed["test"] == pytest.approx(clean["test"]) and resumed["table"] == clean["table"]
     old = {**resumed, "test": {**resumed["test"], "accuracy": resumed["test"]["accuracy"] / 100},
@@ -88,6 +95,11 @@ def test_runs_saved_while_ave_reported_fractions_read_in_percent(small_toy_cache
     _, again = train_run(cfg, source, progress=False, plot=False)  # finished: read, not trained
     assert again["test"] == pytest.approx(clean["test"]) and again["val"] == pytest.approx(clean["val"])
     assert again["table"] == clean["table"] and again["metric_units"] == "percent"
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_accuracy": r["val_accuracy"] / 100}) + "\n"
+                                                   for r in resumed_lines))  # a finished old run's lines
+    from mettle.train.run import read_metrics  # as sweeps plot them
+
+    assert [r["val_accuracy"] for r in read_metrics(run_dir)] == pytest.approx([r["val_accuracy"] for r in clean_lines])
 
 
 def _chain(first, second):
