@@ -17,6 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mettle.manifests.errors import first_line
+
 from .dtypes import get_dtype
 from .errors import CacheError
 from .format import H5_FILE, H5_SHARD_DIR, TARGETS, ZARR_DIR, CacheMeta, shard_name
@@ -157,6 +159,11 @@ class ZarrStore:
             return _into(arr[int(rows[0]):int(rows[-1]) + 1], out)  # one contiguous read
         return _into(arr.oindex[rows], out)
 
+    def read_shard(self, shard: int, name: str) -> np.ndarray:
+        """Array ``name``'s rows of one shard (the fast reader checks that shard's file only)."""
+        rows = self.meta.shard_rows(shard)
+        return self.read(name, range(rows.start, rows.stop))
+
     def __getstate__(self):
         return {"path": self.path, "meta": self.meta, "fill_shards": self.fill_shards}
 
@@ -233,6 +240,25 @@ class H5Store:
         except OSError as e:
             raise CacheError(f"{self._damaged(name, rows) or self.root / H5_FILE}: array {name} cannot be read ({e}). "
                              "Fix: re-extract with mettle-extract ... --overwrite") from None
+
+    def read_shard(self, shard: int, name: str) -> np.ndarray:
+        """Array ``name``'s rows of one shard, from that shard's own file (``--verify``: a missing or
+        damaged file is this shard's CacheError, never another's, and never zeros)."""
+        import h5py
+
+        path = self._shard_path(shard)
+        if not path.is_file():
+            raise CacheError(f"{path} is missing. Fix: rerun the extraction (it redoes this shard)")
+        try:
+            with h5py.File(path, "r") as f:
+                data = f[name][()]
+        except (OSError, KeyError) as e:
+            raise CacheError(f"{path}: array {name} cannot be read ({first_line(e)})") from None
+        rows = self.meta.shard_rows(shard)
+        spec = dict((n, shape) for n, shape, _ in stored_arrays(self.meta))[name]
+        if data.shape != (len(rows), *spec[1:]):
+            raise CacheError(f"{path}: array {name} has shape {data.shape}, not {(len(rows), *spec[1:])}")
+        return data
 
     def _damaged(self, name: str, rows: Sequence[int] | slice) -> Path | None:
         """The first shard file behind ``rows`` that h5py cannot read ``name`` from (to name it)."""

@@ -18,10 +18,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import CacheError
-from .dtypes import get_dtype
-from .format import DONE_FILE, TARGETS, data_checksum
+from .format import DONE_FILE, data_checksum
 from .reader import open_cache
-from .store import SCALE
+from .store import stored_arrays
 from .writer import CacheWriter
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,7 @@ class VerifyReport:
     not_written: list[int] = field(default_factory=list)  # no status file (an unfinished extraction)
     damaged: dict[int, str] = field(default_factory=dict)
     bytes_read: int = 0
+    resumable: bool = True  # False: made before caches recorded their decoding rules; no run may add to it
 
     @property
     def ok(self) -> bool:
@@ -53,10 +53,15 @@ class VerifyReport:
             out.append(f"          {len(self.not_written)} not written yet (first: {self.not_written[0]})")
         for shard, why in self.damaged.items():
             out.append(f"DAMAGED   shard {shard}: {why}")
-        if self.damaged:
+        if self.damaged and self.resumable:
             out.append(f"          {len(self.damaged)} damaged shards are now marked as not extracted. Fix: rerun the "
                        "mettle-extract command that made the cache (its options are in cache.json): it extracts "
-                       "those shards again and keeps the others")
+                       "those shards again and keeps the others; if it refuses the cache as made under other "
+                       "rules (an older mettle), extract it again with --overwrite")
+        elif self.damaged:
+            out.append(f"          {len(self.damaged)} damaged shards are now marked as not extracted. Fix: this cache "
+                       "was made before caches recorded their decoding rules (2026-11-28), so no extraction adds to "
+                       "it: extract it again with --overwrite (the command's options are in cache.json)")
         return out
 
 
@@ -67,17 +72,16 @@ def verify_cache(path: str | Path, progress: bool = False) -> VerifyReport:
     extraction writes into the same cache. Raises CacheError for a folder that is no cache."""
     cache = open_cache(path, allow_incomplete=True)
     writer = CacheWriter(cache.root, cache.meta)
-    report = VerifyReport(cache.root, cache.meta.num_shards)
+    report = VerifyReport(cache.root, cache.meta.num_shards, resumable=bool(cache.meta.media))
     for shard in tqdm(range(cache.meta.num_shards), desc="verify", unit="shard", disable=not progress):
         status = writer.shard_status(shard)
         if status is None:
             report.not_written.append(shard)
             continue
-        rows = cache.meta.shard_rows(shard)
-        names = list(status.checksums) or _array_names(cache)
+        names = list(status.checksums) or [name for name, _, _ in stored_arrays(cache.meta)]
         for name in names:
             try:
-                data = cache.store.read(name, slice(rows.start, rows.stop))
+                data = cache.store.read_shard(shard, name)
             except (CacheError, OSError, KeyError, ValueError) as e:
                 report.damaged[shard] = f"array {name} cannot be read ({str(e).split('. Fix:')[0]})"
                 break
@@ -98,10 +102,3 @@ def verify_cache(path: str | Path, progress: bool = False) -> VerifyReport:
     cache.close()
     return report
 
-
-def _array_names(cache) -> list[str]:
-    """Every stored array (for shards written before their status recorded the names)."""
-    names = [a.key for a in cache.meta.arrays]
-    if get_dtype(cache.meta.dtype).scaled:
-        names += [a.key + SCALE for a in cache.meta.arrays]
-    return names + [TARGETS + t for t in cache.meta.targets]

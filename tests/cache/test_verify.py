@@ -36,6 +36,9 @@ def _rot(root, storage, key):
 def test_verify_finds_rows_changed_inside_a_shard_and_marks_it_for_extraction(manifest, tmp_path, storage, dtype):
     meta, truth = _fill(manifest, tmp_path / "c", storage=storage, dtype=dtype, shard_clips=2)
     root, key = tmp_path / "c", meta.arrays[0].key
+    described = json.loads((root / "cache.json").read_text())
+    described["media"] = {"frames": "as extract.media.DECODING records them"}  # a cache made since 2026-11-28
+    (root / "cache.json").write_text(json.dumps(described))
     status = json.loads((root / "status" / "shard-00001.json").read_text())
     stored = {a.key for a in meta.arrays} | ({a.key + ".scale" for a in meta.arrays} if dtype == "int8" else set())
     assert set(status["checksums"]) == stored  # every array, the int8 scales too
@@ -68,9 +71,30 @@ def test_verify_on_the_command_line_and_on_older_or_unreadable_shards(manifest, 
     (root / "tokens.zarr" / key / "c" / "0" / "0" / "0" / "0").write_bytes(b"")  # cut to nothing by a copy
     r = CliRunner().invoke(extract_cli, ["--verify", str(root), "-q"])
     assert r.exit_code == 1 and "DAMAGED   shard 0: array" in r.output and "cannot be read" in r.output, r.output
+    assert "before caches recorded their decoding rules" in r.output and "again with --overwrite" in r.output
     assert "Traceback" not in r.output
     r = CliRunner().invoke(extract_cli, ["--verify", str(tmp_path / "nothing"), "-q"])
     assert r.exit_code == 2 and "Fix:" in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("storage", ["zarr", "hdf5"])
+def test_verify_blames_each_shard_for_its_own_file_only(manifest, tmp_path, storage):
+    """An unwritten shard (an unfinished extraction) is no other shard's fault, and a deleted shard file is
+    its own shard's damage (HDF5 once named whichever shard was read first, and read the missing one as zeros)."""
+    meta, _ = _fill(manifest, tmp_path / "c", storage=storage, shard_clips=2)
+    root = tmp_path / "c"
+    data = (lambda k: root / "tokens.zarr" / meta.arrays[0].key / "c" / str(k) / "0" / "0" / "0") if storage == "zarr" \
+        else (lambda k: root / "shards" / f"shard-{k:05d}.h5")
+    data(2).unlink()
+    (root / "status" / "shard-00002.json").unlink()  # as an extraction stopped before shard 2 leaves it
+    (root / "done.json").unlink()
+    report = verify_cache(root)
+    assert report.ok and report.matched == [0, 1] and report.not_written == [2], report.lines()
+    _fill(manifest, tmp_path / "d", storage=storage, shard_clips=2)
+    root = tmp_path / "d"
+    data(1).unlink()  # (data reads root when called: now the second cache's)
+    report = verify_cache(root)
+    assert list(report.damaged) == [1] and report.matched == [0, 2], report.lines()
 
 
 def test_the_checksum_is_of_the_bytes_in_c_order():
