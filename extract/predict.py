@@ -102,6 +102,12 @@ def predict(run_dir: str | Path, videos: Sequence[str | Path], visual_weights: s
         weights = visual_weights if m == "visual" else (audio_weights or (visual_weights if "+fbank" in rec.name else None))
         b = create_backbone(rec.name, weights=weights, random_init=random_init)
         b.set_preprocess(dict(rec.preprocess))  # preprocess new videos as the training cache was
+        now, then = (json.loads(json.dumps(x)) for x in (b.preprocess_spec(), dict(rec.preprocess)))
+        if now != then:  # a rule this mettle no longer applies (the fbank image's padding before 2026-11-28)
+            field = next(k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k))
+            raise BackboneError(f"the run's {m} cache was preprocessed otherwise than {rec.name} does now ({field}: "
+                                f"{then.get(field)!r}, now {now.get(field)!r}). Fix: extract the cache again and "
+                                "retrain, or predict with the mettle that made it")
         if b.weights_id != rec.weights_id:
             raise BackboneError(f"the run was trained on {m} tokens of {rec.name} with weights {rec.weights_id[:16]}, "
                                 f"these are {b.weights_id[:16]}. Fix: pass the same weights file "

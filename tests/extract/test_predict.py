@@ -52,6 +52,24 @@ def test_predict_finds_the_events_of_toy_videos(ave_run, toy48_cache, tmp_path):
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
 
 
+def test_a_run_whose_cache_was_preprocessed_otherwise_is_refused(toy48_cache, tmp_path):
+    """A run trained on a cache made under a preprocessing rule this mettle no longer applies (the fbank
+    image's padding before 2026-11-28) would get other inputs from mettle-predict, silently."""
+    from mettle.extract.backbones import BackboneError
+
+    cfg = resolve_config("ave", get_task("ave").head_defaults, sets={**SETS, "optim.epochs": 1},
+                         cache=str(toy48_cache), out=str(tmp_path), device="cpu")
+    run, _ = train_run(cfg, open_cache(toy48_cache), progress=False, plot=False)
+    source = json.loads((run / "source.json").read_text())
+    source["backbones"]["audio"]["preprocess"]["pad"] = "zeros before normalising"
+    (run / "source.json").write_text(json.dumps(source))
+    cache = open_cache(toy48_cache)
+    video = toy48_cache.parent / "toy" / f"{cache.manifest.clips[0].media['video']}.mp4"
+    with pytest.raises(BackboneError, match=r"preprocessed otherwise .*\(pad: 'zeros before normalising', now None\)"
+                                            r".*Fix: extract the cache again"):
+        predict(run, [video], device="cpu")
+
+
 def test_predict_errors(tmp_path):
     with pytest.raises(CacheError, match="has no config.yaml"):
         predict(tmp_path, [tmp_path / "x.mp4"])

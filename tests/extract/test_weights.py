@@ -72,6 +72,10 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
     with pytest.raises(ValueError, match="cannot read as a torch checkpoint .it holds pickled objects") as e:
         load_official_checkpoint(HTSAT(cfg), tmp_path / "pickle.ckpt")
     assert len(str(e.value).splitlines()) == 1 and "\x1b" not in str(e.value)  # not torch's 6 coloured lines
+    (tmp_path / "page.ckpt").write_bytes(b"<html>404</html>" * 8)  # a failed download: no pickled objects in it
+    with pytest.raises(ValueError, match="cannot read as a torch checkpoint") as e:
+        load_official_checkpoint(HTSAT(cfg), tmp_path / "page.ckpt")
+    assert "pickled objects" not in str(e.value) and "weights_only" not in str(e.value) and "damaged" in str(e.value)
 
 
 @pytest.mark.slow

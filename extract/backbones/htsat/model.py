@@ -130,9 +130,12 @@ def load_official_checkpoint(model: HTSAT, path: str | Path) -> dict[str, str]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad or non-tensor file
-        if isinstance(e, pickle.UnpicklingError):  # torch's own text advises weights_only=False: not ours to take
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):  # a pickled object; torch's text
+            # advises weights_only=False: not ours to take (other unpickling errors: damaged or no checkpoint)
             why, hint = "it holds pickled objects besides tensors, which mettle does not load", \
                 " (if it is the official file, please report it)"
+        elif isinstance(e, pickle.UnpicklingError):  # torch's text (weights_only advice) would mislead here too
+            why, hint = "damaged, or not a checkpoint at all (a failed download's page?)", ""
         else:
             why, hint = f"{e.__class__.__name__}: {first_line(e)[:200]}", ""
         raise ValueError(f"{path}: cannot read as a torch checkpoint ({why}). Fix: pass the official "
