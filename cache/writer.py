@@ -289,6 +289,11 @@ def identity_diff(old: dict, new: dict) -> str:
                     for f in ("name", "weights_id"):
                         if x.get(f) != y.get(f):
                             return f"{m} backbone {f}: cache has {x.get(f)}, this run has {y.get(f)}"
+                    p, q = x.get("preprocess") or {}, y.get("preprocess") or {}
+                    for f in sorted(set(p) | set(q)):  # e.g. the fbank image's padding rule (2026-11-28)
+                        if p.get(f) != q.get(f):
+                            return (f"{m} backbone preprocessing {f}: cache has {p.get(f)}, this run has "
+                                    f"{q.get(f)} (a rule of another mettle)")
             if key == "media":
                 return ("media decoding rules: the cache's were "
                         f"{'not recorded (extracted before 2026-11-28)' if not a else 'others'}, this run decodes "

@@ -168,3 +168,7 @@ def test_a_resume_under_other_media_decoding_rules_is_refused(manifest, tmp_path
     create_cache(tmp_path / "old", old, manifest)
     with pytest.raises(CacheError, match=r"not recorded \(extracted before 2026-11-28\)"):
         create_cache(tmp_path / "old", meta, manifest)
+    # a backbone's preprocessing rule changed (the fbank image's padding, 2026-11-28): named, not "backbones differs"
+    audio = dataclasses.replace(AUDIO, preprocess={**AUDIO.preprocess, "pad": "zeros after normalising"})
+    with pytest.raises(CacheError, match=r"audio backbone preprocessing pad: cache has None, this run has zeros after"):
+        create_cache(tmp_path / "c", dataclasses.replace(meta, backbones={"visual": VISUAL, "audio": audio}), manifest)
