@@ -70,9 +70,11 @@ class GroundingHead(nn.Module):
         return match_logits(self.grounding, meta["audio"], meta["visual"], self.training)
 
 
-def match_logits(grounding: Grounding, audio: torch.Tensor, visual: torch.Tensor, training: bool) -> torch.Tensor:
-    """``(B, T, 2)`` match logits of each second's audio against its own picture and against a negative."""
-    a, v_pos = grounding(audio, visual)
+def match_logits(grounding: Grounding, audio: torch.Tensor, visual: torch.Tensor, training: bool,
+                 positive: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``(B, T, 2)`` match logits of each second's audio against its own picture and against a negative
+    (``positive``: ``grounding(audio, visual)`` when the caller has it already)."""
+    a, v_pos = positive if positive is not None else grounding(audio, visual)
     # the negative for second s: in training a random second of another clip of the (shuffled) batch, as the
     # reference draws them; in evaluation the same second of it, so validation scores do not vary from epoch
     # to epoch. A batch of one clip (an epoch's last) has no other clip: another second of its own.
@@ -137,7 +139,8 @@ class AVQAHead(nn.Module):
         answer = self.out(torch.cat([pooled * q, q], -1))
         if not self.with_match:
             return answer
-        return {"answer": answer, "match": match_logits(self.grounding, meta["audio"], meta["visual"], self.training)}
+        return {"answer": answer,
+                "match": match_logits(self.grounding, meta["audio"], meta["visual"], self.training, positive=(a, v))}
 
 
 def answer_logits(outputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
