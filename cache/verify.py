@@ -101,4 +101,3 @@ def verify_cache(path: str | Path, progress: bool = False) -> VerifyReport:
                     ", ".join(map(str, report.damaged)))
     cache.close()
     return report
-

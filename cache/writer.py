@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -276,6 +276,11 @@ def _remove_ours(root: Path) -> list[str]:
     return kept
 
 
+def first_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """The first key (sorted) whose value differs between two flat records, or None."""
+    return next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), None)
+
+
 def identity_diff(old: dict, new: dict) -> str:
     """The first difference between two ``CacheMeta.identity()`` dicts, in words ("" when equal)."""
     keys = sorted(set(old) | set(new),
@@ -290,10 +295,10 @@ def identity_diff(old: dict, new: dict) -> str:
                         if x.get(f) != y.get(f):
                             return f"{m} backbone {f}: cache has {x.get(f)}, this run has {y.get(f)}"
                     p, q = x.get("preprocess") or {}, y.get("preprocess") or {}
-                    for f in sorted(set(p) | set(q)):  # e.g. the fbank image's padding rule (2026-11-28)
-                        if p.get(f) != q.get(f):
-                            return (f"{m} backbone preprocessing {f}: cache has {p.get(f)}, this run has "
-                                    f"{q.get(f)} (a rule of another mettle)")
+                    f = first_difference(p, q)  # e.g. the fbank image's padding rule (2026-11-28)
+                    if f is not None:
+                        return (f"{m} backbone preprocessing {f}: cache has {p.get(f)}, this run has "
+                                f"{q.get(f)} (a rule of another mettle)")
             if key == "media":
                 return ("media decoding rules: the cache's were "
                         f"{'not recorded (extracted before 2026-11-28)' if not a else 'others'}, this run decodes "

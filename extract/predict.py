@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mettle.cache import CacheError, CacheMeta
+from mettle.cache.writer import first_difference
 from mettle.manifests import Clip, Manifest, Question
 from mettle.manifests.cli import clean_errors
 
@@ -103,8 +104,8 @@ def predict(run_dir: str | Path, videos: Sequence[str | Path], visual_weights: s
         b = create_backbone(rec.name, weights=weights, random_init=random_init)
         b.set_preprocess(dict(rec.preprocess))  # preprocess new videos as the training cache was
         now, then = (json.loads(json.dumps(x)) for x in (b.preprocess_spec(), dict(rec.preprocess)))
-        if now != then:  # a rule this mettle no longer applies (the fbank image's padding before 2026-11-28)
-            field = next(k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k))
+        field = first_difference(now, then)
+        if field is not None:  # a rule this mettle no longer applies (the fbank image's padding before 2026-11-28)
             raise BackboneError(f"the run's {m} cache was preprocessed otherwise than {rec.name} does now ({field}: "
                                 f"{then.get(field)!r}, now {now.get(field)!r}). Fix: extract the cache again and "
                                 "retrain, or predict with the mettle that made it")
@@ -167,7 +168,9 @@ def _describe(task: str, y: Any, meta: CacheMeta) -> dict[str, Any]:
         return {"masks": (probs > 0.5).astype(np.uint8), "coverage": [round(float((p > 0.5).mean()), 4) for p in probs]}
     if task == "avqa":
         names = meta.vocabularies["answer"]
-        prob = torch.softmax(y["answer"] if isinstance(y, dict) else y, -1)  # a dict: match logits beside
+        from mettle.train.tasks.avqa import answer_logits
+
+        prob = torch.softmax(answer_logits(y), -1)
         return {"answer": names[int(prob.argmax())], "p": round(float(prob.max()), 4)}
     raise CacheError(f"mettle-predict does not handle task {task!r} yet. Fix: use a run of ave, avvp, avs-*, avqa")
 

@@ -7,7 +7,8 @@ spectrum; 192 triangular filters equally spaced on the HTK mel scale ``1127 ln(1
 20 Hz to Nyquist; natural log floored at float32 epsilon; no dither, no energy. Then the (188, 192)
 result is normalised as ``(x - mean) / (2 * std)`` with LAVisH's AVE statistics (mean -4.9848, std
 3.7080), then zero-padded (or cut) to 192 frames, so that the padded frames are 0 as in LAVisH's
-``_wav2fbank`` (normalising after padding, as AST does, made them 0.672), and repeated to 3 channels: a (3, 192, 192) image with time down the rows and mel across the columns.
+``_wav2fbank`` (normalising after padding, as AST does, made them 0.672), and repeated to 3
+channels: a (3, 192, 192) image with time down the rows and mel across the columns.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ to the video probability. Loss: binary cross-entropy on video labels (``head.lab
 optional, toward 0.5). ``head.han_losses=true`` adds the HAN's two modality losses (AVVP-ECCV20's
 ``main_avvp.py``, DG-SCT's AVVP): BCE of each modality's time-pooled probability against the video
 labels, the visual one smoothed to ``0.9 y + 0.05``; off by default (mettle's recipe supervises the
-modalities through their attention-weighted sum), on in ``scripts/run_original.py``. Evaluation: the LLP protocol (``metrics/avvp.py``), checkpoint chosen on validation
+modalities through their attention-weighted sum), on in ``scripts/run_original.py``. Evaluation:
+the LLP protocol (``metrics/avvp.py``), checkpoint chosen on validation
 segment-level Type@AV, as the reference code does.
 """
 
@@ -88,9 +89,9 @@ class AVVPTask(Task):
         return out
 
     def loss(self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        smoothing = getattr(self, "smoothing", 0.0)
-        loss = F.binary_cross_entropy(outputs["video"], targets * (1 - smoothing) + 0.5 * smoothing)
-        if getattr(self, "han_losses", False):
+        # set by build_head on this instance (no default here: a fresh task's defaults trained silently once)
+        loss = F.binary_cross_entropy(outputs["video"], targets * (1 - self.smoothing) + 0.5 * self.smoothing)
+        if self.han_losses:
             v = self.VISUAL_TARGET
             loss = loss + F.binary_cross_entropy(outputs["modality"][:, 0], targets) \
                 + F.binary_cross_entropy(outputs["modality"][:, 1], targets * v + (1 - v) / 2)
